@@ -1,0 +1,459 @@
+"""Configuration: frozen dataclasses per concern, loaded from TOML and validated at load.
+
+Every default carries its reason in a comment. Validation names the bad key and the fix; unknown keys
+are errors (a typo silently ignored is a production incident later).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from forecastd.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "SourceConfig",
+    "DataConfig",
+    "ModelConfig",
+    "TrainingConfig",
+    "AnomalyConfig",
+    "SinkConfig",
+    "StateConfig",
+    "ServeConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "with_overrides",
+    "EXAMPLE_TOML",
+]
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: Literal["parquet", "sql"] = "parquet"
+    # Parquet: one file, a directory dataset, or a glob. Relative paths resolve against the config file.
+    path: str | None = None
+    # SQL: an SQLAlchemy URL, e.g. sqlite:///data.db or postgresql+psycopg://user@host/db.
+    url: str | None = None
+    table: str | None = None
+    db_schema: str | None = None
+    # "long": one row per (series, ts); "wide": one column per series (melted on read, like ETT).
+    layout: Literal["long", "wide"] = "long"
+    series_column: str = "series_id"
+    time_column: str = "ts"
+    value_column: str = "value"
+    # Wide layout only: the columns that are series. Empty means every numeric column but the time.
+    value_columns: tuple[str, ...] = ()
+    # Zone given to naive timestamps; aware ones are converted to UTC as they are.
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Pandas offset alias ("5min", "1h", "1D", "MS"). None infers the most common step of each dataset.
+    freq: str | None = None
+    # Grid steps of missing data that are filled (flagged missing) rather than treated as an outage.
+    # Two days at hourly data: longer than any routine maintenance window, short of a real outage.
+    max_gap: int = 48
+    # Steps run through a fresh state before its outputs are trusted and written. Four days of hourly
+    # data gives the recurrent state and the running levels time to settle.
+    warmup: int = 96
+    # Rule for several rows with one (series_id, ts) after snapping to the grid.
+    duplicates: Literal["last", "first", "mean"] = "last"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # GRU is the default: as accurate as LSTM on these tasks with a smaller state. "rnn" is the plain
+    # Elman cell, kept for comparison.
+    cell: Literal["gru", "lstm", "rnn"] = "gru"
+    # 64 keeps the carried state at 256 bytes a series and is the size the peers are measured at.
+    hidden_size: int = 64
+    num_layers: int = 1
+    dropout: float = 0.0
+    # Steps ahead forecast at every point.
+    horizon: int = 24
+    # Smoothing factors of the running levels carried in the state; the model sees the value relative
+    # to each, so it knows where it sits without ever seeing the absolute level.
+    level_alphas: tuple[float, ...] = (0.5, 0.1, 0.02)
+    # Scaled changes beyond this are clipped before the model sees them, so a spike moves the state
+    # no more than a 6-sigma move would (see anomaly handling in README).
+    input_clip: float = 6.0
+    distribution: Literal["gaussian"] = "gaussian"
+    # Refused if true: a bidirectional encoder reads the future.
+    bidirectional: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    # Steps per truncated-BPTT chunk; the state is carried across chunks, gradients are not.
+    bptt: int = 64
+    # Long series are cut into parallel segments of this many steps, as word_language_model batchifies.
+    segment_length: int = 512
+    # Segment rows per optimiser step.
+    batch_size: int = 32
+    epochs: int = 30
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    # Gradient-norm clip; recurrent nets explode without it.
+    clip: float = 1.0
+    # Epochs without validation improvement before stopping; the best weights are kept.
+    patience: int = 4
+    # Tail of each series held out for validation and early stopping.
+    validation_fraction: float = 0.15
+    # Steps at the start of each segment whose loss is ignored: the state there starts cold.
+    burn_in: int = 16
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Stop training after this many seconds even if epochs remain (0 = no limit).
+    max_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    # Points whose final score reaches this are flagged. The score is a log-likelihood scale, as in
+    # Numenta's recipe: 0.5 is a one-in-100,000 event given the recent history of the series.
+    threshold: float = 0.5
+    # Central coverage of the lower/upper band written with every forecast and anomaly row.
+    coverage: float = 0.95
+    # Steps in the short average of raw surprise; a single noisy point is not an alarm.
+    short_window: int = 10
+    # Steps in the long-run distribution of raw surprise the short average is compared with.
+    long_window: int = 2000
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    kind: Literal["parquet", "sql"] = "parquet"
+    # Parquet: a directory; forecasts/ and anomalies/ datasets are written under it.
+    path: str | None = None
+    url: str | None = None
+    db_schema: str | None = None
+    forecasts_table: str = "forecasts"
+    anomalies_table: str = "anomalies"
+    # Parquet partition grain. "day" keeps files few; "hour" keeps each tick's rewrite small when many
+    # series tick often.
+    partition: Literal["day", "hour", "month"] = "day"
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    # Model versions, hidden states, watermarks, the daemon lock. Relative to the config file.
+    dir: str = "state"
+    # Model versions kept on disk; older ones are deleted after a new one is saved.
+    keep_versions: int = 5
+    # Stream checkpoints kept, so a corrupt latest one falls back to the one before.
+    keep_checkpoints: int = 3
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    # Seconds between ticks.
+    interval: float = 60.0
+    # Cron expression (UTC) for retraining; empty disables scheduled retraining.
+    retrain_cron: str = "0 3 * * *"
+    # Steps of recent history a retrain learns from (0 = all).
+    retrain_window: int = 0
+    # A challenger must beat the live model's validation loss by this fraction to be promoted.
+    promote_margin: float = 0.0
+    always_promote: bool = False
+    # Loopback by default: the metrics endpoint is not for the open network.
+    http_host: str = "127.0.0.1"
+    http_port: int = 9108
+    # Seconds a late tick may still start; later ones are skipped and coalesced into the next.
+    misfire_grace: float = 30.0
+    # Ticks that fail in a row before /healthz turns unhealthy.
+    unhealthy_after: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)
+    sink: SinkConfig = field(default_factory=SinkConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    # Directory relative paths resolve against (the config file's directory).
+    base_dir: str = "."
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+_SECTIONS = {f.name: f.type for f in fields(Config) if f.name != "base_dir"}
+
+
+def _section_class(name: str) -> type:
+    return {
+        "source": SourceConfig,
+        "data": DataConfig,
+        "model": ModelConfig,
+        "training": TrainingConfig,
+        "anomaly": AnomalyConfig,
+        "sink": SinkConfig,
+        "state": StateConfig,
+        "serve": ServeConfig,
+    }[name]
+
+
+def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
+    where = f"[{section}] {key}"
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where} = {value!r} is not allowed; use one of {choices}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(section, key, value, inner[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r} must be a list, e.g. {key} = [..]")
+        return tuple(_coerce(section, key, v, args[0]) for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r} must be true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r} must be a whole number")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r} must be a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f'{where} = {value!r} must be a string in quotes, e.g. {key} = "..."')
+        return value
+    raise AssertionError(f"unhandled config type {annotation!r} for {where}")
+
+
+def _build_section(name: str, raw: Any) -> Any:
+    cls = _section_class(name)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"[{name}] has unknown key {unknown[0]!r}; known keys are: {', '.join(sorted(known))}"
+        )
+    values = {k: _coerce(name, k, v, hints[k]) for k, v in raw.items()}
+    return cls(**values)
+
+
+def config_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> Config:
+    """Build and validate a Config from a parsed TOML document."""
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown section [{unknown[0]}]; sections are: {', '.join(sorted(_SECTIONS))}"
+        )
+    sections = {name: _build_section(name, raw.get(name, {})) for name in _SECTIONS}
+    config = Config(**sections, base_dir=str(base_dir))
+    _validate(config)
+    return config
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Load a TOML config file; `overrides` maps "section.key" to a value (CLI flags win)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found; create one with `forecastd init`") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw, base_dir=path.resolve().parent)
+
+
+def with_overrides(config: Config, overrides: dict[str, Any]) -> Config:
+    """Return a copy with "section.key" overrides applied and validated."""
+    raw = config_to_dict(config)
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw, base_dir=config.base_dir)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain dict of every section (no base_dir), suitable for JSON manifests."""
+    out = {}
+    for name in _SECTIONS:
+        section = dataclasses.asdict(getattr(config, name))
+        out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()}
+    return out
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _validate(c: Config) -> None:
+    s = c.source
+    if s.kind == "parquet":
+        _require(bool(s.path), '[source] kind = "parquet" needs path = "file.parquet", a directory or a glob')
+    else:
+        _require(bool(s.url), '[source] kind = "sql" needs url = "sqlite:///file.db" (an SQLAlchemy URL)')
+        _require(bool(s.table), '[source] kind = "sql" needs table = "name of the table to read"')
+    try:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(s.timezone)
+    except Exception:
+        raise ConfigError(f'[source] timezone = {s.timezone!r} is not a known zone; use e.g. "UTC" or "Europe/Berlin"') from None
+
+    d = c.data
+    if d.freq is not None:
+        try:
+            import pandas as pd
+
+            pd.tseries.frequencies.to_offset(d.freq)
+        except ValueError:
+            raise ConfigError(f'[data] freq = {d.freq!r} is not a pandas frequency; use e.g. "5min", "1h", "1D"') from None
+    _require(d.max_gap >= 1, f"[data] max_gap = {d.max_gap} must be at least 1 step")
+    _require(d.warmup >= 1, f"[data] warmup = {d.warmup} must be at least 1 step")
+
+    m = c.model
+    _require(not m.bidirectional, "[model] bidirectional = true is refused: a bidirectional encoder reads "
+             "the future, so its forecasts would leak; remove the key")
+    _require(m.hidden_size >= 1, f"[model] hidden_size = {m.hidden_size} must be at least 1")
+    _require(m.num_layers >= 1, f"[model] num_layers = {m.num_layers} must be at least 1")
+    _require(0.0 <= m.dropout < 1.0, f"[model] dropout = {m.dropout} must be in [0, 1)")
+    _require(m.horizon >= 1, f"[model] horizon = {m.horizon} must be at least 1")
+    _require(len(m.level_alphas) >= 1 and all(0 < a <= 1 for a in m.level_alphas),
+             f"[model] level_alphas = {list(m.level_alphas)} must be a non-empty list of numbers in (0, 1]")
+    _require(m.input_clip > 0, f"[model] input_clip = {m.input_clip} must be positive")
+
+    t = c.training
+    _require(t.bptt >= 1, f"[training] bptt = {t.bptt} must be at least 1")
+    _require(t.segment_length >= t.bptt,
+             f"[training] segment_length = {t.segment_length} must be at least bptt = {t.bptt}")
+    _require(t.burn_in < t.segment_length,
+             f"[training] burn_in = {t.burn_in} must be below segment_length = {t.segment_length}")
+    _require(t.batch_size >= 1, f"[training] batch_size = {t.batch_size} must be at least 1")
+    _require(t.epochs >= 1, f"[training] epochs = {t.epochs} must be at least 1")
+    _require(t.learning_rate > 0, f"[training] learning_rate = {t.learning_rate} must be positive")
+    _require(t.clip > 0, f"[training] clip = {t.clip} must be positive")
+    _require(0.0 <= t.validation_fraction < 0.9,
+             f"[training] validation_fraction = {t.validation_fraction} must be in [0, 0.9)")
+    _require(t.patience >= 1, f"[training] patience = {t.patience} must be at least 1")
+
+    a = c.anomaly
+    _require(0.0 < a.threshold <= 1.0, f"[anomaly] threshold = {a.threshold} must be in (0, 1]")
+    _require(0.0 < a.coverage < 1.0, f"[anomaly] coverage = {a.coverage} must be in (0, 1), e.g. 0.95")
+    _require(a.short_window >= 1, f"[anomaly] short_window = {a.short_window} must be at least 1")
+    _require(a.long_window > a.short_window,
+             f"[anomaly] long_window = {a.long_window} must be larger than short_window = {a.short_window}")
+
+    k = c.sink
+    if k.kind == "parquet":
+        _require(bool(k.path), '[sink] kind = "parquet" needs path = "a directory for the output datasets"')
+    else:
+        _require(bool(k.url), '[sink] kind = "sql" needs url = "sqlite:///out.db" (an SQLAlchemy URL)')
+    _require(k.forecasts_table != k.anomalies_table,
+             "[sink] forecasts_table and anomalies_table must differ")
+
+    st = c.state
+    _require(st.keep_versions >= 1, f"[state] keep_versions = {st.keep_versions} must be at least 1")
+    _require(st.keep_checkpoints >= 2,
+             f"[state] keep_checkpoints = {st.keep_checkpoints} must be at least 2 so a corrupt one can fall back")
+
+    v = c.serve
+    _require(v.interval > 0, f"[serve] interval = {v.interval} must be positive (seconds)")
+    _require(0 <= v.http_port < 65536, f"[serve] http_port = {v.http_port} must be a port number (0 disables)")
+
+
+EXAMPLE_TOML = '''\
+# forecastd configuration. Relative paths resolve against this file's directory.
+# Every key is optional unless marked; the values shown are the defaults.
+
+[source]
+kind = "parquet"                 # "parquet" or "sql"
+path = "data/*.parquet"          # parquet: a file, a directory dataset or a glob (required for parquet)
+# url = "sqlite:///data.db"      # sql: an SQLAlchemy URL (required for sql); PostgreSQL:
+#                                #   "postgresql+psycopg://user@host:5432/db"
+# table = "readings"             # sql: the table to read (required for sql)
+layout = "long"                  # "long": series_id, ts, value rows; "wide": one column per series
+series_column = "series_id"      # long layout: the column naming the series
+time_column = "ts"
+value_column = "value"           # long layout: the value column
+# value_columns = ["OT", "HUFL"] # wide layout: the series columns (default: every numeric column)
+timezone = "UTC"                 # zone for naive timestamps
+
+[data]
+# freq = "1h"                    # grid step; default: inferred from the data
+max_gap = 48                     # longer gaps (in steps) restart a series from a warm-up
+warmup = 96                      # steps run before a fresh state's outputs are written
+duplicates = "last"              # "last", "first" or "mean" for repeated timestamps
+
+[model]
+cell = "gru"                     # "gru", "lstm" or "rnn"
+hidden_size = 64
+num_layers = 1
+dropout = 0.0
+horizon = 24                     # steps ahead forecast at every point
+
+[training]
+bptt = 64                        # truncated-BPTT chunk length
+segment_length = 512             # long series are cut into parallel segments this long
+batch_size = 32
+epochs = 30
+learning_rate = 0.003
+clip = 1.0                       # gradient-norm clip
+patience = 4                     # early stopping on the validation tail
+validation_fraction = 0.15
+seed = 0
+device = "auto"                  # "auto" (CUDA when present), "cpu" or "cuda"
+
+[anomaly]
+threshold = 0.5                  # score in [0, 1] at or above which a point is flagged
+coverage = 0.95                  # central coverage of the lower/upper bands
+
+[sink]
+kind = "parquet"                 # "parquet" or "sql"
+path = "out"                     # parquet: output directory (required for parquet)
+# url = "sqlite:///out.db"       # sql: an SQLAlchemy URL (required for sql)
+forecasts_table = "forecasts"
+anomalies_table = "anomalies"
+
+[state]
+dir = "state"                    # model versions, hidden states, watermarks
+keep_versions = 5
+
+[serve]
+interval = 60.0                  # seconds between ticks
+retrain_cron = "0 3 * * *"       # UTC cron for retraining; "" disables
+http_host = "127.0.0.1"
+http_port = 9108                 # /metrics and /healthz; 0 disables
+'''
+
+
+def example_config() -> Config:
+    return config_from_dict(tomllib.loads(EXAMPLE_TOML))
+
+
+# Keep `replace` importable from here for callers that tweak one field of a section.
+__all__ += ["replace", "example_config"]

@@ -1,0 +1,282 @@
+"""The long-frame contract: `series_id` (str), `ts` (UTC), `value` (float), validated once.
+
+Sources hand over whatever the user's storage holds, with columns already mapped to these names; this
+module turns it into the one frame every later stage trusts. Each repair follows a stated rule and is
+counted per series and reason in a `FrameReport`; nothing is dropped without being counted.
+
+Rules:
+- `series_id` null: row rejected ("null series_id"). Any other id is kept verbatim as a string.
+- `ts` null or unparseable: row rejected ("bad timestamp"). Naive timestamps take the configured zone;
+  aware ones are converted to UTC. Mixed naive/aware columns are handled row by row.
+- `value` non-numeric, NaN or ±inf: kept as a missing point ("nan as missing", "inf as missing");
+  the model sees a missing flag there, never the number.
+- Off-grid timestamps are snapped to the nearest grid point ("snapped to grid").
+- Several rows on one grid point: resolved by the configured rule ("duplicate").
+- Rows at or before the series' watermark: rejected as "late" (they were already processed).
+- Rows more than one step after `now`: deferred ("future"), not lost: the watermark never passes them,
+  so the next read after their time comes picks them up.
+- Out-of-order rows are sorted ("reordered").
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pandas as pd
+
+from forecastd.errors import DataError
+
+__all__ = ["COLUMNS", "FrameReport", "Grid", "infer_freq", "validate", "empty_frame"]
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("series_id", "ts", "value")
+
+
+def empty_frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "series_id": pd.Series([], dtype=object),
+            "ts": pd.Series([], dtype="datetime64[ns, UTC]"),
+            "value": pd.Series([], dtype="float64"),
+        }
+    )
+
+
+@dataclass
+class FrameReport:
+    """Counts of every repair and rejection, per (series_id, reason)."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, series: pd.Series | str, reason: str, n: int = 1) -> None:
+        if isinstance(series, str):
+            self.counts[(series, reason)] += n
+            return
+        for sid, k in series.value_counts().items():
+            self.counts[(str(sid), reason)] += int(k)
+
+    def total(self, reason: str | None = None) -> int:
+        return sum(n for (_, r), n in self.counts.items() if reason is None or r == reason)
+
+    def by_reason(self) -> dict[str, int]:
+        out: Counter = Counter()
+        for (_, r), n in self.counts.items():
+            out[r] += n
+        return dict(out)
+
+    def merge(self, other: FrameReport) -> None:
+        self.counts.update(other.counts)
+
+    def log(self) -> None:
+        for (sid, reason), n in sorted(self.counts.items()):
+            log.warning("series %r: %d row(s) %s", sid, n, reason)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A regular time grid: maps timestamps to integer step numbers and back.
+
+    Fixed steps ("5min", "1h", "1D") are anchored at the Unix epoch; month starts ("MS") count months.
+    Working in integer steps keeps gap arithmetic exact and free of pandas in the hot path.
+    """
+
+    freq: str
+
+    def __post_init__(self) -> None:
+        offset = pd.tseries.frequencies.to_offset(self.freq)
+        if not (isinstance(offset, pd.offsets.Tick) or isinstance(offset, pd.offsets.MonthBegin)):
+            raise DataError(
+                f"frequency {self.freq!r} is not supported; use a fixed step such as '5min', '1h', '1D' "
+                "or month starts 'MS'"
+            )
+
+    @property
+    def _offset(self) -> pd.DateOffset:
+        return pd.tseries.frequencies.to_offset(self.freq)
+
+    @property
+    def monthly(self) -> bool:
+        return isinstance(self._offset, pd.offsets.MonthBegin)
+
+    @property
+    def step_ns(self) -> int:
+        """Nominal step in nanoseconds (a month counts as 30.44 days)."""
+        if self.monthly:
+            return int(30.436875 * 86400e9) * self._offset.n
+        return int(self._offset.nanos)
+
+    def index(self, ts: pd.Series | pd.DatetimeIndex) -> np.ndarray:
+        """Nearest grid step of each UTC timestamp, as int64."""
+        ts = pd.DatetimeIndex(ts)
+        if self.monthly:
+            n = self._offset.n
+            months = (ts.year.to_numpy() - 1970) * 12 + ts.month.to_numpy() - 1
+            month_start = pd.DatetimeIndex(ts.tz_convert(None).to_period("M").start_time).tz_localize("UTC")
+            # Past mid-month rounds up, so a month-end stamp lands on the next month start.
+            frac = (ts - month_start) / pd.Timedelta(days=1) / ts.days_in_month.to_numpy()
+            months = months + (np.asarray(frac) >= 0.5)
+            return np.floor_divide(months + n // 2, n).astype(np.int64) if n > 1 else months.astype(np.int64)
+        step = self.step_ns
+        ns = ts.as_unit("ns").asi8
+        return np.floor_divide(ns + step // 2, step)
+
+    def ts(self, index: np.ndarray) -> pd.DatetimeIndex:
+        """UTC timestamps of integer grid steps."""
+        index = np.asarray(index, dtype=np.int64)
+        if self.monthly:
+            months = index * self._offset.n
+            years = 1970 + months // 12
+            return pd.DatetimeIndex(
+                pd.to_datetime({"year": years, "month": months % 12 + 1, "day": np.ones_like(months)}),
+            ).tz_localize("UTC").as_unit("ns")
+        return pd.DatetimeIndex(index * self.step_ns, tz="UTC").as_unit("ns")
+
+
+def infer_freq(frame: pd.DataFrame) -> str:
+    """The most common step between consecutive points, over all series, as a pandas alias."""
+    if frame.empty:
+        raise DataError("cannot infer the data frequency from an empty source; set [data] freq, e.g. \"1h\"")
+    ordered = frame.sort_values(["series_id", "ts"])
+    same = ordered["series_id"].to_numpy()[1:] == ordered["series_id"].to_numpy()[:-1]
+    diffs = np.diff(ordered["ts"].astype("int64").to_numpy())[same]
+    diffs = diffs[diffs > 0]
+    if diffs.size == 0:
+        raise DataError(
+            "cannot infer the data frequency: no series has two distinct timestamps; set [data] freq, e.g. \"1h\""
+        )
+    values, counts = np.unique(diffs, return_counts=True)
+    step = pd.Timedelta(int(values[np.argmax(counts)]), unit="ns")
+    if pd.Timedelta(days=28) <= step <= pd.Timedelta(days=31):
+        return "MS"
+    return pd.tseries.frequencies.to_offset(step).freqstr
+
+
+def _to_utc(col: pd.Series, zone: str) -> pd.Series:
+    """Timestamps to datetime64[ns, UTC]; naive ones take `zone`; unparseable ones become NaT."""
+    if isinstance(col.dtype, pd.DatetimeTZDtype):
+        return col.dt.tz_convert("UTC").dt.as_unit("ns")
+    if pd.api.types.is_datetime64_dtype(col.dtype):
+        return col.dt.tz_localize(zone, ambiguous="NaT", nonexistent="NaT").dt.tz_convert("UTC").dt.as_unit("ns")
+    tz = ZoneInfo(zone)
+
+    def one(v: object) -> pd.Timestamp:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return pd.NaT
+        try:
+            t = pd.Timestamp(v)
+        except (ValueError, TypeError):
+            return pd.NaT
+        if t is pd.NaT:
+            return pd.NaT
+        if t.tzinfo is None:
+            try:
+                t = t.tz_localize(tz, ambiguous="NaT", nonexistent="NaT")
+            except Exception:  # pandas raises several kinds for impossible local times
+                return pd.NaT
+            if t is pd.NaT:
+                return pd.NaT
+        return t.tz_convert("UTC")
+
+    values = [one(v) for v in col.tolist()]
+    return pd.Series(pd.DatetimeIndex(values, tz="UTC").as_unit("ns") if values else
+                     pd.DatetimeIndex([], tz="UTC"), index=col.index)
+
+
+def validate(
+    raw: pd.DataFrame,
+    *,
+    grid: Grid,
+    timezone: str = "UTC",
+    duplicates: str = "last",
+    watermarks: Mapping[str, pd.Timestamp] | None = None,
+    now: dt.datetime | pd.Timestamp | None = None,
+    report: FrameReport | None = None,
+) -> tuple[pd.DataFrame, FrameReport]:
+    """Turn a raw mapped frame into the long-frame contract on `grid`, counting every repair."""
+    report = report if report is not None else FrameReport()
+    missing = [c for c in COLUMNS if c not in raw.columns]
+    if missing:
+        raise DataError(
+            f"source frame lacks column(s) {missing}; map them in [source] (series_column, time_column, value_column)"
+        )
+    if raw.empty:
+        return empty_frame(), report
+
+    sid = raw["series_id"]
+    null_id = sid.isna()
+    if null_id.any():
+        report.add("<null>", "rejected: null series_id", int(null_id.sum()))
+    frame = pd.DataFrame(
+        {
+            "series_id": sid[~null_id].astype(str).astype(object),
+            "ts": _to_utc(raw["ts"][~null_id], timezone),
+            "value": pd.to_numeric(raw["value"][~null_id], errors="coerce").astype("float64"),
+        }
+    )
+
+    bad_ts = frame["ts"].isna()
+    if bad_ts.any():
+        report.add(frame.loc[bad_ts, "series_id"], "rejected: bad timestamp")
+        frame = frame[~bad_ts]
+
+    raw_values = raw.loc[frame.index, "value"]
+    nonnum = frame["value"].isna() & raw_values.notna() & ~raw_values.apply(lambda v: isinstance(v, float))
+    if nonnum.any():
+        report.add(frame.loc[nonnum, "series_id"], "non-numeric value kept as missing")
+    nan = frame["value"].isna() & ~nonnum
+    if nan.any():
+        report.add(frame.loc[nan, "series_id"], "NaN kept as missing")
+    inf = np.isinf(frame["value"].to_numpy())
+    if inf.any():
+        report.add(frame.loc[inf, "series_id"], "inf kept as missing")
+        frame.loc[inf, "value"] = np.nan
+
+    step = grid.index(frame["ts"])
+    snapped_ts = grid.ts(step)
+    off = snapped_ts.as_unit("ns").asi8 != pd.DatetimeIndex(frame["ts"]).as_unit("ns").asi8
+    if off.any():
+        report.add(frame.loc[off, "series_id"], "snapped to grid")
+    frame = frame.assign(ts=pd.Series(snapped_ts, index=frame.index))
+
+    # Out of order means a row earlier in the source than a row before it of the same series.
+    keys = frame["ts"].astype("int64")
+    prev_max = keys.groupby(frame["series_id"]).cummax().groupby(frame["series_id"]).shift()
+    unordered = keys < prev_max
+    if unordered.any():
+        report.add(frame.loc[unordered, "series_id"], "reordered")
+    frame = frame.sort_values(["series_id", "ts"], kind="stable")
+
+    dup = frame.duplicated(["series_id", "ts"], keep=False)
+    if dup.any():
+        ndup = frame[dup].groupby("series_id").size() - frame[dup].groupby("series_id")["ts"].nunique()
+        for s, n in ndup.items():
+            report.add(str(s), f"duplicate timestamp resolved by {duplicates!r}", int(n))
+        if duplicates == "mean":
+            frame = frame.groupby(["series_id", "ts"], as_index=False, sort=True)["value"].mean()
+        else:
+            frame = frame.drop_duplicates(["series_id", "ts"], keep=duplicates)
+
+    if watermarks:
+        wm = frame["series_id"].map(watermarks)
+        late = wm.notna() & (frame["ts"] <= wm)
+        if late.any():
+            report.add(frame.loc[late, "series_id"], "late (at or before the watermark), rejected")
+            frame = frame[~late]
+
+    if now is not None:
+        limit = pd.Timestamp(now).tz_convert("UTC") if pd.Timestamp(now).tzinfo else pd.Timestamp(now, tz="UTC")
+        future = frame["ts"] > limit + pd.Timedelta(grid.step_ns, unit="ns")
+        if future.any():
+            report.add(frame.loc[future, "series_id"], "future-stamped, deferred to a later read")
+            frame = frame[~future]
+
+    frame = frame.reset_index(drop=True)
+    frame["ts"] = frame["ts"].astype("datetime64[ns, UTC]")
+    return frame[list(COLUMNS)], report
