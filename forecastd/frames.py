@@ -32,11 +32,47 @@ import pandas as pd
 
 from forecastd.errors import DataError
 
-__all__ = ["COLUMNS", "FrameReport", "Grid", "infer_freq", "validate", "empty_frame"]
+__all__ = [
+    "COLUMNS",
+    "FORECAST_COLUMNS",
+    "FORECAST_KEY",
+    "ANOMALY_COLUMNS",
+    "ANOMALY_KEY",
+    "FrameReport",
+    "Grid",
+    "infer_freq",
+    "validate",
+    "empty_frame",
+]
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("series_id", "ts", "value")
+
+# Output contracts (documented in README; stable once released). Timestamps are UTC, model_version an int.
+FORECAST_COLUMNS = {
+    "series_id": "object",
+    "issued_at": "datetime64[ns, UTC]",  # timestamp of the last observed point
+    "step": "int64",  # 1..horizon
+    "target_ts": "datetime64[ns, UTC]",
+    "mean": "float64",
+    "lower": "float64",
+    "upper": "float64",
+    "model_version": "int64",
+}
+FORECAST_KEY = ("series_id", "issued_at", "step")
+ANOMALY_COLUMNS = {
+    "series_id": "object",
+    "ts": "datetime64[ns, UTC]",
+    "value": "float64",
+    "expected": "float64",  # one-step-ahead mean issued at the previous grid step
+    "lower": "float64",
+    "upper": "float64",
+    "score": "float64",  # in [0, 1], higher = more anomalous
+    "is_anomaly": "bool",
+    "model_version": "int64",
+}
+ANOMALY_KEY = ("series_id", "ts")
 
 
 def empty_frame() -> pd.DataFrame:

@@ -1,0 +1,74 @@
+"""Atomic, checksummed file writes: temp file in the same directory, fsync, rename, fsync the directory.
+
+A reader (or a restarted daemon) sees the old file or the new one, never a half-written one. Temp files
+carry a recognisable suffix so a crash's leftovers can be swept at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["TMP_SUFFIX", "atomic_write", "atomic_write_bytes", "sha256_file", "sha256_bytes", "sweep_temp_files"]
+
+TMP_SUFFIX = ".forecastd-tmp"
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp_path)` to fill a temp file beside `path`, then move it over `path` durably."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sweep_temp_files(root: str | Path) -> list[Path]:
+    """Delete temp files a crashed writer left under `root`; returns what was removed."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    removed = []
+    for p in root.rglob(f"*{TMP_SUFFIX}"):
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
