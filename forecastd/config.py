@@ -92,12 +92,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    # Steps per truncated-BPTT chunk; the state is carried across chunks, gradients are not.
-    bptt: int = 64
+    # Steps per truncated-BPTT chunk; the state is carried across chunks, gradients are not. Longer
+    # than a daily cycle of hourly data, short enough for many optimiser steps per epoch.
+    bptt: int = 32
     # Long series are cut into parallel segments of this many steps, as word_language_model batchifies.
-    segment_length: int = 512
+    segment_length: int = 256
     # Segment rows per optimiser step.
-    batch_size: int = 32
+    batch_size: int = 16
     epochs: int = 30
     learning_rate: float = 3e-3
     weight_decay: float = 0.0
@@ -417,9 +418,9 @@ dropout = 0.0
 horizon = 24                     # steps ahead forecast at every point
 
 [training]
-bptt = 64                        # truncated-BPTT chunk length
-segment_length = 512             # long series are cut into parallel segments this long
-batch_size = 32
+bptt = 32                        # truncated-BPTT chunk length
+segment_length = 256             # long series are cut into parallel segments this long
+batch_size = 16
 epochs = 30
 learning_rate = 0.003
 clip = 1.0                       # gradient-norm clip

@@ -175,11 +175,15 @@ class Grid:
         return pd.DatetimeIndex(index * self.step_ns, tz="UTC").as_unit("ns")
 
 
-def infer_freq(frame: pd.DataFrame) -> str:
-    """The most common step between consecutive points, over all series, as a pandas alias."""
+def infer_freq(frame: pd.DataFrame, timezone: str = "UTC") -> str:
+    """The most common step between consecutive points, over all series, as a pandas alias.
+
+    Takes a raw mapped frame (timestamps in any form the validator accepts).
+    """
     if frame.empty:
         raise DataError("cannot infer the data frequency from an empty source; set [data] freq, e.g. \"1h\"")
-    ordered = frame.sort_values(["series_id", "ts"])
+    frame = pd.DataFrame({"series_id": frame["series_id"].astype(str), "ts": _to_utc(frame["ts"], timezone)})
+    ordered = frame.dropna().sort_values(["series_id", "ts"])
     same = ordered["series_id"].to_numpy()[1:] == ordered["series_id"].to_numpy()[:-1]
     diffs = np.diff(ordered["ts"].astype("int64").to_numpy())[same]
     diffs = diffs[diffs > 0]

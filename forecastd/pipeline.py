@@ -1,0 +1,306 @@
+"""The one place where stages meet: train, run_once (a tick) and backfill.
+
+Data flows one way: source -> frames -> windowing -> model + state -> anomaly -> sink -> state checkpoint.
+The CLI, the daemon and the benchmarks call these functions and nothing deeper. `now` is passed in;
+only the CLI and the daemon read the clock.
+
+Warm-up rule (shared by ticks and backfills, which is what makes them give the same rows): a series
+without a carried state starts fresh at its first point at or after `anchor - warmup` and is credited
+with the warm-up it got, so its point at `anchor` is the first one written. For a tick the anchor is the
+first point after the series' previous watermark (kept across model versions, so a retrain leaves no
+gap), or else its latest point; for a backfill it is the range start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from forecastd.config import Config, config_to_dict
+from forecastd.errors import DataError
+from forecastd.frames import FrameReport, Grid, infer_freq, validate
+from forecastd.models import Forecaster
+from forecastd.sinks import open_sink
+from forecastd.sources import open_source
+from forecastd.state import ModelVersion, Segment, StateStore, StreamState, plan
+from forecastd.streaming import Emit, Outputs, run_segments
+from forecastd.training import fit, prepare, resolve_device
+from forecastd.windowing import n_features, robust_scale, series_steps
+
+__all__ = ["TrainSummary", "TickReport", "train", "run_once", "backfill", "state_store"]
+
+log = logging.getLogger(__name__)
+
+
+def state_store(config: Config) -> StateStore:
+    return StateStore(config.resolve(config.state.dir))
+
+
+@dataclass
+class TrainSummary:
+    version: int
+    series: int
+    points: int
+    freq: str
+    metrics: dict
+    history: list[dict]
+    repairs: dict[str, int]
+
+
+@dataclass
+class TickReport:
+    model_version: int
+    series: int = 0
+    rows_read: int = 0
+    points: int = 0
+    forecasts_written: int = 0
+    anomalies_written: int = 0
+    anomalies_flagged: int = 0
+    repairs: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    outputs: Outputs | None = None
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "outputs"}
+        return d
+
+
+class _Clock:
+    """Stage timings for the report (monotonic durations, not wall-clock time)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._t, 6)
+        self._t = now
+
+
+def _read(config: Config, grid_freq: str | None, **kwargs) -> tuple[pd.DataFrame, Grid, FrameReport, int]:
+    source = open_source(config)
+    raw = source.read(**{k: v for k, v in kwargs.items() if k in ("since", "until", "series")})
+    freq = grid_freq or config.data.freq or infer_freq(raw, config.source.timezone)
+    grid = Grid(freq)
+    frame, report = validate(
+        raw, grid=grid, timezone=config.source.timezone, duplicates=config.data.duplicates,
+        watermarks=kwargs.get("watermarks"), now=kwargs.get("now"),
+    )
+    return frame, grid, report, len(raw)
+
+
+def train(
+    config: Config,
+    now: dt.datetime,
+    *,
+    progress: Callable[[int, int, float, float], None] | None = None,
+    make_live: bool = True,
+) -> TrainSummary:
+    """Train a model on everything the source holds and save it as a new version (live by default)."""
+    frame, grid, report, _ = _read(config, None, now=now)
+    report.log()
+    if frame.empty:
+        raise DataError("the source has no usable rows to train on; check [source] path/table and the column mapping")
+    series = series_steps(frame, grid)
+    scales = {sid: robust_scale(v) for sid, (_, v) in series.items()}
+    mc = config.model
+    prepared = prepare(frame, grid, scales, mc, config.data, config.training.validation_fraction)
+    device = resolve_device(config.training.device)
+    model = Forecaster(n_features(len(mc.level_alphas)), mc)
+    result = fit(model, prepared, config.training, device=device, progress=progress)
+    store = state_store(config)
+    manifest = {
+        "config": config_to_dict(config),
+        "freq": grid.freq,
+        "n_features": n_features(len(mc.level_alphas)),
+        "scales": scales,
+        "metrics": result.metrics,
+        "history": result.history,
+        "trained_at": pd.Timestamp(now).isoformat(),
+        "data_end": frame["ts"].max().isoformat(),
+        "n_series": len(series),
+        "n_points": int(len(frame)),
+    }
+    version = store.save_model(result.model.cpu(), manifest, keep=config.state.keep_versions)
+    if make_live:
+        store.set_live(version)
+    log.info("trained model v%d on %d series, %d points: val mse %.4f (persistence %.4f)", version,
+             len(series), len(frame), result.metrics["val_mse"], result.metrics["val_persistence_mse"])
+    return TrainSummary(version, len(series), int(len(frame)), grid.freq, result.metrics, result.history,
+                        report.by_reason())
+
+
+def _fresh_scale(mv: ModelVersion, sid: str, values: np.ndarray, state: StreamState | None) -> float:
+    """Known to the model: its training scale; carried: the old scale; else the warm-up window's own."""
+    if sid in mv.scales:
+        return float(mv.scales[sid])
+    if state is not None and sid in state.series_ids:
+        return float(state.scale[state.series_ids.index(sid)])
+    return robust_scale(values)
+
+
+def _warm_segments(sid: str, steps: np.ndarray, values: np.ndarray, anchor: int, warmup: int,
+                   max_gap: int) -> list[Segment]:
+    """Fresh segments for a series without state: from the first point at or after anchor - warmup."""
+    keep = steps >= anchor - warmup
+    steps, values = steps[keep], values[keep]
+    if steps.size == 0:
+        return []
+    segs = plan(sid, steps, values, None, max_gap)
+    first = segs[0]
+    credited = max(0, warmup - (anchor - first.start)) if first.start <= anchor else 0
+    segs[0] = Segment(sid, True, first.start, first.values, age=credited)
+    return segs
+
+
+def _prior_watermarks(store: StateStore, live: int) -> dict[str, int]:
+    """Watermarks (grid steps) from the newest other version's stream, so a new model picks up where
+    the old one stopped."""
+    for v in sorted((v for v in store.versions() if v != live), reverse=True):
+        state, _ = store.load_stream(v)
+        if state is not None:
+            return {s: int(st) for s, st in zip(state.series_ids, state.step) if st >= 0}
+    return {}
+
+
+def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False) -> TickReport:
+    """One tick: read rows past each series' watermark, advance each carried state by exactly those
+    rows, write forecasts and anomaly rows, then checkpoint state and watermarks (in that order)."""
+    clock = _Clock()
+    store = state_store(config)
+    store.sweep()
+    device = resolve_device(config.training.device)
+    mv = store.load_live(device)
+    grid = mv.grid
+    state, _ = store.load_stream(mv.version)
+    state = state or StreamState.fresh([], np.zeros(0), len(mv.model_config.level_alphas),
+                                       (_hidden_rows(mv), mv.model_config.hidden_size))
+    prior = {} if len(state) else _prior_watermarks(store, mv.version)
+    report = TickReport(mv.version)
+    clock.lap("load")
+
+    source = open_source(config)
+    known = set(state.series_ids)
+    all_ids = source.series_ids()
+    new_ids = [s for s in all_ids if s not in known]
+    watermarks = state.watermarks(grid)
+    frames = []
+    if known:
+        since = min(watermarks.values()) if watermarks else None
+        frames.append(source.read(since=since))
+    if new_ids:
+        warm_from = [prior[s] for s in new_ids if s in prior]
+        since = grid.ts(np.array([min(warm_from) - config.data.warmup - 1]))[0] if len(warm_from) == len(new_ids) else None
+        frames.append(source.read(since=since, series=None if not known else new_ids))
+    raw = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["series_id", "ts", "value"])
+    report.rows_read = len(raw)
+    clock.lap("read")
+    frame, frame_report = validate(raw, grid=grid, timezone=config.source.timezone,
+                                   duplicates=config.data.duplicates, watermarks=watermarks, now=now)
+    frame = frame.drop_duplicates(["series_id", "ts"], keep="last")  # two reads may overlap for new series
+    frame_report.log()
+    report.repairs = frame_report.by_reason()
+    clock.lap("validate")
+
+    segments, fresh_scale = [], {}
+    pos = {s: i for i, s in enumerate(state.series_ids)}
+    for sid, (steps, values) in series_steps(frame, grid).items():
+        if sid in pos:
+            segs = plan(sid, steps, values, int(state.step[pos[sid]]), config.data.max_gap)
+            if any(g.fresh for g in segs):
+                fresh_scale[sid] = _fresh_scale(mv, sid, values, state)
+        else:
+            after = steps[steps > prior[sid]] if sid in prior else steps[-1:]
+            if after.size == 0:
+                continue
+            anchor = int(after[0])
+            segs = _warm_segments(sid, steps, values, anchor, config.data.warmup, config.data.max_gap)
+            fresh_scale[sid] = _fresh_scale(mv, sid, values[steps <= anchor], None)
+        segments.extend(segs)
+    report.series = len({g.series_id for g in segments})
+    report.points = int(sum(np.isfinite(g.values).sum() for g in segments))
+    clock.lap("plan")
+
+    outputs, state = run_segments(mv.model, state, segments, fresh_scale, grid, mv.model_config,
+                                  config.anomaly, mv.version, Emit(config.data.warmup))
+    clock.lap("model")
+    open_sink(config).write(outputs.forecasts, outputs.anomalies)
+    clock.lap("write")
+    # Only now, with the outputs durable, may the watermarks move (DESIGN.md guarantee 1).
+    store.save_stream(mv.version, state, {"ticked_at": pd.Timestamp(now).isoformat()},
+                      keep=config.state.keep_checkpoints)
+    clock.lap("checkpoint")
+    report.forecasts_written = len(outputs.forecasts)
+    report.anomalies_written = len(outputs.anomalies)
+    report.anomalies_flagged = int(outputs.anomalies["is_anomaly"].sum())
+    report.seconds = clock.seconds
+    report.outputs = outputs if keep_outputs else None
+    log.info("tick: model v%d, %d series, %d points, %d forecast rows, %d anomaly rows (%d flagged) in %.3f s",
+             mv.version, report.series, report.points, report.forecasts_written, report.anomalies_written,
+             report.anomalies_flagged, sum(clock.seconds.values()))
+    return report
+
+
+def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outputs: bool = False,
+             write: bool = True) -> TickReport:
+    """Forecasts and anomaly rows for points in [start, end], in one batched pass with the live model.
+
+    Leaves the streaming state alone: a backfill rewrites history, the daemon keeps ticking.
+    """
+    clock = _Clock()
+    store = state_store(config)
+    device = resolve_device(config.training.device)
+    mv = store.load_live(device)
+    grid = mv.grid
+    lo, hi = (int(v) for v in grid.index(pd.DatetimeIndex([_utc(start), _utc(end)])))
+    if hi < lo:
+        raise DataError(f"backfill range is empty: --end {end} is before --start {start}")
+    warmup = config.data.warmup
+    report = TickReport(mv.version)
+    raw = open_source(config).read(since=grid.ts(np.array([lo - warmup - 1]))[0], until=grid.ts(np.array([hi]))[0])
+    report.rows_read = len(raw)
+    frame, frame_report = validate(raw, grid=grid, timezone=config.source.timezone,
+                                   duplicates=config.data.duplicates)
+    frame_report.log()
+    report.repairs = frame_report.by_reason()
+    clock.lap("read")
+    segments, fresh_scale = [], {}
+    for sid, (steps, values) in series_steps(frame, grid).items():
+        segs = _warm_segments(sid, steps, values, lo, warmup, config.data.max_gap)
+        if segs:
+            fresh_scale[sid] = _fresh_scale(mv, sid, values[steps <= max(lo, int(steps[0]))], None)
+            segments.extend(segs)
+    report.series = len(fresh_scale)
+    report.points = int(sum(np.isfinite(g.values).sum() for g in segments))
+    empty = StreamState.fresh([], np.zeros(0), len(mv.model_config.level_alphas),
+                              (_hidden_rows(mv), mv.model_config.hidden_size))
+    outputs, _ = run_segments(mv.model, empty, segments, fresh_scale, grid, mv.model_config, config.anomaly,
+                              mv.version, Emit(warmup, lo, hi))
+    clock.lap("model")
+    if write:
+        open_sink(config).write(outputs.forecasts, outputs.anomalies)
+    clock.lap("write")
+    report.forecasts_written = len(outputs.forecasts)
+    report.anomalies_written = len(outputs.anomalies)
+    report.anomalies_flagged = int(outputs.anomalies["is_anomaly"].sum())
+    report.seconds = clock.seconds
+    report.outputs = outputs if keep_outputs else None
+    return report
+
+
+def _utc(t: dt.datetime | pd.Timestamp) -> pd.Timestamp:
+    t = pd.Timestamp(t)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def _hidden_rows(mv: ModelVersion) -> int:
+    mc = mv.model_config
+    return mc.num_layers * (2 if mc.cell == "lstm" else 1)
+

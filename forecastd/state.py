@@ -1,0 +1,331 @@
+"""Per-series streaming state and the state directory that keeps it, with the model versions it belongs to.
+
+Streaming state is data: a versioned record of arrays, one row per series, checked on load. The reset
+rules live in `plan`: a series continues from its state unless it has none or has been silent for more
+than `max_gap` steps, in which case it starts fresh and warms up again.
+
+Layout of the state directory:
+
+    models/v000003/weights.safetensors   weights (no pickle, ever)
+    models/v000003/manifest.json         config, frequency, per-series scales, metrics, versions, sha256
+    live.json                            {"version": 3}: the model that serves
+    streams/v000003/ckpt-000000042.safetensors + .json   hidden states, watermarks, running levels
+    lock                                 held by a serving daemon (see daemon.py)
+
+Every file is written atomically; a checkpoint counts only once its JSON manifest (written last) exists
+and its checksum matches, so a crash mid-write leaves the previous checkpoint in charge.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import safetensors.numpy
+import safetensors.torch
+import torch
+
+from forecastd.anomaly import AnomalyTrack
+from forecastd.config import ModelConfig, config_from_dict
+from forecastd.errors import CheckpointError, ModelError
+from forecastd.files import atomic_write, atomic_write_bytes, sha256_bytes, sha256_file, sweep_temp_files
+from forecastd.frames import Grid
+from forecastd.models import Forecaster
+from forecastd.windowing import Track, split_at_gaps
+
+__all__ = ["StreamState", "Segment", "plan", "StateStore", "ModelVersion", "FORMAT"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the layout of a checkpoint or manifest changes; loaders refuse what they don't know
+
+
+@dataclass
+class StreamState:
+    """One row per series: everything a tick needs to continue that series without re-reading history."""
+
+    series_ids: list[str]
+    step: np.ndarray  # B int64: grid step of the last processed point (the watermark)
+    age: np.ndarray  # B int64: steps processed since the series last started fresh
+    scale: np.ndarray  # B float64: the series' unit of change
+    track: Track  # last observed value, running levels
+    hidden: np.ndarray  # B, L', H float32: recurrent state (LSTM: h then c along L')
+    pending_mean: np.ndarray  # B float64: one-step forecast for the next step
+    pending_std: np.ndarray  # B float64
+    anomaly: AnomalyTrack
+
+    def __len__(self) -> int:
+        return len(self.series_ids)
+
+    @classmethod
+    def fresh(cls, series_ids: list[str], scale: np.ndarray, n_levels: int, hidden_shape: tuple[int, int]) -> StreamState:
+        B = len(series_ids)
+        return cls(
+            list(series_ids),
+            np.full(B, -1, dtype=np.int64),
+            np.zeros(B, dtype=np.int64),
+            np.asarray(scale, dtype=np.float64),
+            Track.fresh(B, n_levels),
+            np.zeros((B, *hidden_shape), dtype=np.float32),
+            np.full(B, np.nan),
+            np.full(B, np.nan),
+            AnomalyTrack.fresh(B),
+        )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "step": self.step, "age": self.age, "scale": self.scale,
+            "last": self.track.last, "levels": self.track.levels, "hidden": self.hidden,
+            "pending_mean": self.pending_mean, "pending_std": self.pending_std,
+            "a_short": self.anomaly.short, "a_mean": self.anomaly.mean,
+            "a_var": self.anomaly.var, "a_count": self.anomaly.count,
+        }
+
+    @classmethod
+    def from_arrays(cls, series_ids: list[str], a: dict[str, np.ndarray]) -> StreamState:
+        return cls(
+            list(series_ids), a["step"], a["age"], a["scale"], Track(a["last"], a["levels"]), a["hidden"],
+            a["pending_mean"], a["pending_std"], AnomalyTrack(a["a_short"], a["a_mean"], a["a_var"], a["a_count"]),
+        )
+
+    def take(self, index: np.ndarray) -> StreamState:
+        index = np.asarray(index, dtype=np.int64)
+        return StreamState.from_arrays([self.series_ids[i] for i in index],
+                                       {k: v[index].copy() for k, v in self.to_arrays().items()})
+
+    def merge(self, other: StreamState) -> StreamState:
+        """This state with `other`'s rows replacing or adding series."""
+        if not len(self):
+            return other
+        pos = {s: i for i, s in enumerate(self.series_ids)}
+        replace = np.array([pos.get(s, -1) for s in other.series_ids], dtype=np.int64)
+        new = replace < 0
+        arrays = self.to_arrays()
+        theirs = other.to_arrays()
+        merged = {}
+        for k, v in arrays.items():
+            v = v.copy()
+            v[replace[~new]] = theirs[k][~new]
+            merged[k] = np.concatenate([v, theirs[k][new]])
+        ids = self.series_ids + [s for s, n in zip(other.series_ids, new) if n]
+        return StreamState.from_arrays(ids, merged)
+
+    def watermarks(self, grid: Grid) -> dict[str, pd.Timestamp]:
+        ts = grid.ts(self.step)
+        return {s: t for s, t, st in zip(self.series_ids, ts, self.step) if st >= 0}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous run of grid steps to process for one series; `fresh` starts it from a new state."""
+
+    series_id: str
+    fresh: bool
+    start: int  # grid step of values[0]
+    values: np.ndarray  # dense, NaN where missing
+    age: int = 0  # warm-up steps already credited to a fresh segment
+
+
+def plan(
+    series_id: str, steps: np.ndarray, values: np.ndarray, state_step: int | None, max_gap: int
+) -> list[Segment]:
+    """The reset rules: split new points into segments; only the first may continue the carried state."""
+    segments = split_at_gaps(steps, values, max_gap)
+    out = []
+    for i, (start, dense) in enumerate(segments):
+        if i == 0 and state_step is not None and state_step >= 0 and start - state_step - 1 <= max_gap:
+            gap = np.full(start - state_step - 1, np.nan)
+            out.append(Segment(series_id, False, state_step + 1, np.concatenate([gap, dense])))
+        else:
+            out.append(Segment(series_id, True, start, dense))
+    return out
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: int
+    model: Forecaster
+    manifest: dict[str, Any]
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.manifest["freq"])
+
+    @property
+    def scales(self) -> dict[str, float]:
+        return self.manifest["scales"]
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return config_from_dict(self.manifest["config"]).model
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is unreadable or not JSON ({exc}); it will be skipped") from None
+
+
+class StateStore:
+    """The state directory: model versions, the live pointer, stream checkpoints."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    def sweep(self) -> int:
+        """Remove temp files a crashed writer left behind; returns how many."""
+        removed = sweep_temp_files(self.root)
+        for p in removed:
+            log.warning("removed leftover temp file %s (from an interrupted write)", p)
+        return len(removed)
+
+    # -- models ---------------------------------------------------------------------------------
+    def _model_dir(self, version: int) -> Path:
+        return self.root / "models" / f"v{version:06d}"
+
+    def versions(self) -> list[int]:
+        """Versions with a manifest, oldest first (validity is checked on load)."""
+        base = self.root / "models"
+        if not base.exists():
+            return []
+        out = []
+        for d in base.iterdir():
+            if d.name.startswith("v") and d.name[1:].isdigit() and (d / "manifest.json").exists():
+                out.append(int(d.name[1:]))
+        return sorted(out)
+
+    def manifest(self, version: int) -> dict[str, Any]:
+        return _read_json(self._model_dir(version) / "manifest.json")
+
+    def save_model(self, model: Forecaster, manifest: dict[str, Any], keep: int) -> int:
+        """Write a new version (weights, then manifest) and return its number. Does not make it live."""
+        version = max(self.versions(), default=0) + 1
+        d = self._model_dir(version)
+        d.mkdir(parents=True, exist_ok=True)
+        weights = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+        atomic_write_bytes(d / "weights.safetensors", weights)
+        manifest = {
+            **manifest,
+            "format": FORMAT,
+            "version": version,
+            "weights_sha256": sha256_bytes(weights),
+            "libraries": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+                "pandas": pd.__version__,
+            },
+        }
+        atomic_write_bytes(d / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+        self._prune_models(keep)
+        return version
+
+    def _prune_models(self, keep: int) -> None:
+        live = self.live_version()
+        for v in self.versions()[:-keep]:
+            if v != live:
+                shutil.rmtree(self._model_dir(v), ignore_errors=True)
+                shutil.rmtree(self.root / "streams" / f"v{v:06d}", ignore_errors=True)
+
+    def load_model(self, version: int, device: torch.device | str = "cpu") -> ModelVersion:
+        d = self._model_dir(version)
+        manifest = _read_json(d / "manifest.json")
+        if manifest.get("format") != FORMAT:
+            raise CheckpointError(f"model v{version} has format {manifest.get('format')!r}, this forecastd "
+                                  f"reads {FORMAT}; retrain with `forecastd train`")
+        weights = d / "weights.safetensors"
+        if not weights.exists() or sha256_file(weights) != manifest["weights_sha256"]:
+            raise CheckpointError(f"model v{version} weights at {weights} are missing or fail their checksum")
+        mc = config_from_dict(manifest["config"]).model
+        model = Forecaster(manifest["n_features"], mc)
+        model.load_state_dict(safetensors.torch.load_file(weights))
+        model.to(device).eval()
+        return ModelVersion(version, model, manifest)
+
+    def live_version(self) -> int | None:
+        p = self.root / "live.json"
+        if not p.exists():
+            return None
+        try:
+            return int(_read_json(p)["version"])
+        except (CheckpointError, KeyError, ValueError):
+            log.warning("live.json is unreadable; falling back to the newest model version")
+            return max(self.versions(), default=None)
+
+    def set_live(self, version: int) -> None:
+        if version not in self.versions():
+            raise ModelError(f"model version {version} does not exist; `forecastd models list` shows the versions")
+        atomic_write_bytes(self.root / "live.json", json.dumps({"version": version}).encode())
+
+    def load_live(self, device: torch.device | str = "cpu") -> ModelVersion:
+        """The live model; if its files are corrupt, the newest older version that loads, with a warning."""
+        live = self.live_version()
+        if live is None:
+            raise ModelError(f"no trained model in state directory {str(self.root)!r}; run "
+                             "`forecastd train --config FILE` first")
+        candidates = [live] + [v for v in reversed(self.versions()) if v < live]
+        for v in candidates:
+            try:
+                mv = self.load_model(v, device)
+            except CheckpointError as exc:
+                log.warning("cannot load model v%d: %s; trying an older version", v, exc)
+                continue
+            if v != live:
+                log.warning("serving model v%d instead of the corrupt live v%d", v, live)
+            return mv
+        raise ModelError(f"no model version in {str(self.root)!r} loads (all corrupt); retrain with `forecastd train`")
+
+    # -- streams --------------------------------------------------------------------------------
+    def _stream_dir(self, version: int) -> Path:
+        return self.root / "streams" / f"v{version:06d}"
+
+    def _checkpoints(self, version: int) -> list[int]:
+        d = self._stream_dir(version)
+        if not d.exists():
+            return []
+        return sorted(int(p.stem[5:]) for p in d.glob("ckpt-*.json") if p.stem[5:].isdigit())
+
+    def save_stream(self, version: int, state: StreamState, info: dict[str, Any], keep: int) -> int:
+        """Checkpoint the stream state of model `version`; returns the checkpoint's sequence number."""
+        d = self._stream_dir(version)
+        seq = max(self._checkpoints(version), default=0) + 1
+        tensors = safetensors.numpy.save(
+            {k: np.ascontiguousarray(v) for k, v in state.to_arrays().items()},
+            metadata={"series_ids": json.dumps(state.series_ids)},
+        )
+        atomic_write_bytes(d / f"ckpt-{seq:09d}.safetensors", tensors)
+        manifest = {"format": FORMAT, "model_version": version, "seq": seq, "n_series": len(state),
+                    "sha256": sha256_bytes(tensors), **info}
+        atomic_write(d / f"ckpt-{seq:09d}.json", lambda p: p.write_text(json.dumps(manifest, sort_keys=True)))
+        for old in self._checkpoints(version)[:-keep]:
+            (d / f"ckpt-{old:09d}.json").unlink(missing_ok=True)
+            (d / f"ckpt-{old:09d}.safetensors").unlink(missing_ok=True)
+        return seq
+
+    def load_stream(self, version: int) -> tuple[StreamState | None, dict[str, Any]]:
+        """Newest checkpoint that passes its checksum; older ones are tried if the newest is corrupt."""
+        d = self._stream_dir(version)
+        for seq in reversed(self._checkpoints(version)):
+            try:
+                manifest = _read_json(d / f"ckpt-{seq:09d}.json")
+                path = d / f"ckpt-{seq:09d}.safetensors"
+                data = path.read_bytes()
+                if sha256_bytes(data) != manifest.get("sha256") or manifest.get("format") != FORMAT:
+                    raise CheckpointError(f"{path} fails its checksum or format check")
+                with safetensors.safe_open(path, "numpy") as fh:
+                    ids = json.loads(fh.metadata()["series_ids"])
+                arrays = safetensors.numpy.load(data)
+                return StreamState.from_arrays(ids, arrays), manifest
+            except (CheckpointError, OSError, ValueError, KeyError) as exc:
+                log.warning("stream checkpoint %d of model v%d is unusable (%s); falling back to the previous one",
+                            seq, version, exc)
+        return None, {}

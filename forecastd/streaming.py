@@ -1,0 +1,236 @@
+"""The streaming step: advance many series' carried states by their new points, emitting outputs.
+
+One generator serves ticks, backfills and backtests (predict, then learn): for every new point the
+forecast issued one step earlier scores it, then the point advances the state and issues the next
+forecasts. A tick that brings n points costs n recurrent steps for that series; all series of a call
+advance together in one batched (packed) RNN call; a backfill is the same function over longer blocks,
+so it gives the same rows as ticking through the same range.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from forecastd import anomaly
+from forecastd.config import AnomalyConfig, ModelConfig
+from forecastd.frames import ANOMALY_COLUMNS, FORECAST_COLUMNS, Grid
+from forecastd.models import Forecaster, pack_hidden, unpack_hidden
+from forecastd.state import Segment, StreamState
+from forecastd.windowing import encode
+
+__all__ = ["Outputs", "Emit", "advance", "run_segments", "empty_forecasts", "empty_anomalies"]
+
+
+def empty_forecasts() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in FORECAST_COLUMNS.items()})
+
+
+def empty_anomalies() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in ANOMALY_COLUMNS.items()})
+
+
+@dataclass
+class Outputs:
+    forecasts: pd.DataFrame
+    anomalies: pd.DataFrame
+
+    @classmethod
+    def empty(cls) -> Outputs:
+        return cls(empty_forecasts(), empty_anomalies())
+
+    @classmethod
+    def concat(cls, parts: Iterable[Outputs]) -> Outputs:
+        parts = [p for p in parts if len(p.forecasts) or len(p.anomalies)]
+        if not parts:
+            return cls.empty()
+        return cls(
+            pd.concat([p.forecasts for p in parts], ignore_index=True),
+            pd.concat([p.anomalies for p in parts], ignore_index=True),
+        )
+
+
+@dataclass(frozen=True)
+class Emit:
+    """Which processed steps become output rows: at or after `warmup` steps of age, within [lo, hi]."""
+
+    warmup: int
+    lo: int | None = None  # grid step
+    hi: int | None = None
+
+
+def advance(
+    model: Forecaster,
+    state: StreamState,
+    values: np.ndarray,
+    lengths: np.ndarray,
+    grid: Grid,
+    mc: ModelConfig,
+    ac: AnomalyConfig,
+    version: int,
+    emit: Emit,
+) -> tuple[Outputs, StreamState]:
+    """Advance B series by values [B, T] (NaN = missing; steps past lengths[b] are padding).
+
+    Series b's block starts at grid step state.step[b] + 1. Returns the output rows and the new state.
+    """
+    B, T = values.shape
+    K = mc.horizon
+    device = model.head.weight.device
+    steps = state.step[:, None] + 1 + np.arange(T)[None, :]  # B, T
+    pad = np.arange(T)[None, :] >= lengths[:, None]  # B, T
+    values = np.where(pad, np.nan, values)
+    x, origin, track = encode(values, grid.ts(steps.ravel()).asi8.reshape(B, T), state.track,
+                              state.scale, mc.level_alphas, mc.input_clip)
+
+    hidden = unpack_hidden(torch.from_numpy(state.hidden).to(device).transpose(0, 1).contiguous(), mc.cell)
+    with torch.no_grad():
+        packed = pack_padded_sequence(torch.from_numpy(x).to(device), torch.from_numpy(lengths),
+                                      batch_first=True, enforce_sorted=False)
+        mean, spread, hidden = model(packed, hidden)  # B, T', K each
+    mean = mean.double().cpu().numpy()
+    spread = spread.double().cpu().numpy()
+    if mean.shape[1] < T:  # pad_packed_sequence trims to the longest length
+        fill = np.full((B, T - mean.shape[1], K), np.nan)
+        mean, spread = np.concatenate([mean, fill], 1), np.concatenate([spread, fill], 1)
+    s = state.scale[:, None, None]
+    fc_mean = origin[:, :, None] + mean * s  # B, T, K in the series' own units
+    fc_std = spread * s
+
+    # The forecast issued one step before each point is what scores it.
+    expected = np.concatenate([state.pending_mean[:, None], fc_mean[:, :-1, 0]], axis=1)  # B, T
+    expected_sd = np.concatenate([state.pending_std[:, None], fc_std[:, :-1, 0]], axis=1)
+    scores, atrack = anomaly.score(values, expected, expected_sd, state.anomaly, ac.short_window, ac.long_window)
+
+    last = np.maximum(lengths - 1, 0)
+    rows = np.arange(B)
+    has = lengths > 0
+    new = StreamState(
+        state.series_ids,
+        state.step + lengths,
+        state.age + lengths,
+        state.scale,
+        track,
+        pack_hidden(hidden).transpose(0, 1).float().cpu().numpy().copy(),
+        np.where(has, fc_mean[rows, last, 0], state.pending_mean),
+        np.where(has, fc_std[rows, last, 0], state.pending_std),
+        atrack,
+    )
+
+    age = state.age[:, None] + np.arange(T)[None, :]
+    out = np.isfinite(values) & (age >= emit.warmup)
+    if emit.lo is not None:
+        out &= steps >= emit.lo
+    if emit.hi is not None:
+        out &= steps <= emit.hi
+    return _frames(state.series_ids, out, steps, values, fc_mean, fc_std, expected, expected_sd, scores,
+                   grid, K, ac, version), new
+
+
+def _frames(ids, out, steps, values, fc_mean, fc_std, expected, expected_sd, scores, grid, K, ac, version) -> Outputs:
+    b, t = np.nonzero(out)
+    if b.size == 0:
+        return Outputs.empty()
+    z = NormalDist().inv_cdf(0.5 + ac.coverage / 2)
+    sid = np.asarray(ids, dtype=object)[b]
+    origin_steps = steps[b, t]
+    issued = grid.ts(origin_steps)
+    n = b.size
+    k = np.tile(np.arange(1, K + 1), n)
+    m = fc_mean[b, t].ravel()
+    sd = fc_std[b, t].ravel()
+    forecasts = pd.DataFrame({
+        "series_id": np.repeat(sid, K),
+        "issued_at": np.repeat(issued, K),
+        "step": k.astype(np.int64),
+        "target_ts": grid.ts(np.repeat(origin_steps, K) + k),
+        "mean": m,
+        "lower": m - z * sd,
+        "upper": m + z * sd,
+        "model_version": np.full(n * K, version, dtype=np.int64),
+    })
+    e, esd, sc = expected[b, t], expected_sd[b, t], scores[b, t]
+    sc = np.nan_to_num(sc, nan=0.0)
+    anomalies = pd.DataFrame({
+        "series_id": sid,
+        "ts": issued,
+        "value": values[b, t],
+        "expected": e,
+        "lower": e - z * esd,
+        "upper": e + z * esd,
+        "score": sc,
+        "is_anomaly": sc >= ac.threshold,
+        "model_version": np.full(n, version, dtype=np.int64),
+    })
+    return Outputs(forecasts, anomalies)
+
+
+def run_segments(
+    model: Forecaster,
+    state: StreamState,
+    segments: list[Segment],
+    fresh_scale: dict[str, float],
+    grid: Grid,
+    mc: ModelConfig,
+    ac: AnomalyConfig,
+    version: int,
+    emit: Emit,
+    *,
+    chunk: int = 1024,
+    max_cells: int = 4_000_000,
+) -> tuple[Outputs, StreamState]:
+    """Process every series' segments in order, in batched rounds; returns outputs and the merged state.
+
+    Round r takes each series' r-th segment, resetting the series first when the segment is fresh.
+    Long blocks are cut into time chunks so memory stays bounded; chunking changes no result.
+    """
+    by_series: dict[str, list[Segment]] = {}
+    for seg in segments:
+        by_series.setdefault(seg.series_id, []).append(seg)
+    hidden_shape = (state.hidden.shape[1], state.hidden.shape[2])
+    parts = []
+    rounds = max((len(v) for v in by_series.values()), default=0)
+    for r in range(rounds):
+        segs = [v[r] for v in by_series.values() if len(v) > r]
+        pos = {s: i for i, s in enumerate(state.series_ids)}
+        cont = [g for g in segs if not g.fresh and g.series_id in pos]
+        fresh = [g for g in segs if g.fresh or g.series_id not in pos]
+        sub_parts = []
+        if cont:
+            sub_parts.append(state.take(np.array([pos[g.series_id] for g in cont])))
+        if fresh:
+            ids = [g.series_id for g in fresh]
+            scale = np.array([fresh_scale[i] for i in ids])
+            st = StreamState.fresh(ids, scale, len(mc.level_alphas), hidden_shape)
+            st.step[:] = np.array([g.start - 1 for g in fresh])
+            st.age[:] = np.array([g.age for g in fresh])
+            sub_parts.append(st)
+        sub = sub_parts[0] if len(sub_parts) == 1 else _stack(sub_parts)
+        order = cont + fresh
+        lengths = np.array([len(g.values) for g in order], dtype=np.int64)
+        T = int(lengths.max())
+        dense = np.full((len(order), T), np.nan)
+        for i, g in enumerate(order):
+            dense[i, : len(g.values)] = g.values
+        step_chunk = max(1, min(chunk, max_cells // max(len(order), 1)))
+        for c in range(0, T, step_chunk):
+            clen = np.clip(lengths - c, 0, step_chunk)
+            active = np.flatnonzero(clen > 0)
+            part = sub.take(active)
+            o, part = advance(model, part, dense[active, c : c + step_chunk], clen[active], grid, mc, ac, version, emit)
+            sub = sub.merge(part)
+            parts.append(o)
+        state = state.merge(sub)
+    return Outputs.concat(parts), state
+
+
+def _stack(parts: list[StreamState]) -> StreamState:
+    arrays = [p.to_arrays() for p in parts]
+    merged = {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
+    return StreamState.from_arrays([s for p in parts for s in p.series_ids], merged)

@@ -1,0 +1,254 @@
+"""Training: truncated BPTT in the manner of PyTorch's word_language_model example.
+
+Series (long ones cut into parallel segments) form the rows of a batch; each row is read in consecutive
+chunks of `bptt` steps; the hidden state is carried from chunk to chunk and detached at each chunk
+start, so gradients stop at the chunk boundary while the state still remembers; gradients are clipped.
+The tail of every series is held out for validation and early stopping; the best weights are kept.
+
+The loss trains the mean by squared error (what forecasts are judged by) and the scale by Gaussian
+negative log-likelihood against the detached mean, so the spread is calibrated without the NLL's
+variance term pulling the mean toward easy points.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from forecastd.config import DataConfig, ModelConfig, TrainingConfig
+from forecastd.errors import DataError, ModelError
+from forecastd.frames import Grid
+from forecastd.models import Forecaster, Hidden
+from forecastd.windowing import Track, encode, series_steps, split_at_gaps, targets, training_rows
+
+__all__ = ["Prepared", "TrainResult", "prepare", "fit", "evaluate", "resolve_device", "detach"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, float, float], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError('[training] device = "cuda" but no CUDA device is visible; use "auto" or "cpu"')
+    return torch.device(name)
+
+
+def detach(hidden: Hidden) -> Hidden:
+    """Cut the graph at a chunk boundary; the values carry on."""
+    return tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
+
+
+@dataclass
+class Prepared:
+    """Model-ready arrays, per series segment: (x [T, F], y [T, K], train mask [T, K], val mask [T, K])."""
+
+    segments: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    series_ids: list[str]
+
+    @property
+    def train(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return [(x, y, mt) for x, y, mt, _ in self.segments if mt.any()]
+
+    @property
+    def val(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return [(x, y, mv) for x, y, _, mv in self.segments if mv.any()]
+
+
+def prepare(
+    frame: pd.DataFrame,
+    grid: Grid,
+    scales: dict[str, float],
+    model: ModelConfig,
+    data: DataConfig,
+    validation_fraction: float,
+    *,
+    val_start: pd.Timestamp | None = None,
+) -> Prepared:
+    """Encode every series of a validated long frame into training arrays.
+
+    Validation origins are the last `validation_fraction` of each series' span (or every origin at or
+    after `val_start` when given); no training target reaches into them.
+    """
+    segments = []
+    series = series_steps(frame, grid)
+    val_step = None if val_start is None else int(grid.index(pd.DatetimeIndex([val_start]))[0])
+    for sid, (steps, values) in series.items():
+        first, last = int(steps[0]), int(steps[-1])
+        cut = val_step if val_step is not None else last - int(round((last - first) * validation_fraction))
+        for start, dense in split_at_gaps(steps, values, data.max_gap):
+            T = dense.shape[0]
+            step_ids = start + np.arange(T)
+            x, origin, _ = encode(
+                dense[None], grid_ns(grid, step_ids)[None], Track.fresh(1, len(model.level_alphas)),
+                np.array([scales[sid]]), model.level_alphas, model.input_clip,
+            )
+            limit = int(np.clip(cut - start, 0, T))
+            _, m_train = targets(dense, origin[0], scales[sid], model.horizon, limit=limit)
+            y, m_all = targets(dense, origin[0], scales[sid], model.horizon)
+            m_val = m_all.copy()
+            m_val[:limit] = False
+            # Very large scaled changes are data errors or regime breaks; they would dominate a squared loss.
+            y = np.clip(y, -50.0, 50.0)
+            segments.append((x[0], y, m_train, m_val))
+    if not segments:
+        raise DataError("no series has data to train on; check [source] and that the table or files have rows")
+    return Prepared(segments, list(series))
+
+
+def grid_ns(grid: Grid, steps: np.ndarray) -> np.ndarray:
+    return grid.ts(steps).asi8
+
+
+@dataclass
+class TrainResult:
+    model: Forecaster
+    history: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+
+def _loss(mean: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    m = m.to(mean.dtype)
+    n = m.sum().clamp_min(1.0)
+    mse = (((mean - y) ** 2) * m).sum() / n
+    nll = ((0.5 * ((y - mean.detach()) / scale) ** 2 + torch.log(scale)) * m).sum() / n
+    return mse, nll, n
+
+
+def evaluate(
+    model: Forecaster,
+    sequences: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    device: torch.device,
+    *,
+    batch: int = 256,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Masked MSE, NLL and persistence MSE (a zero change) over whole sequences, state carried throughout."""
+    model.eval()
+    sums = np.zeros(4)  # n-weighted mse, nll, persistence mse; and n
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i][0].shape[0])
+    with torch.no_grad():
+        for lo in range(0, len(order), batch):
+            group = [sequences[i] for i in order[lo : lo + batch]]
+            T = max(s[0].shape[0] for s in group)
+            x = np.zeros((len(group), T, group[0][0].shape[1]), dtype=np.float32)
+            y = np.zeros((len(group), T, group[0][1].shape[1]), dtype=np.float32)
+            m = np.zeros((len(group), T, group[0][2].shape[1]), dtype=bool)
+            for i, (xs, ys, ms) in enumerate(group):
+                x[i, : xs.shape[0]], y[i, : ys.shape[0]], m[i, : ms.shape[0]] = xs, ys, ms
+            hidden = model.initial_state(len(group))
+            for c in range(0, T, chunk):
+                xb = torch.from_numpy(x[:, c : c + chunk]).to(device)
+                yb = torch.from_numpy(y[:, c : c + chunk]).to(device)
+                mb = torch.from_numpy(m[:, c : c + chunk]).to(device)
+                mean, scale, hidden = model(xb, hidden)
+                mse, nll, n = _loss(mean.float(), scale.float(), yb, mb)
+                pers = ((yb**2) * mb).sum() / n
+                sums += np.array([mse.item(), nll.item(), pers.item(), 1.0]) * n.item()
+    n = sums[3]
+    if n == 0:
+        return {"mse": math.nan, "nll": math.nan, "persistence_mse": math.nan, "loss": math.nan}
+    mse, nll, pers = sums[0] / n, sums[1] / n, sums[2] / n
+    return {"mse": mse, "nll": nll, "persistence_mse": pers, "loss": mse + nll}
+
+
+def fit(
+    model: Forecaster,
+    prepared: Prepared,
+    config: TrainingConfig,
+    *,
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train `model` in place (warm starts welcome) and return it with the best validation weights."""
+    device = device or resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    train, val = prepared.train, prepared.val
+    if not train:
+        raise DataError("no training targets: every series is shorter than its horizon; use a smaller "
+                        "[model] horizon or more history")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs, eta_min=config.learning_rate / 10)
+
+    result = TrainResult(model)
+    best = (math.inf, copy.deepcopy(model.state_dict()), 0)
+    started = time.monotonic()
+    bad_epochs = 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        offset = int(rng.integers(config.segment_length)) if epoch > 1 else 0
+        x, y, m = training_rows(train, config.segment_length, config.burn_in, offset)  # R, S, *
+        perm = rng.permutation(x.shape[0])
+        total, count = 0.0, 0.0
+        for lo in range(0, len(perm), config.batch_size):
+            rows = perm[lo : lo + config.batch_size]
+            xb = torch.from_numpy(x[rows]).to(device)  # B, S, F
+            yb = torch.from_numpy(y[rows]).to(device)  # B, S, K
+            mb = torch.from_numpy(m[rows]).to(device)  # B, S, K
+            hidden = model.initial_state(len(rows))
+            for c in range(0, xb.shape[1], config.bptt):
+                hidden = detach(hidden)
+                mc = mb[:, c : c + config.bptt]
+                if not mc.any():
+                    with torch.no_grad(), autocast:
+                        _, _, hidden = model(xb[:, c : c + config.bptt], hidden)
+                    continue
+                with autocast:
+                    mean, scale, hidden = model(xb[:, c : c + config.bptt], hidden)
+                mse, nll, n = _loss(mean.float(), scale.float(), yb[:, c : c + config.bptt], mc)
+                loss = mse + nll
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                opt.step()
+                total += loss.item() * n.item()
+                count += n.item()
+        sched.step()
+        train_loss = total / max(count, 1.0)
+        if not math.isfinite(train_loss):
+            raise ModelError(f"training diverged at epoch {epoch} (loss {train_loss}); lower [training] "
+                             "learning_rate or check the data for extreme values")
+        val_metrics = evaluate(model, val, device) if val else {"loss": train_loss}
+        val_loss = val_metrics["loss"]
+        result.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        log.info("epoch %d/%d train loss %.4f val loss %.4f", epoch, config.epochs, train_loss, val_loss)
+        if progress:
+            progress(epoch, config.epochs, train_loss, val_loss)
+        if val_loss < best[0] - 1e-6:
+            best = (val_loss, copy.deepcopy(model.state_dict()), epoch)
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= config.patience:
+                log.info("early stop after epoch %d; best epoch %d", epoch, best[2])
+                break
+        if config.max_seconds and time.monotonic() - started > config.max_seconds:
+            log.info("stopping after %.0f s ([training] max_seconds)", time.monotonic() - started)
+            break
+
+    model.load_state_dict(best[1])
+    final = evaluate(model, val, device) if val else {}
+    result.metrics = {
+        "best_epoch": best[2],
+        "epochs_run": len(result.history),
+        "seconds": round(time.monotonic() - started, 3),
+        "train_loss": result.history[best[2] - 1]["train_loss"] if best[2] else math.nan,
+        "val_loss": final.get("loss", math.nan),
+        "val_mse": final.get("mse", math.nan),
+        "val_persistence_mse": final.get("persistence_mse", math.nan),
+        "device": device.type,
+    }
+    return result

@@ -1,0 +1,231 @@
+"""From the long frame to model inputs: regular grid, gap mask, level-invariant features, TBPTT rows.
+
+Pure functions over numpy arrays; nothing here reads a clock, a file or a database.
+
+Why level-invariant features (DESIGN.md, "A lesson already paid for"): series drift, and a model fed
+absolute levels forecasts the training period's level. The model therefore sees, per step,
+- the scaled change from the last observed value,
+- the last observed value relative to running levels (EWMAs carried in the streaming state),
+- a missing flag, and calendar position,
+and it forecasts changes from the last observed value. Nothing it sees or emits depends on the level.
+
+Scaled quantities are clipped at ±`clip`: a spike moves the carried state no further than a
+`clip`-sigma move would. We clip rather than feed the anomaly flag because the flag depends on the
+previous step's forecast, which would force a step-by-step loop and lose cuDNN's whole-sequence kernels;
+clipping keeps a backfill one batched pass, and identical to ticking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from forecastd.frames import Grid
+
+__all__ = [
+    "Track",
+    "n_features",
+    "calendar",
+    "robust_scale",
+    "series_steps",
+    "encode",
+    "targets",
+    "split_at_gaps",
+    "training_rows",
+]
+
+_NS_HOUR = 3_600_000_000_000
+_NS_DAY = 24 * _NS_HOUR
+_YEAR_DAYS = 365.2425
+
+
+def n_features(n_levels: int) -> int:
+    """Change, one relative level per EWMA, missing flag, six calendar terms."""
+    return 1 + n_levels + 1 + 6
+
+
+def calendar(ts_ns: np.ndarray) -> np.ndarray:
+    """Hour of day, day of week, day of year as sin/cos pairs: [...] int64 ns -> [..., 6] float32."""
+    ts_ns = np.asarray(ts_ns, dtype=np.int64)
+    days = ts_ns / _NS_DAY
+    phases = np.stack(
+        [
+            np.mod(days, 1.0),  # day fraction
+            np.mod(days + 3.0, 7.0) / 7.0,  # 1970-01-01 was a Thursday: +3 puts Monday at 0
+            np.mod(days, _YEAR_DAYS) / _YEAR_DAYS,
+        ],
+        axis=-1,
+    ) * (2 * np.pi)
+    return np.concatenate([np.sin(phases), np.cos(phases)], axis=-1).astype(np.float32)
+
+
+def robust_scale(values: np.ndarray) -> float:
+    """Typical size of a one-step change: 1.4826 × MAD of first differences, with fallbacks.
+
+    Changes, not levels, because the model's inputs and outputs are changes; MAD so that a few spikes
+    do not set the unit. Falls back to the mean absolute change, then to the level, then to 1, so a
+    constant or flat-lined series still gets a positive unit.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size >= 3:
+        d = np.diff(v)
+        mad = 1.4826 * float(np.median(np.abs(d - np.median(d))))
+        if mad > 0:
+            return mad
+        mean_abs = float(np.mean(np.abs(d)))
+        if mean_abs > 0:
+            return mean_abs
+    if v.size:
+        level = float(np.mean(np.abs(v)))
+        if level > 0:
+            return level * 1e-3
+    return 1.0
+
+
+@dataclass
+class Track:
+    """The running quantities a series carries between calls (besides the recurrent state).
+
+    last:   [B] last observed value (NaN before the first observation of a segment)
+    levels: [B, A] EWMAs of observed values
+    """
+
+    last: np.ndarray
+    levels: np.ndarray
+
+    @classmethod
+    def fresh(cls, batch: int, n_levels: int) -> Track:
+        return cls(np.full(batch, np.nan), np.full((batch, n_levels), np.nan))
+
+
+def encode(
+    values: np.ndarray,
+    ts_ns: np.ndarray,
+    track: Track,
+    scale: np.ndarray,
+    alphas: tuple[float, ...],
+    clip: float,
+) -> tuple[np.ndarray, np.ndarray, Track]:
+    """Features for a block of steps, starting from `track`.
+
+    values [B, T] float64, NaN = missing; ts_ns [B, T] int64; scale [B].
+    Returns x [B, T, F] float32, origin [B, T] float64 (the last observed value at each step: the point
+    forecasts are changes from), and the track after the block. Sequential in T, vectorised over B.
+    """
+    B, T = values.shape
+    A = len(alphas)
+    alpha = np.asarray(alphas, dtype=np.float64)  # A
+    last = track.last.copy()  # B
+    levels = track.levels.copy()  # B, A
+    s = np.asarray(scale, dtype=np.float64)  # B
+    x = np.empty((B, T, n_features(A)), dtype=np.float32)
+    origin = np.empty((B, T), dtype=np.float64)
+    for t in range(T):
+        y = values[:, t]  # B
+        seen = np.isfinite(y)
+        first = seen & ~np.isfinite(last)
+        last = np.where(first, y, last)
+        levels = np.where(first[:, None], y[:, None], levels)
+        change = np.where(seen, np.clip((y - last) / s, -clip, clip), 0.0)
+        # Clipped innovations keep a spike from dragging the levels (see module docstring).
+        innov = np.clip((y[:, None] - levels) / s[:, None], -clip, clip) * s[:, None]
+        levels = np.where(seen[:, None], levels + alpha * innov, levels)
+        last = np.where(seen, y, last)
+        rel = np.clip((last[:, None] - levels) / s[:, None], -clip, clip)
+        x[:, t, 0] = change
+        x[:, t, 1 : 1 + A] = np.nan_to_num(rel)
+        x[:, t, 1 + A] = ~seen
+        origin[:, t] = last
+    x[:, :, 2 + A :] = calendar(ts_ns)
+    return x, origin, Track(last, levels)
+
+
+def targets(
+    values: np.ndarray, origin: np.ndarray, scale: float, horizon: int, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scaled changes y[t, k-1] = (values[t+k] - origin[t]) / scale and their mask, for one series.
+
+    values, origin: [T]. Steps at or beyond `limit` are never targets (keeps validation data out of
+    training). Returns y [T, K] float32 and mask [T, K] bool.
+    """
+    T = values.shape[0]
+    limit = T if limit is None else min(limit, T)
+    padded = np.concatenate([values[:limit], np.full(horizon, np.nan)])  # T' + K
+    idx = np.arange(T)[:, None] + np.arange(1, horizon + 1)[None, :]  # T, K
+    ahead = padded[np.minimum(idx, padded.shape[0] - 1)]
+    ahead[idx >= limit] = np.nan
+    y = (ahead - origin[:, None]) / scale
+    mask = np.isfinite(y)
+    return np.nan_to_num(y).astype(np.float32), mask
+
+
+def series_steps(frame: pd.DataFrame, grid: Grid) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per series: (grid steps int64 [n], values float64 [n]) of its observed rows, in time order."""
+    if frame.empty:
+        return {}
+    steps = grid.index(frame["ts"])
+    values = frame["value"].to_numpy(dtype=np.float64)
+    ids = frame["series_id"].to_numpy()
+    order = np.lexsort((steps, ids))
+    ids, steps, values = ids[order], steps[order], values[order]
+    bounds = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+    out = {}
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(ids)]):
+        out[str(ids[lo])] = (steps[lo:hi], values[lo:hi])
+    return out
+
+
+def split_at_gaps(steps: np.ndarray, values: np.ndarray, max_gap: int) -> list[tuple[int, np.ndarray]]:
+    """Dense segments: [(first step, values on every grid step, NaN where missing)].
+
+    A run of more than `max_gap` missing steps ends a segment: such an outage restarts the series
+    from a fresh state rather than stepping the model through it.
+    """
+    if steps.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(steps) > max_gap + 1) + 1
+    out = []
+    for part_steps, part_values in zip(np.split(steps, breaks), np.split(values, breaks)):
+        dense = np.full(int(part_steps[-1] - part_steps[0]) + 1, np.nan)
+        dense[part_steps - part_steps[0]] = part_values
+        out.append((int(part_steps[0]), dense))
+    return out
+
+
+def training_rows(
+    arrays: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    segment_length: int,
+    burn_in: int,
+    offset: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut series into parallel rows of `segment_length` steps, as word_language_model batchifies.
+
+    arrays: per series (x [T, F], y [T, K], mask [T, K]). Each series is front-padded by `offset`
+    masked steps (a different offset each epoch moves the row boundaries), then cut; the first
+    `burn_in` steps of every row are masked because its state starts cold there.
+    Returns x [R, S, F], y [R, S, K], mask [R, S, K].
+    """
+    S = segment_length
+    xs, ys, ms = [], [], []
+    for x, y, m in arrays:
+        T = x.shape[0]
+        pad = offset % S
+        n_rows = -(-(T + pad) // S)
+        total = n_rows * S
+        fx = np.zeros((total, x.shape[1]), dtype=np.float32)
+        fy = np.zeros((total, y.shape[1]), dtype=np.float32)
+        fm = np.zeros((total, m.shape[1]), dtype=bool)
+        fx[pad : pad + T], fy[pad : pad + T], fm[pad : pad + T] = x, y, m
+        fm = fm.reshape(n_rows, S, -1)
+        fm[:, :burn_in] = False
+        xs.append(fx.reshape(n_rows, S, -1))
+        ys.append(fy.reshape(n_rows, S, -1))
+        ms.append(fm)
+    x = np.concatenate(xs)
+    y = np.concatenate(ys)
+    m = np.concatenate(ms)
+    keep = m.any(axis=(1, 2))
+    return x[keep], y[keep], m[keep]
