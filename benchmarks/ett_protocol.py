@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, type=Path, help="path to ETTh1.csv")
     parser.add_argument("--lookback", type=int, default=96, help="L; the baselines only need L >= 24")
     parser.add_argument(
-        "--drop-last-batch", type=int, help="drop the windows of a last partial batch of this size, as published code does"
+        "--drop-last-batch",
+        type=int,
+        help="drop the windows of a last partial batch of this size, as the published code does",
     )
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -127,11 +127,13 @@ def score_baselines(
         },
         "null": run_detector(corpus, lambda _, v: null_scores(len(v))),
     }
-    names = sorted(corpus)
-    randoms = [
-        run_detector(corpus, lambda rel, v, seed=seed: random_scores(len(v), np.random.default_rng([seed, names.index(rel)])))
-        for seed in range(random_seeds)
-    ]
+    file_ids = {relpath: k for k, relpath in enumerate(sorted(corpus))}
+
+    def seeded(seed: int) -> Callable[[str, np.ndarray], np.ndarray]:
+        # One stream per (seed, file), so a file's scores do not depend on which other files are scored.
+        return lambda relpath, v: random_scores(len(v), np.random.default_rng([seed, file_ids[relpath]]))
+
+    randoms = [run_detector(corpus, seeded(seed)) for seed in range(random_seeds)]
     if out_dir is not None:
         for detector, results in [*detectors.items(), ("random", randoms[0])]:
             for relpath, frame in results.items():
@@ -159,35 +161,36 @@ def _window_stats(window: np.ndarray) -> tuple[float, float]:
 
 def _format_table(table: Mapping[str, Mapping[str, CorpusScore | list[CorpusScore]]]) -> str:
     profiles = list(PROFILES)
-    lines = [
-        f"{'detector':<22}" + "".join(f"{p:>20}" for p in profiles) + f"{'thresholds':>30}",
-    ]
+    width = 30
+    lines = [f"{'detector':<28}" + "".join(f"{p:>{width}}" for p in profiles)]
     for detector, by_profile in table.items():
-        cells, thresholds = [], []
+        cells = []
         for p in profiles:
             result = by_profile[p]
-            if isinstance(result, list):
+            if isinstance(result, list):  # random seeds
                 scores = np.array([r.score for r in result])
-                cells.append(f"{scores.mean():>12.1f} ± {scores.std():4.1f}")
-                thresholds.append("-")
+                cells.append(f"{scores.mean():.1f} ± {scores.std():.1f}")
             else:
-                cells.append(f"{result.score:>20.1f}")
-                thresholds.append(f"{result.threshold:.6g}")
-        lines.append(f"{detector:<22}" + "".join(f"{c:>20}" for c in cells) + f"{' / '.join(thresholds):>30}")
+                cells.append(f"{result.score:.1f} (t={result.threshold:.13g})")
+        lines.append(f"{detector:<28}" + "".join(f"{c:>{width}}" for c in cells))
     for detector, anchor in NAB_SUBSET_ANCHORS.items():
-        lines.append(f"{detector + ' (NAB scorer)':<22}" + "".join(f"{a:>20.1f}" for a in anchor))
+        lines.append(f"{detector + ', NAB scorer':<28}" + "".join(f"{a:>{width}.1f}" for a in anchor))
     first = next(iter(table.values()))["standard"]
     first = first[0] if isinstance(first, list) else first
-    lines.append(
-        f"{len(first.per_file)} files, {first.windows} windows; raw null/perfect (standard): "
-        f"{first.null:.2f} / {first.perfect:.2f}"
-    )
+    lines += [
+        f"{len(first.per_file)} files, {first.windows} windows; raw null / perfect (standard) "
+        f"{first.null:.2f} / {first.perfect:.2f}; t = the optimised threshold.",
+        "windowedGaussian_py2: the same scores rounded to 12 significant digits, as NAB's published results",
+        "files hold them (Python 2 str); NAB's figures were scored from those files.",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, type=Path, help="NAB directory holding data/ and combined_windows.json")
+    parser.add_argument(
+        "--data", required=True, type=Path, help="NAB directory holding data/ and combined_windows.json"
+    )
     parser.add_argument("--out", type=Path, help="also write NAB results files under this directory")
     parser.add_argument("--random-seeds", type=int, default=10, help="random detector: mean ± sd over this many seeds")
     args = parser.parse_args(argv)

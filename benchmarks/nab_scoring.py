@@ -329,6 +329,8 @@ def _corpus_rows(
         frame = results[relpath]
         ts = _as_ns(frame["timestamp"])
         score = frame["anomaly_score"].to_numpy(dtype=float)
+        if len(score) and not np.isfinite(score).all():
+            raise ValueError(f"{relpath}: anomaly_score has NaN or infinite values; NAB needs a score on every row")
         weight, window = _row_weights(len(ts), _window_bounds(ts, windows[relpath], relpath), cost)
         keep = slice(probation_length(len(ts), probation_fraction), None)
         window = window[keep]

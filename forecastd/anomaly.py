@@ -31,7 +31,7 @@ MIN_SPREAD = 0.05
 
 @dataclass
 class AnomalyTrack:
-    """Per series [B]: short moving average of surprise, long-run mean and variance of it, count."""
+    """Per series [B]: short moving average of surprise, long-run mean and variance of its cube root, count."""
 
     short: np.ndarray
     mean: np.ndarray
@@ -72,11 +72,14 @@ def likelihood(
         seen = np.isfinite(r)
         new_short = np.where(count == 0, r, short + a_short * (r - short))
         short = np.where(seen, new_short, short)
+        # The average of surprises is gamma-like (right-skewed); its cube root is close to normal
+        # (Wilson-Hilferty), so a Gaussian tail on the cube root is honest rather than ~10x too alarmed.
+        u = np.cbrt(short)
         sd = np.maximum(np.sqrt(var), MIN_SPREAD)
-        zs[:, t] = np.where(seen & (count >= MIN_HISTORY), (short - mean) / sd, np.where(seen, -np.inf, np.nan))
+        zs[:, t] = np.where(seen & (count >= MIN_HISTORY), (u - mean) / sd, np.where(seen, -np.inf, np.nan))
         # Running moments: exact mean/variance until long_window points, then exponentially forgetting.
         alpha = np.maximum(1.0 / (count + 1.0), 1.0 / long_window)
-        delta = short - mean
+        delta = u - mean
         mean = np.where(seen, mean + alpha * delta, mean)
         var = np.where(seen, (1.0 - alpha) * (var + alpha * delta**2), var)
         count = count + seen

@@ -29,7 +29,7 @@ from forecastd.frames import Grid
 from forecastd.models import Forecaster, Hidden
 from forecastd.windowing import Track, encode, series_steps, split_at_gaps, targets, training_rows
 
-__all__ = ["Prepared", "TrainResult", "prepare", "fit", "evaluate", "resolve_device", "detach"]
+__all__ = ["Prepared", "TrainResult", "prepare", "fit", "train_rows", "evaluate", "resolve_device", "detach"]
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,42 @@ def evaluate(
     return {"mse": mse, "nll": nll, "persistence_mse": pers, "loss": mse + nll}
 
 
+def train_rows(
+    model: Forecaster,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    m: torch.Tensor,
+    bptt: int,
+    clip: float,
+    autocast: torch.autocast,
+) -> tuple[float, float]:
+    """One batch of rows through truncated BPTT: chunk, detach at each chunk start, clip, step.
+
+    x [B, S, F], y [B, S, K], m [B, S, K]. Returns (loss summed over targets, number of targets).
+    """
+    total, count = 0.0, 0.0
+    hidden = model.initial_state(x.shape[0])
+    for c in range(0, x.shape[1], bptt):
+        hidden = detach(hidden)  # the state carries on; its gradient history stops here
+        mc = m[:, c : c + bptt]
+        if not mc.any():  # all burn-in or padding: advance the state, nothing to learn
+            with torch.no_grad(), autocast:
+                _, _, hidden = model(x[:, c : c + bptt], hidden)
+            continue
+        with autocast:
+            mean, scale, hidden = model(x[:, c : c + bptt], hidden)  # B, bptt, K
+        mse, nll, n = _loss(mean.float(), scale.float(), y[:, c : c + bptt], mc)
+        loss = mse + nll
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        total += loss.item() * n.item()
+        count += n.item()
+    return total, count
+
+
 def fit(
     model: Forecaster,
     prepared: Prepared,
@@ -198,24 +234,8 @@ def fit(
             xb = torch.from_numpy(x[rows]).to(device)  # B, S, F
             yb = torch.from_numpy(y[rows]).to(device)  # B, S, K
             mb = torch.from_numpy(m[rows]).to(device)  # B, S, K
-            hidden = model.initial_state(len(rows))
-            for c in range(0, xb.shape[1], config.bptt):
-                hidden = detach(hidden)
-                mc = mb[:, c : c + config.bptt]
-                if not mc.any():
-                    with torch.no_grad(), autocast:
-                        _, _, hidden = model(xb[:, c : c + config.bptt], hidden)
-                    continue
-                with autocast:
-                    mean, scale, hidden = model(xb[:, c : c + config.bptt], hidden)
-                mse, nll, n = _loss(mean.float(), scale.float(), yb[:, c : c + config.bptt], mc)
-                loss = mse + nll
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-                opt.step()
-                total += loss.item() * n.item()
-                count += n.item()
+            t, n = train_rows(model, opt, xb, yb, mb, config.bptt, config.clip, autocast)
+            total, count = total + t, count + n
         sched.step()
         train_loss = total / max(count, 1.0)
         if not math.isfinite(train_loss):

@@ -1,0 +1,198 @@
+"""Parquet source: one file, a directory dataset (hive partitions welcome) or a glob of files.
+
+Filters are pushed into pyarrow.dataset, so row groups and partitions outside the bounds are skipped by
+their statistics instead of being read and thrown away. The dataset is discovered again on every call:
+a streaming source gains files between ticks.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from forecastd.errors import SourceError
+from forecastd.sources.mapping import COLUMNS, ColumnMap, empty_raw, local_naive, melt, text_bound, utc_bound
+
+__all__ = ["ParquetSource"]
+
+log = logging.getLogger(__name__)
+
+
+class ParquetSource:
+    """Reads the long frame from Parquet; see forecastd.sources.Source for the contract."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        layout: Literal["long", "wide"] = "long",
+        series_column: str = "series_id",
+        time_column: str = "ts",
+        value_column: str = "value",
+        value_columns: Sequence[str] = (),
+        timezone: str = "UTC",
+    ) -> None:
+        self.path = str(path)
+        self.columns = ColumnMap(layout, series_column, time_column, value_column, tuple(value_columns), timezone)
+
+    def __repr__(self) -> str:
+        return f"ParquetSource({self.path!r}, layout={self.columns.layout!r})"
+
+    def read(
+        self,
+        since: pd.Timestamp | None = None,
+        until: pd.Timestamp | None = None,
+        series: Sequence[str] | None = None,
+    ) -> pd.DataFrame:
+        since, until = utc_bound(since, "since"), utc_bound(until, "until")
+        dataset = self._dataset()
+        cm = self.columns
+        cm.check(dataset.schema.names, self._where())
+        where = self._time_filter(dataset, since, until)
+        if cm.layout == "wide":
+            value_columns = cm.wide_columns(self._numeric(dataset), series)
+            if not value_columns:
+                return empty_raw()
+            table = self._scan(dataset, [cm.time_column, *value_columns], where)
+            return melt(table.to_pandas(), cm.time_column, value_columns)
+        if series is not None:
+            where = _and(where, self._series_filter(dataset, series))
+        table = self._scan(dataset, [cm.series_column, cm.time_column, cm.value_column], where)
+        frame = table.rename_columns(list(COLUMNS)).to_pandas()
+        log.debug("read %d rows from %s", len(frame), self.path)
+        return frame
+
+    def series_ids(self) -> list[str]:
+        dataset = self._dataset()
+        cm = self.columns
+        cm.check(dataset.schema.names, self._where())
+        if cm.layout == "wide":
+            return cm.wide_columns(self._numeric(dataset), None)
+        column = self._scan(dataset, [cm.series_column], None).column(0)
+        return sorted({str(v) for v in pc.unique(column).to_pylist() if v is not None})
+
+    # -- discovery ---------------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"parquet source {self.path!r}"
+
+    def _dataset(self) -> ds.Dataset:
+        path = self.path
+        try:
+            if _has_magic(path):
+                files = sorted(os.path.abspath(f) for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+                if not files:
+                    raise SourceError(
+                        f"parquet source glob {path!r} matches no files; check [source] path (relative paths "
+                        "resolve against the config file's directory)"
+                    )
+                # Hive keys in the directories below the glob's fixed prefix still become columns.
+                return ds.dataset(files, format="parquet", partitioning="hive", partition_base_dir=_fixed_prefix(path))
+            if not os.path.exists(path):
+                raise SourceError(
+                    f"parquet source {path!r} does not exist; set [source] path to a Parquet file, a directory "
+                    "dataset or a glob such as \"data/*.parquet\" (relative paths resolve against the config "
+                    "file's directory)"
+                )
+            return ds.dataset(path, format="parquet", partitioning="hive")
+        except (pa.ArrowException, OSError) as exc:
+            raise SourceError(f"cannot open parquet source {path!r}: {exc}; check that it holds Parquet files") from exc
+
+    def _scan(self, dataset: ds.Dataset, columns: list[str], where: ds.Expression | None) -> pa.Table:
+        try:
+            return dataset.to_table(columns=columns, filter=where)
+        except (pa.ArrowException, OSError) as exc:
+            raise SourceError(f"cannot read parquet source {self.path!r}: {exc}") from exc
+
+    def _numeric(self, dataset: ds.Dataset) -> list[str]:
+        # Partition keys such as year=2024 are numeric too, but they are not series.
+        partitioning = getattr(dataset, "partitioning", None)
+        keys = set(partitioning.schema.names) if partitioning is not None and partitioning.schema else set()
+        return [
+            f.name for f in dataset.schema
+            if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_decimal(f.type))
+            and f.name not in keys
+        ]
+
+    # -- filters -----------------------------------------------------------------------------------
+
+    def _series_filter(self, dataset: ds.Dataset, series: Sequence[str]) -> ds.Expression:
+        field = ds.field(self.columns.series_column)
+        kind = dataset.schema.field(self.columns.series_column).type
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            return field.isin(pa.array([str(s) for s in series], type=kind))
+        # Integer (or other) ids: compare as text, the way validation turns them into series ids.
+        return field.cast(pa.string()).isin(pa.array([str(s) for s in series], type=pa.string()))
+
+    def _time_filter(
+        self, dataset: ds.Dataset, since: pd.Timestamp | None, until: pd.Timestamp | None
+    ) -> ds.Expression | None:
+        if since is None and until is None:
+            return None
+        name = self.columns.time_column
+        kind = dataset.schema.field(name).type
+        sample = None
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            sample = self._sample(dataset, name)
+            if sample is None:  # no timestamps at all: nothing can match a bound
+                return ds.scalar(False)
+        field = ds.field(name)
+        where = None
+        if since is not None:
+            where = _and(where, field > self._scalar(kind, since, sample))
+        if until is not None:
+            where = _and(where, field <= self._scalar(kind, until, sample))
+        return where
+
+    def _scalar(self, kind: pa.DataType, bound: pd.Timestamp, sample: str | None) -> pa.Scalar:
+        zone = self.columns.timezone
+        if pa.types.is_timestamp(kind):
+            # Same type as the column (unit and zone), or Arrow refuses the comparison. An aware column
+            # is compared as instants; a naive one as wall-clock time in the configured zone.
+            if kind.tz is not None:
+                exact = pa.scalar(bound.as_unit("ns").value, type=pa.timestamp("ns", tz="UTC"))
+            else:
+                exact = pa.scalar(local_naive(bound, zone).as_unit("ns").value, type=pa.timestamp("ns"))
+            return exact.cast(kind, safe=False)  # truncates to the column's unit, which is exact
+        if pa.types.is_date(kind):
+            return pa.scalar(local_naive(bound, zone).date(), type=kind)
+        if sample is not None:
+            return pa.scalar(text_bound(sample, bound, zone, self._where()), type=kind)
+        raise SourceError(
+            f"time column {self.columns.time_column!r} in {self._where()} has type {kind}; forecastd needs "
+            "timestamps, dates or ISO-8601 text there; set [source] time_column to such a column"
+        )
+
+    def _sample(self, dataset: ds.Dataset, name: str) -> str | None:
+        try:
+            values = dataset.head(1, columns=[name], filter=ds.field(name).is_valid()).column(0).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise SourceError(f"cannot read parquet source {self.path!r}: {exc}") from exc
+        return values[0] if values else None
+
+
+def _and(a: ds.Expression | None, b: ds.Expression) -> ds.Expression:
+    return b if a is None else a & b
+
+
+def _fixed_prefix(pattern: str) -> str:
+    """The directory part of a glob before its first wildcard: the base the hive keys hang from."""
+    fixed: list[str] = []
+    for part in Path(os.path.abspath(pattern)).parts[:-1]:
+        if _has_magic(part):
+            break
+        fixed.append(part)
+    return str(Path(*fixed))
+
+
+def _has_magic(path: str) -> bool:
+    return any(c in path for c in "*?[")

@@ -1,0 +1,60 @@
+import numpy as np
+
+from forecastd.anomaly import AnomalyTrack, final, likelihood, score, surprise
+
+
+def _run(values, expected, spread, short=10, long=2000):
+    v = np.asarray(values, float)[None]
+    return score(v, np.asarray(expected, float)[None], np.asarray(spread, float)[None],
+                 AnomalyTrack.fresh(1), short, long)
+
+
+def test_surprise_is_minus_log10_two_sided_tail():
+    s = surprise(np.array([0.0, 1.959964, 10.0, np.nan]), np.zeros(4), np.ones(4))
+    assert s[0] == 0.0
+    assert abs(s[1] - -np.log10(0.05)) < 1e-4
+    assert s[2] > 20  # accurate far into the tail, no overflow to inf
+    assert np.isnan(s[3])
+
+
+def test_a_spike_after_calm_is_flagged_and_calm_is_not():
+    rng = np.random.default_rng(0)
+    n = 600
+    v = rng.normal(size=n)
+    v[500] = 12.0
+    scores, _ = _run(v, np.zeros(n), np.ones(n))
+    assert scores[0, 500] >= 0.5
+    assert (scores[0, 100:500] < 0.5).all()
+
+
+def test_noisy_series_does_not_alarm_all_day():
+    """Badly calibrated spread (3x too narrow): raw surprise is high everywhere, likelihood stays calm."""
+    rng = np.random.default_rng(1)
+    n = 2000
+    v = rng.normal(scale=3.0, size=n)
+    scores, _ = _run(v, np.zeros(n), np.ones(n))
+    raw = surprise(v, np.zeros(n), np.ones(n))
+    assert (raw[200:] > 4).mean() > 0.05  # a raw tail threshold would fire hundreds of times
+    assert (scores[0, 200:] >= 0.5).mean() < 0.01
+
+
+def test_missing_points_leave_the_track_alone_and_score_nan():
+    v = np.array([0.1, np.nan, 0.2])
+    s, t = _run(v, np.zeros(3), np.ones(3))
+    assert np.isnan(s[0, 1]) and not np.isnan(s[0, 0])
+    assert t.count[0] == 2
+
+
+def test_scoring_in_blocks_equals_scoring_at_once():
+    rng = np.random.default_rng(2)
+    v = rng.normal(size=(3, 300))
+    raw = surprise(v, np.zeros_like(v), np.ones_like(v))
+    a, ta = likelihood(raw, AnomalyTrack.fresh(3), 10, 100)
+    b1, t1 = likelihood(raw[:, :120], AnomalyTrack.fresh(3), 10, 100)
+    b2, t2 = likelihood(raw[:, 120:], t1, 10, 100)
+    np.testing.assert_allclose(np.concatenate([b1, b2], 1), a)
+    np.testing.assert_allclose(t2.var, ta.var)
+
+
+def test_final_maps_rarity_to_unit_interval():
+    np.testing.assert_allclose(final(np.array([0.0, -5.0, -10.0, -50.0])), [0.0, 0.5, 1.0, 1.0])

@@ -1,0 +1,108 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from forecastd.config import ModelConfig, config_to_dict, example_config
+from forecastd.errors import ModelError
+from forecastd.models import Forecaster
+from forecastd.state import StateStore, StreamState, plan
+
+
+def _state(ids, seed=0):
+    rng = np.random.default_rng(seed)
+    s = StreamState.fresh(ids, np.ones(len(ids)), 3, (1, 4))
+    s.step[:] = np.arange(len(ids)) + 10
+    s.hidden[:] = rng.normal(size=s.hidden.shape)
+    return s
+
+
+def _manifest():
+    return {"config": config_to_dict(example_config()), "freq": "h", "n_features": 11, "scales": {"a": 1.0}}
+
+
+def test_stream_checkpoint_roundtrip_and_corrupt_fallback(tmp_path):
+    store = StateStore(tmp_path)
+    s1 = _state(["a", "b"], 1)
+    s2 = _state(["a", "b", "c"], 2)
+    store.save_stream(1, s1, {}, keep=3)
+    store.save_stream(1, s2, {}, keep=3)
+    loaded, info = store.load_stream(1)
+    assert loaded.series_ids == ["a", "b", "c"] and info["seq"] == 2
+    np.testing.assert_array_equal(loaded.hidden, s2.hidden)
+    # Truncate the newest checkpoint: the previous one takes over.
+    newest = tmp_path / "streams" / "v000001" / "ckpt-000000002.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    loaded, info = store.load_stream(1)
+    assert loaded.series_ids == ["a", "b"] and info["seq"] == 1
+
+
+def test_old_checkpoints_are_pruned(tmp_path):
+    store = StateStore(tmp_path)
+    for i in range(5):
+        store.save_stream(1, _state(["a"], i), {}, keep=2)
+    assert len(list((tmp_path / "streams" / "v000001").glob("ckpt-*.json"))) == 2
+
+
+def test_model_versions_checksum_and_fallback(tmp_path):
+    store = StateStore(tmp_path)
+    m = Forecaster(11, ModelConfig())
+    with pytest.raises(ModelError, match="forecastd train"):
+        store.load_live()
+    v1 = store.save_model(m, _manifest(), keep=5)
+    torch.nn.init.normal_(m.head.weight)
+    v2 = store.save_model(m, _manifest(), keep=5)
+    store.set_live(v2)
+    mv = store.load_live()
+    assert mv.version == 2
+    torch.testing.assert_close(mv.model.head.weight, m.head.weight)
+    weights = tmp_path / "models" / "v000002" / "weights.safetensors"
+    weights.write_bytes(b"garbage" + weights.read_bytes()[7:])
+    assert store.load_live().version == v1  # corrupt live falls back with a warning
+    assert json.loads((tmp_path / "models" / "v000001" / "manifest.json").read_text())["libraries"]["torch"]
+
+
+def test_no_pickle_anywhere_in_the_state_dir(tmp_path):
+    store = StateStore(tmp_path)
+    store.save_model(Forecaster(11, ModelConfig()), _manifest(), keep=5)
+    store.save_stream(1, _state(["a"]), {}, keep=2)
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert p.suffix in {".json", ".safetensors"}, p
+            assert not p.read_bytes().startswith(b"\x80")  # pickle protocol marker
+
+
+def test_prune_keeps_the_live_version(tmp_path):
+    store = StateStore(tmp_path)
+    m = Forecaster(11, ModelConfig())
+    store.save_model(m, _manifest(), keep=2)
+    store.set_live(1)
+    for _ in range(3):
+        store.save_model(m, _manifest(), keep=2)
+    assert 1 in store.versions() and store.versions()[-1] == 4
+
+
+def test_sweep_removes_crash_leftovers(tmp_path):
+    store = StateStore(tmp_path)
+    (tmp_path / "streams").mkdir()
+    (tmp_path / "streams" / ".ckpt.json.abc.forecastd-tmp").write_text("half")
+    assert store.sweep() == 1
+
+
+def test_plan_continues_short_gaps_and_restarts_after_long_ones():
+    steps = np.array([12, 13, 30, 31])
+    segs = plan("a", steps, np.arange(4.0), state_step=10, max_gap=5)
+    assert [(g.fresh, g.start) for g in segs] == [(False, 11), (True, 30)]
+    assert np.isnan(segs[0].values[0]) and segs[0].values[1] == 0.0
+    segs = plan("a", steps, np.arange(4.0), state_step=2, max_gap=5)
+    assert segs[0].fresh  # silent for 9 steps > max_gap: start over
+
+
+def test_merge_replaces_and_appends():
+    a = _state(["a", "b"], 1)
+    b = _state(["b", "c"], 2)
+    m = a.merge(b)
+    assert m.series_ids == ["a", "b", "c"]
+    np.testing.assert_array_equal(m.hidden[1], b.hidden[0])
+    np.testing.assert_array_equal(m.hidden[0], a.hidden[0])

@@ -1,0 +1,114 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from forecastd.frames import Grid
+from forecastd.windowing import (
+    Track, calendar, encode, n_features, robust_scale, series_steps, split_at_gaps, targets, training_rows,
+)
+
+ALPHAS = (0.5, 0.1, 0.02)
+
+
+def _encode(values, scale=1.0, track=None):
+    values = np.asarray(values, dtype=float)[None]
+    ts = (np.arange(values.shape[1]) * 3_600_000_000_000)[None]
+    return encode(values, ts, track or Track.fresh(1, len(ALPHAS)), np.array([scale]), ALPHAS, 6.0)
+
+
+def test_features_are_level_invariant():
+    rng = np.random.default_rng(0)
+    v = np.cumsum(rng.normal(size=300))
+    x1, o1, _ = _encode(v)
+    x2, o2, _ = _encode(v + 1000.0)
+    np.testing.assert_allclose(x1, x2, atol=1e-4)
+    np.testing.assert_allclose(o2 - o1, 1000.0)
+
+
+def test_missing_steps_hold_the_last_value_and_set_the_flag():
+    x, origin, track = _encode([1.0, np.nan, np.nan, 4.0])
+    A = len(ALPHAS)
+    assert list(x[0, :, 1 + A]) == [0.0, 1.0, 1.0, 0.0]
+    assert list(origin[0]) == [1.0, 1.0, 1.0, 4.0]
+    assert x[0, 1, 0] == 0.0 and x[0, 3, 0] == pytest.approx(3.0)
+    assert track.last[0] == 4.0
+
+
+def test_spikes_are_clipped_so_levels_barely_move():
+    x, _, track = _encode([0.0] * 50 + [1e6] + [0.0] * 5)
+    assert np.abs(x).max() <= 6.0 + 1e-6
+    # A million-unit spike moves the slowest level by at most alpha * clip * scale.
+    assert abs(track.levels[0, -1]) <= 0.02 * 6.0 + 1e-9
+
+
+def test_encoding_in_two_blocks_equals_one_block():
+    v = np.sin(np.arange(100) / 3.0)
+    x, o, t = _encode(v)
+    xa, oa, ta = _encode(v[:37])
+    xb, ob, tb = encode(v[None, 37:], (np.arange(37, 100) * 3_600_000_000_000)[None], ta, np.array([1.0]), ALPHAS, 6.0)
+    np.testing.assert_allclose(np.concatenate([xa, xb], 1), x)
+    np.testing.assert_allclose(tb.levels, t.levels)
+
+
+def test_calendar_is_periodic_per_day_and_week():
+    day = 86_400_000_000_000
+    c = calendar(np.array([0, day, 7 * day]))
+    np.testing.assert_allclose(c[0, [0, 3]], c[1, [0, 3]], atol=1e-6)  # hour of day repeats daily
+    np.testing.assert_allclose(c[0, [1, 4]], c[2, [1, 4]], atol=1e-6)  # day of week repeats weekly
+    assert c.shape == (3, 6)
+    assert n_features(3) == 11
+
+
+def test_robust_scale_handles_constant_spiky_and_tiny_series():
+    assert robust_scale(np.full(50, 5.0)) == pytest.approx(5e-3)
+    assert robust_scale(np.zeros(10)) == 1.0
+    assert robust_scale(np.array([3.0])) == pytest.approx(3e-3)
+    assert robust_scale(np.array([])) == 1.0
+    rw = np.cumsum(np.random.default_rng(1).normal(size=5000))
+    spiky = rw.copy()
+    spiky[::500] += 1000
+    assert robust_scale(spiky) == pytest.approx(robust_scale(rw), rel=0.1)
+
+
+def test_targets_are_changes_from_origin_and_respect_the_limit():
+    v = np.arange(10, dtype=float)
+    y, m = targets(v, v, 1.0, 3, limit=8)
+    assert y[0].tolist() == [1.0, 2.0, 3.0]
+    assert m[5].tolist() == [True, True, False]  # step 8 is beyond the limit
+    assert not m[7].any()
+    v[2] = np.nan
+    y, m = targets(v, np.nan_to_num(v), 1.0, 3)
+    assert m[0].tolist() == [True, False, True]
+
+
+def test_split_at_gaps_fills_short_gaps_and_cuts_long_ones():
+    steps = np.array([0, 1, 3, 10, 11])
+    segs = split_at_gaps(steps, np.arange(5.0), max_gap=2)
+    assert [s for s, _ in segs] == [0, 10]
+    np.testing.assert_array_equal(segs[0][1], [0.0, 1.0, np.nan, 2.0])
+
+
+def test_training_rows_mask_burn_in_and_cover_every_target():
+    T, S = 100, 32
+    x = np.ones((T, 4), np.float32)
+    y = np.ones((T, 2), np.float32)
+    m = np.ones((T, 2), bool)
+    rx, ry, rm = training_rows([(x, y, m)], S, burn_in=4, offset=5)
+    assert rx.shape[1] == S
+    assert not rm[:, :4].any()
+    # Padded to 105 steps -> 4 rows; real steps unmasked: 27 + 28 + 28 + 5 (the last row holds 9).
+    assert rx.shape[0] == 4
+    assert rm.sum() == (27 + 28 + 28 + 5) * 2
+
+
+def test_series_steps_groups_and_orders():
+    g = Grid("1h")
+    f = pd.DataFrame({
+        "series_id": ["b", "a", "a"],
+        "ts": pd.to_datetime(["2024-01-01 02:00", "2024-01-01 01:00", "2024-01-01 00:00"], utc=True),
+        "value": [3.0, 2.0, 1.0],
+    })
+    s = series_steps(f, g)
+    assert list(s) == ["a", "b"]
+    assert s["a"][1].tolist() == [1.0, 2.0]
+    assert s["a"][0][1] - s["a"][0][0] == 1
