@@ -1,0 +1,132 @@
+"""Forecast accuracy on ETT under the standard protocol, forecastd against persistence and seasonal naive.
+
+    python benchmarks/ett.py --data ../shared/data/ett/ETTh1.csv
+
+forecastd trains on the train rows (early stopping on the validation rows, which no training target
+reaches), then runs the product's streaming step over the whole history with its carried state and
+reads the forecast issued at every test origin. Its effective lookback is therefore all history before
+the origin, not a fixed L window; the baselines use L = 96 as the published tables do. Everything is on
+the protocol's standardised scale; each figure is the mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.ett_protocol import ETT_COLUMNS, evaluate, load_ett, persistence, seasonal_naive  # noqa: E402
+from forecastd.config import AnomalyConfig, Config, ModelConfig, TrainingConfig  # noqa: E402
+from forecastd.frames import Grid  # noqa: E402
+from forecastd.models import Forecaster  # noqa: E402
+from forecastd.state import Segment, StreamState  # noqa: E402
+from forecastd.streaming import Emit, run_segments  # noqa: E402
+from forecastd.training import fit, prepare  # noqa: E402
+from forecastd.windowing import n_features, robust_scale  # noqa: E402
+
+TRAIN_END, VAL_END, TEST_END = 8640, 11520, 14400
+LOOKBACK = 96
+
+
+def _frame(path: Path, columns: tuple[str, ...]) -> tuple[pd.DataFrame, np.ndarray]:
+    """Long frame of the standardised columns over rows [0, 14400), and the raw timestamps."""
+    raw = pd.read_csv(path)
+    splits = load_ett(path, columns, LOOKBACK)
+    values = (raw[list(columns)].to_numpy(np.float64)[:TEST_END] - splits.mean) / splits.std
+    ts = pd.DatetimeIndex(pd.to_datetime(raw["date"][:TEST_END]), tz="UTC").as_unit("ns")
+    frame = pd.concat(
+        [pd.DataFrame({"series_id": c, "ts": ts, "value": values[:, i]}) for i, c in enumerate(columns)],
+        ignore_index=True,
+    )
+    return frame, ts
+
+
+def forecastd_forecasts(
+    frame: pd.DataFrame, ts: pd.DatetimeIndex, columns: tuple[str, ...], horizon: int, seed: int,
+    model_config: ModelConfig, training: TrainingConfig,
+) -> tuple[np.ndarray, dict]:
+    """Train on [0, 8640) with validation on [8640, 11520), then forecasts at every test origin: (N, H, C)."""
+    config = Config()
+    grid = Grid("1h")
+    mc = dataclasses.replace(model_config, horizon=horizon)
+    tc = dataclasses.replace(training, seed=seed)
+    history = frame[frame["ts"] < ts[VAL_END]]
+    train_part = frame[frame["ts"] < ts[TRAIN_END]]
+    scales = {c: robust_scale(train_part.loc[train_part["series_id"] == c, "value"].to_numpy()) for c in columns}
+    prepared = prepare(history, grid, scales, mc, config.data, 0.0, val_start=ts[TRAIN_END])
+    torch.manual_seed(seed)
+    model = Forecaster(n_features(len(mc.level_alphas)), mc)
+    t0 = time.perf_counter()
+    result = fit(model, prepared, tc)
+    train_seconds = time.perf_counter() - t0
+
+    # The product's streaming step over all history: one batched pass with the carried state.
+    model = result.model.cpu().eval()
+    first_origin = VAL_END - 1
+    n = (TEST_END - (VAL_END - LOOKBACK)) - LOOKBACK - horizon + 1
+    values = {c: frame.loc[frame["series_id"] == c, "value"].to_numpy() for c in columns}
+    start = int(grid.index(ts[:1])[0])
+    segments = [Segment(c, True, start, values[c]) for c in columns]
+    empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (mc.num_layers * (2 if mc.cell == "lstm" else 1), mc.hidden_size))
+    lo = start + first_origin
+    t0 = time.perf_counter()
+    out, _ = run_segments(model, empty, segments, scales, grid, mc, AnomalyConfig(), 0,
+                          Emit(0, lo, lo + n - 1))
+    infer_seconds = time.perf_counter() - t0
+    f = out.forecasts
+    f = f.assign(col=f["series_id"].map({c: i for i, c in enumerate(columns)}),
+                 origin=(grid.index(f["issued_at"]) - lo))
+    pred = np.full((n, horizon, len(columns)), np.nan)
+    pred[f["origin"].to_numpy(), f["step"].to_numpy() - 1, f["col"].to_numpy()] = f["mean"].to_numpy()
+    assert np.isfinite(pred).all(), "every test origin must have a forecast"
+    info = {**result.metrics, "train_seconds": train_seconds, "infer_seconds": infer_seconds}
+    return pred, info
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="path to ETTh1.csv (or another ETT hourly file)")
+    p.add_argument("--horizons", type=int, nargs="+", default=[24, 48, 96, 168, 336, 720])
+    p.add_argument("--multivariate-horizons", type=int, nargs="*", default=[96])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=TrainingConfig.epochs)
+    p.add_argument("--hidden", type=int, default=ModelConfig.hidden_size)
+    p.add_argument("--cell", default=ModelConfig.cell)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    mc = ModelConfig(cell=args.cell, hidden_size=args.hidden)
+    tc = TrainingConfig(epochs=args.epochs, device="auto")
+
+    settings = [("S", ("OT",), h) for h in args.horizons] + [("M", ETT_COLUMNS, h) for h in args.multivariate_horizons]
+    print(f"ETT {args.data.name}: forecastd {mc.cell} hidden {mc.hidden_size}, {args.seeds} seeds; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'set':3} {'H':>4} | {'forecastd MSE':>16} {'forecastd MAE':>16} | {'persist MSE':>11} {'MAE':>6} | "
+          f"{'seasonal MSE':>12} {'MAE':>6} | {'train s':>7} {'infer s':>7}")
+    for kind, columns, h in settings:
+        frame, ts = _frame(args.data, columns)
+        splits = load_ett(args.data, columns, LOOKBACK)
+        base_p = evaluate(splits.test, LOOKBACK, h, lambda x: persistence(x, h))
+        base_s = evaluate(splits.test, LOOKBACK, h, lambda x: seasonal_naive(x, h))
+        mses, maes, tsec, isec = [], [], [], []
+        for seed in range(args.seeds):
+            pred, info = forecastd_forecasts(frame, ts, columns, h, seed, mc, tc)
+            m = evaluate(splits.test, LOOKBACK, h, pred)
+            mses.append(m.mse)
+            maes.append(m.mae)
+            tsec.append(info["train_seconds"])
+            isec.append(info["infer_seconds"])
+        print(f"{kind:3} {h:>4} | {np.mean(mses):>8.4f} ± {np.std(mses):.4f} {np.mean(maes):>8.4f} ± {np.std(maes):.4f} | "
+              f"{base_p.mse:>11.4f} {base_p.mae:>6.4f} | {base_s.mse:>12.4f} {base_s.mae:>6.4f} | "
+              f"{np.mean(tsec):>7.1f} {np.mean(isec):>7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
