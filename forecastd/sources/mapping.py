@@ -160,21 +160,20 @@ def empty_raw() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series([], dtype=object) for c in COLUMNS})
 
 
-def melt(frame: pd.DataFrame, time_column: str, value_columns: Sequence[str]) -> pd.DataFrame:
-    """Wide -> long: one row per (series column, time row), the series id being the column name.
+def melt(frame: pd.DataFrame, series_ids: Sequence[str]) -> pd.DataFrame:
+    """Wide -> long: `frame` holds the time column first, then one column per id in `series_ids`.
 
-    Done by position, not with DataFrame.melt, so a series column may be named 'ts' or 'value' without
-    clashing with the output names. Missing cells stay as NaN rows: validation counts them as missing.
+    Columns are taken by position, not by name (nor with DataFrame.melt), so a series column may be
+    named 'ts' or 'value' without clashing with the output names. Missing cells stay as NaN rows:
+    validation counts them as missing points.
     """
-    if not value_columns or frame.empty:
+    if not series_ids or frame.empty:
         return empty_raw()
-    n, k = len(frame), len(value_columns)
-    times = frame[time_column]
-    values = [frame[c] for c in value_columns]
+    n, k = len(frame), len(series_ids)
     return pd.DataFrame(
         {
-            "series_id": np.repeat(np.asarray(list(value_columns), dtype=object), n),
-            "ts": pd.concat([times] * k, ignore_index=True),
-            "value": pd.concat(values, ignore_index=True),
+            "series_id": np.repeat(np.asarray(list(series_ids), dtype=object), n),
+            "ts": pd.concat([frame.iloc[:, 0]] * k, ignore_index=True),
+            "value": pd.concat([frame.iloc[:, i + 1] for i in range(k)], ignore_index=True),
         }
     )

@@ -63,7 +63,7 @@ class ParquetSource:
             if not value_columns:
                 return empty_raw()
             table = self._scan(dataset, [cm.time_column, *value_columns], where)
-            return melt(table.to_pandas(), cm.time_column, value_columns)
+            return melt(table.to_pandas(), value_columns)
         if series is not None:
             where = _and(where, self._series_filter(dataset, series))
         table = self._scan(dataset, [cm.series_column, cm.time_column, cm.value_column], where)
@@ -114,13 +114,14 @@ class ParquetSource:
             raise SourceError(f"cannot read parquet source {self.path!r}: {exc}") from exc
 
     def _numeric(self, dataset: ds.Dataset) -> list[str]:
-        # Partition keys such as year=2024 are numeric too, but they are not series.
-        partitioning = getattr(dataset, "partitioning", None)
-        keys = set(partitioning.schema.names) if partitioning is not None and partitioning.schema else set()
+        # Partition keys such as year=2024 are numeric too, but they are not series: only columns
+        # stored in the files count. One file's footer says which those are.
+        fragment = next(iter(dataset.get_fragments()), None)
+        stored = set(fragment.physical_schema.names) if fragment is not None else set()
         return [
             f.name for f in dataset.schema
             if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_decimal(f.type))
-            and f.name not in keys
+            and f.name in stored
         ]
 
     # -- filters -----------------------------------------------------------------------------------

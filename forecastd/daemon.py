@@ -1,0 +1,429 @@
+"""`forecastd serve`: APScheduler 3 wiring, signals, the state-directory lock, systemd notify, metrics.
+
+Shape of a running daemon:
+
+- The main thread takes the lock, recovers state, starts the HTTP endpoint and the scheduler, says
+  READY=1, then only waits for SIGTERM/SIGINT (blocked in every thread and taken with sigtimedwait,
+  so no handler ever runs inside a lock another frame of the same thread holds).
+- A BackgroundScheduler in UTC, jobs built from the config at start in a MemoryJobStore:
+  `tick` (every [serve] interval, one at a time, missed runs coalesced) on a one-thread pool;
+  `retrain` ([serve] retrain_cron) on a pool of its own, so a retrain never holds up a tick;
+  `watchdog` (every WatchdogSec/2) on the scheduler's own thread (DebugExecutor): if the scheduler
+  loop hangs the pings stop, and they also stop while a tick runs past [serve] tick_timeout.
+- Retraining runs in a child process (`python -m forecastd.retrain`), not a thread: the training loop
+  would otherwise hold the GIL against ticks, a crash or OOM in torch takes only the child, and SIGTERM
+  can abandon it at once (killing a process is clean; a thread cannot be stopped mid-epoch). The child
+  writes a challenger version (counted only once its manifest exists, so a killed child leaves nothing
+  half-written) and reports a verdict; the daemon switches the live model itself, under the same lock
+  that each tick holds, so a model never changes under a running tick.
+- A failing tick is logged, counted and retried with exponential backoff; the next good tick catches up
+  from the watermarks, so an outage leaves no gap.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from apscheduler.executors.debug import DebugExecutor
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from forecastd.config import Config, cron_fields
+from forecastd.errors import ForecastdError, LockError, StateError
+from forecastd.metrics import Health, Metrics, MetricsServer
+from forecastd.notify import Notifier, watchdog_interval
+from forecastd.pipeline import TickReport, run_once, state_store
+from forecastd.retrain import RetrainResult, request, switch_live
+from forecastd.status import LOCK_FILE, write_daemon_info
+
+__all__ = ["Daemon", "StateLock", "serve"]
+
+log = logging.getLogger(__name__)
+
+_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class StateLock:
+    """One daemon per state directory: an flock on `lock`, held for the process lifetime, our pid inside.
+
+    The kernel drops an flock when its process dies, however it dies, so a crash never leaves a stale
+    lock; the pid in the file is only for the message a second daemon prints.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> StateLock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StateError(f"cannot open the lock file {str(self.path)!r} ({exc.strerror}); check that the "
+                             "[state] dir exists and is writable by this user") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockError(f"state directory {str(self.path.parent)!r} is in use by forecastd pid {holder}; "
+                            "stop that daemon first (e.g. `systemctl stop forecastd`) or point [state] dir at "
+                            "another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (unlinking it would race a new daemon)
+            self._fd = None
+
+    def __enter__(self) -> StateLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class RetrainWorker:
+    """Runs one retrain in a child process and relays its log; `abandon()` kills it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._proc: subprocess.Popen[str] | None = None
+        self._abandoned = False
+        self._lock = threading.Lock()
+
+    def run(self, now: dt.datetime) -> RetrainResult:
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        with self._lock:
+            if self._abandoned:
+                return RetrainResult("abandoned", "the daemon is stopping")
+            self._proc = proc = subprocess.Popen(
+                [sys.executable, "-m", "forecastd.retrain"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, env=env, close_fds=True,
+            )
+        timer = None
+        if self.config.serve.retrain_timeout > 0:
+            timer = threading.Timer(self.config.serve.retrain_timeout, proc.kill)
+            timer.daemon = True
+            timer.start()
+        result = None
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(request(self.config, now, logging.getLogger().getEffectiveLevel()))
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            for line in proc.stdout:
+                result = _relay(line) or result
+            code = proc.wait()
+        finally:
+            if timer:
+                timer.cancel()
+            with self._lock:
+                self._proc = None
+        if self._abandoned:
+            return RetrainResult("abandoned", "the daemon is stopping; the challenger was discarded")
+        if result is not None:
+            return RetrainResult.from_dict(result)
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        if code == -signal.SIGKILL and timer is not None and not timer.is_alive():
+            how = f"ran past [serve] retrain_timeout = {self.config.serve.retrain_timeout:g} s and was killed"
+        return RetrainResult("failed", f"the retrain worker {how} without a result")
+
+    def abandon(self, grace: float = 5.0) -> None:
+        """Stop a running retrain: SIGTERM, then SIGKILL after `grace` seconds."""
+        with self._lock:
+            self._abandoned = True
+            proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        log.info("abandoning the running retrain (pid %d)", proc.pid)
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _relay(line: str) -> dict | None:
+    """Re-log a child's log record through our handlers; return its result when the line is one."""
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        msg = None
+    if not isinstance(msg, dict):
+        if line.strip():
+            log.warning("retrain worker: %s", line.rstrip())
+        return None
+    if "result" in msg:
+        return msg["result"]
+    rec = msg.get("log", {})
+    level = int(rec.get("level", logging.INFO))
+    # Epoch lines and the like stay at debug: the daemon logs one line per retrain itself.
+    logging.getLogger(rec.get("name", "forecastd.retrain")).log(
+        level if level >= logging.WARNING else logging.DEBUG, "%s", rec.get("msg", ""))
+    return None
+
+
+class Daemon:
+    """The serving process for one config; `run()` returns the exit status."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], dt.datetime] = utc_now,
+                 notifier: Notifier | None = None) -> None:
+        serve = config.serve
+        self.config = config
+        self.store = state_store(config)
+        self.clock = clock
+        self.notifier = notifier or Notifier()
+        self.metrics = Metrics()
+        self.health = Health(serve.interval, serve.unhealthy_after, serve.tick_timeout)
+        self.worker = RetrainWorker(config)
+        self.stopping = threading.Event()
+        self.swap = threading.Lock()  # held by a tick and by a model switch
+        self._next_attempt = 0.0  # monotonic time before which ticks are skipped (backoff)
+        self._info_lock = threading.Lock()
+        self.info: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(),
+                                     "started_at": clock().isoformat(), "state": "starting",
+                                     "ticks": {"ok": 0, "error": 0}, "consecutive_failures": 0}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def run(self) -> int:
+        # Block the stop signals in this thread before any other starts, so every thread inherits the
+        # mask and the signals wait, pending, for the sigtimedwait below.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+            logging.getLogger("apscheduler").setLevel(logging.WARNING)  # "Running job ..." twice a tick
+        try:
+            with StateLock(self.store.root):
+                return self._run_locked()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+    def _run_locked(self) -> int:
+        self.notifier.status("recovering state")
+        recovered = self.recover()
+        server = None
+        if self.config.serve.http_port:
+            server = MetricsServer(self.config.serve.http_host, self.config.serve.http_port, self.metrics,
+                                   self.health).start()
+        scheduler = self._scheduler()
+        try:
+            scheduler.start()
+            self._set_info(state="running")
+            log.info("serving: %s; tick every %g s, retrain %s", recovered, self.config.serve.interval,
+                     f"on cron {self.config.serve.retrain_cron!r} (UTC)" if self.config.serve.retrain_cron.strip()
+                     else "disabled")
+            self.notifier.ready(f"serving: {recovered}")
+            sig = self._wait_for_signal()
+            log.info("received %s: stopping after the current tick", signal.Signals(sig).name)
+            # STOPPING=1 as shutdown begins (systemd's convention), so `systemctl status` says why it waits.
+            self.notifier.stopping("stopping: finishing the current tick")
+            self._shutdown(scheduler)
+        finally:
+            if scheduler.running:
+                scheduler.shutdown(wait=False)
+            if server is not None:
+                server.close()
+        self._set_info(state="stopped", stopped_at=self.clock().isoformat())
+        log.info("stopped")
+        return 0
+
+    def recover(self) -> str:
+        """Sweep temp files, load the live model and its stream (corrupt ones fall back); describe them."""
+        removed = self.store.sweep()
+        mv = self.store.load_live()  # ModelError when there is none: serve refuses to start
+        state, info = self.store.load_stream(mv.version)
+        self.metrics.live_version.set(mv.version)
+        if state is not None:
+            what = f"model v{mv.version}, {len(state)} series from checkpoint {info.get('seq')}"
+        else:
+            what = f"model v{mv.version}, no checkpoint yet (series warm up on the first tick)"
+        if removed:
+            what += f", {removed} leftover temp file(s) removed"
+        return what
+
+    def _wait_for_signal(self) -> int:
+        while True:
+            info = signal.sigtimedwait(_SIGNALS, 1.0)
+            if info is not None:
+                return info.si_signo
+
+    def _shutdown(self, scheduler: BackgroundScheduler) -> None:
+        """Stop taking work, abandon a retrain, let a running tick finish (it checkpoints at its end).
+
+        A second SIGTERM/SIGINT while waiting exits at once: the last checkpoint is consistent anyway.
+        """
+        self.stopping.set()
+        done = threading.Event()
+
+        def stop() -> None:
+            self.worker.abandon()
+            scheduler.shutdown(wait=True)
+            done.set()
+
+        threading.Thread(target=stop, name="forecastd-stop", daemon=True).start()
+        while not done.is_set():
+            info = signal.sigtimedwait(_SIGNALS, 0.1)
+            if info is not None:
+                log.warning("second %s: exiting without waiting for the running tick", signal.Signals(info.si_signo).name)
+                self.worker.abandon(grace=0.0)
+                os._exit(1)
+
+    def _scheduler(self) -> BackgroundScheduler:
+        serve = self.config.serve
+        scheduler = BackgroundScheduler(
+            jobstores={"default": MemoryJobStore()},
+            executors={"default": ThreadPoolExecutor(1), "retrain": ThreadPoolExecutor(1),
+                       "loop": DebugExecutor()},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": max(1, int(serve.misfire_grace))},
+            timezone=dt.timezone.utc,
+        )
+        scheduler.add_job(self.tick, IntervalTrigger(seconds=serve.interval, timezone=dt.timezone.utc),
+                          id="tick", name="tick", next_run_time=utc_now())
+        if serve.retrain_cron.strip():
+            scheduler.add_job(self.retrain, CronTrigger(**cron_fields(serve.retrain_cron), timezone=dt.timezone.utc),
+                              id="retrain", name="retrain", executor="retrain")
+        ping = watchdog_interval()
+        if ping and self.notifier.enabled:
+            scheduler.add_job(self.watchdog, IntervalTrigger(seconds=ping, timezone=dt.timezone.utc),
+                              id="watchdog", name="watchdog", executor="loop", next_run_time=utc_now())
+        return scheduler
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def tick(self) -> TickReport | None:
+        if self.stopping.is_set():
+            return None
+        if time.monotonic() < self._next_attempt:
+            self.metrics.ticks.labels("skipped").inc()
+            return None
+        now = self.clock()
+        self.health.tick_begins()
+        started = time.perf_counter()
+        try:
+            with self.swap:
+                report = run_once(self.config, now)
+        except Exception as exc:
+            self._tick_failed(exc, now, time.perf_counter() - started)
+            return None
+        seconds = time.perf_counter() - started
+        self.health.tick_ends(True)
+        self._next_attempt = 0.0
+        self.metrics.tick_ok(report, seconds, time.time())
+        repairs = ", ".join(f"{n} {r}" for r, n in sorted(report.repairs.items())) or "none"
+        log.info("tick ok in %.3f s: model v%d, %d rows read, %d series, %d points, %d forecast rows, "
+                 "%d anomaly rows (%d flagged); input rows repaired/rejected: %s", seconds, report.model_version,
+                 report.rows_read, report.series, report.points, report.forecasts_written,
+                 report.anomalies_written, report.anomalies_flagged, repairs)
+        self.notifier.status(f"tick ok at {now:%Y-%m-%d %H:%M:%S} UTC: model v{report.model_version}, "
+                             f"{report.points} points, {seconds:.2f} s")
+        with self._info_lock:
+            self.info["ticks"]["ok"] += 1
+        self._set_info(consecutive_failures=0, last_success_at=now.isoformat(), last_tick={
+            "at": now.isoformat(), "duration_seconds": round(seconds, 4), "outcome": "ok", **report.as_dict()})
+        return report
+
+    def _tick_failed(self, exc: Exception, now: dt.datetime, seconds: float) -> None:
+        message = str(exc) if isinstance(exc, ForecastdError) else f"{type(exc).__name__}: {exc}"
+        message = " ".join(message.split())
+        failures = self.health.tick_ends(False, message)
+        self.metrics.tick_failed(seconds, failures)
+        serve = self.config.serve
+        backoff = min(serve.interval * 2 ** min(failures - 1, 30), max(serve.max_backoff, serve.interval))
+        self._next_attempt = time.monotonic() + backoff - serve.interval / 2
+        # The traceback once per failure streak, for what forecastd did not foresee; then one line each.
+        log.error("tick failed (%d in a row) after %.3f s: %s; next attempt in %.0f s", failures, seconds, message,
+                  backoff, exc_info=failures == 1 and not isinstance(exc, ForecastdError))
+        self.notifier.status(f"tick failing ({failures} in a row): {message[:200]}")
+        with self._info_lock:
+            self.info["ticks"]["error"] += 1
+        self._set_info(consecutive_failures=failures, last_tick={
+            "at": now.isoformat(), "duration_seconds": round(seconds, 4), "outcome": "error", "error": message})
+
+    def retrain(self) -> RetrainResult | None:
+        if self.stopping.is_set():
+            return None
+        now = self.clock()
+        self.notifier.status("retraining")
+        started = time.monotonic()
+        result = self.worker.run(now)
+        result.seconds = round(time.monotonic() - started, 3)
+        if result.outcome == "promote":
+            with self.swap:
+                live = self.store.live_version()
+                if self.stopping.is_set():
+                    result.outcome, result.reason = "abandoned", "the daemon is stopping"
+                elif live != result.live:
+                    result.outcome = "kept"
+                    result.reason = (f"the live model changed to v{live} during the retrain (by hand?); "
+                                     f"challenger v{result.challenger} was judged against v{result.live}")
+                else:
+                    try:
+                        switch_live(self.store, result.challenger, reason=f"retrain: {result.reason}", now=now)
+                        result.outcome = "promoted"
+                        self.metrics.live_version.set(result.challenger)
+                    except ForecastdError as exc:
+                        result.outcome, result.reason = "failed", f"promotion failed: {exc}"
+        outcome = {"keep": "kept"}.get(result.outcome, result.outcome)
+        result.outcome = outcome
+        self.metrics.retrains.labels(outcome).inc()
+        if outcome != "abandoned":
+            self.metrics.train_seconds.observe(result.seconds)
+        level = logging.WARNING if outcome == "failed" else logging.INFO
+        log.log(level, "retrain %s in %.1f s: challenger %s (loss %s, %s epochs) vs live %s (loss %s): %s", outcome,
+                result.seconds, _v(result.challenger), _f(result.challenger_loss),
+                result.metrics.get("epochs_run", "-"), _v(result.live), _f(result.live_loss), result.reason)
+        self.notifier.status(f"retrain {outcome}: {result.reason[:200]}")
+        self._set_info(last_retrain={"at": now.isoformat(), **result.as_dict()})
+        return result
+
+    def watchdog(self) -> None:
+        if self.health.hung():
+            log.error("a tick has run for more than [serve] tick_timeout = %g s; withholding the watchdog "
+                      "ping so systemd restarts the daemon", self.config.serve.tick_timeout)
+            return
+        self.notifier.watchdog()
+
+    def _set_info(self, **fields: Any) -> None:
+        with self._info_lock:
+            self.info.update(fields)
+            try:
+                write_daemon_info(self.store, self.info)
+            except OSError as exc:  # status is a convenience; a full disk shows up in the tick anyway
+                log.warning("cannot write %s: %s", self.store.root / "daemon.json", exc)
+
+
+def _v(version: int | None) -> str:
+    return f"v{version}" if version is not None else "-"
+
+
+def _f(x: float) -> str:
+    return f"{x:.4f}" if x == x else "-"
+
+
+def serve(config: Config) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    return Daemon(config).run()

@@ -1,0 +1,347 @@
+"""Retraining: train a challenger, judge it against the live model on the same recent tail, promote or keep.
+
+The judgement: both models are run over the challenger's held-back validation tail (the last
+`validation_fraction` of each series in the data the challenger was trained on), each with its own
+per-series scales and grid, exactly as each would run in production. Losses (the training objective:
+squared error of the mean plus the Gaussian NLL of the spread) are then expressed in one unit, the
+challenger's scale of each series, so a model is not rewarded for a larger scale. The live model may
+have trained on the start of that tail, which favours it: a challenger must win despite that, which is
+the safe direction. It is promoted if its loss is lower by `[serve] promote_margin` of the live loss
+(or always, with `always_promote`).
+
+Switching the live model is `switch_live`: the new live model never continues another model's hidden
+states. Every stream checkpoint but the freshest is removed, so the new model, lacking its own, warms
+up from the freshest watermarks (pipeline's rule), and a model switched back to while its own state is
+still the freshest simply continues it. Switches are recorded in `history.json`, which `rollback` reads.
+
+The daemon runs `retrain` in a child process (`python -m forecastd.retrain`, request as JSON on stdin,
+log records and the result as JSON lines on stdout); see daemon.py for why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from forecastd.config import Config, config_from_dict, config_to_dict
+from forecastd.errors import CheckpointError, ForecastdError, ModelError
+from forecastd.files import atomic_write_bytes
+from forecastd.frames import validate
+from forecastd.models import Forecaster
+from forecastd.pipeline import state_store, train
+from forecastd.sources import open_source
+from forecastd.state import ModelVersion, StateStore
+from forecastd.training import prepare
+from forecastd.windowing import robust_scale, series_steps
+
+__all__ = ["RetrainResult", "retrain", "tail_losses", "decide", "switch_live", "rollback_target", "live_history"]
+
+log = logging.getLogger(__name__)
+
+HISTORY = "history.json"
+_HISTORY_KEEP = 200  # switches remembered; a daily retrain fills this in half a year
+
+
+@dataclass
+class RetrainResult:
+    """What a retrain did. `outcome`: promote (the caller switches), keep, or failed."""
+
+    outcome: str
+    reason: str
+    live: int | None = None
+    challenger: int | None = None
+    live_loss: float = math.nan
+    challenger_loss: float = math.nan
+    seconds: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("live_loss", "challenger_loss"):  # JSON has no NaN
+            d[k] = d[k] if math.isfinite(d[k]) else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RetrainResult:
+        d = dict(d)
+        for k in ("live_loss", "challenger_loss"):
+            d[k] = math.nan if d.get(k) is None else float(d[k])
+        return cls(**d)
+
+
+def decide(live_loss: float, challenger_loss: float, margin: float, always: bool) -> tuple[bool, str]:
+    """Promote? The challenger must be finite and beat the live loss by `margin` of its magnitude.
+
+    The loss includes a log-likelihood and can be negative, hence `abs` in the margin.
+    """
+    if not math.isfinite(challenger_loss):
+        return False, f"challenger validation loss is {challenger_loss}; the live model stays"
+    if always:
+        return True, "[serve] always_promote = true"
+    if not math.isfinite(live_loss):
+        return True, f"live model's loss on the tail is {live_loss}"
+    need = live_loss - margin * abs(live_loss)
+    if challenger_loss < need:
+        return True, f"challenger loss {challenger_loss:.4f} beats live {live_loss:.4f} by more than {margin:.1%}"
+    return False, f"challenger loss {challenger_loss:.4f} does not beat live {live_loss:.4f} by more than {margin:.1%}"
+
+
+def retrain(config: Config, now: dt.datetime) -> RetrainResult:
+    """Train a challenger (not live) and judge it; never raises for a failed training, never switches."""
+    started = time.monotonic()
+    store = state_store(config)
+    live = store.live_version()
+    # pipeline.train has no warm-start parameter yet: the challenger starts from fresh weights.
+    try:
+        summary = train(config, now, make_live=False)
+    except ForecastdError as exc:
+        return RetrainResult("failed", f"training failed: {exc}", live, seconds=time.monotonic() - started)
+    except Exception as exc:  # a bug or a library failure: the live model must not care
+        log.exception("training failed unexpectedly")
+        return RetrainResult("failed", f"training failed: {type(exc).__name__}: {exc}", live,
+                             seconds=time.monotonic() - started)
+    result = RetrainResult("keep", "", live, summary.version, metrics=_finite(summary.metrics))
+    if not math.isfinite(summary.metrics.get("val_loss", math.nan)):
+        result.outcome, result.reason = "failed", (f"challenger v{summary.version} has a non-finite validation "
+                                                   f"loss ({summary.metrics.get('val_loss')}); the live model stays")
+    elif live is None:
+        result.outcome, result.reason = "promote", "no live model yet"
+    else:
+        try:
+            live_mv = store.load_model(live)
+            challenger_mv = store.load_model(summary.version)
+            result.live_loss, result.challenger_loss = tail_losses(config, live_mv, challenger_mv, now)
+        except ForecastdError as exc:
+            result.outcome, result.reason = "failed", f"cannot compare with live v{live}: {exc}"
+        else:
+            promote, result.reason = decide(result.live_loss, result.challenger_loss, config.serve.promote_margin,
+                                            config.serve.always_promote)
+            result.outcome = "promote" if promote else "keep"
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def tail_losses(config: Config, live: ModelVersion, challenger: ModelVersion, now: dt.datetime) -> tuple[float, float]:
+    """(live loss, challenger loss) on the challenger's validation tail, in the challenger's units.
+
+    Raises ModelError when the two cannot be compared (another grid or horizon).
+    """
+    if live.grid.freq != challenger.grid.freq or live.model_config.horizon != challenger.model_config.horizon:
+        raise ModelError(f"live v{live.version} ({live.grid.freq}, horizon {live.model_config.horizon}) and "
+                         f"challenger v{challenger.version} ({challenger.grid.freq}, horizon "
+                         f"{challenger.model_config.horizon}) differ in grid or horizon; promote by hand with "
+                         f"`forecastd models promote {challenger.version}` if the change is intended")
+    grid = challenger.grid
+    until = pd.Timestamp(challenger.manifest["data_end"])  # the data the challenger saw, not rows added since
+    raw = open_source(config).read(until=until)
+    frame, _ = validate(raw, grid=grid, timezone=config.source.timezone, duplicates=config.data.duplicates, now=now)
+    fraction = config_from_dict(challenger.manifest["config"]).training.validation_fraction
+    common = challenger.scales
+    losses = []
+    for mv in (live, challenger):
+        rows = []
+        for sid, part in frame.groupby("series_id", sort=False):
+            unit = float(common.get(sid) or robust_scale(series_steps(part, grid)[sid][1]))
+            own = float(mv.scales.get(sid) or unit)  # a series new to the model: the scale it would take
+            prepared = prepare(part, grid, {sid: own}, mv.model_config, config.data, fraction)
+            rows += [(x, y, m, own / unit) for x, y, _, m in prepared.segments if m.any()]
+        losses.append(_loss(mv.model, rows))
+    return losses[0], losses[1]
+
+
+def _loss(model: Forecaster, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], *,
+          batch: int = 256, chunk: int = 1024) -> float:
+    """training.evaluate's loss (mse + nll over masked targets, state carried through each sequence), with
+    each row converted to the common unit: outputs and targets times r, so mse * r^2 and nll + log r."""
+    if not rows:
+        return math.nan
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0.0
+    rows = sorted(rows, key=lambda r: r[0].shape[0])
+    with torch.no_grad():
+        for lo in range(0, len(rows), batch):
+            group = rows[lo : lo + batch]
+            T = max(r[0].shape[0] for r in group)
+            x = np.zeros((len(group), T, group[0][0].shape[1]), dtype=np.float32)  # B, T, F
+            y = np.zeros((len(group), T, group[0][1].shape[1]), dtype=np.float32)  # B, T, K
+            m = np.zeros((len(group), T, group[0][2].shape[1]), dtype=bool)  # B, T, K
+            for i, (xs, ys, ms, _) in enumerate(group):
+                x[i, : len(xs)], y[i, : len(ys)], m[i, : len(ms)] = xs, ys, ms
+            r = torch.tensor([g[3] for g in group], dtype=torch.float64, device=device).view(-1, 1, 1)  # B, 1, 1
+            hidden = model.initial_state(len(group))
+            for c in range(0, T, chunk):
+                mean, scale, hidden = model(torch.from_numpy(x[:, c : c + chunk]).to(device), hidden)  # B, t, K
+                yb = torch.from_numpy(y[:, c : c + chunk]).to(device).double()
+                mb = torch.from_numpy(m[:, c : c + chunk]).to(device).double()
+                mean, scale = mean.double(), scale.double()
+                mse = (mean - yb) ** 2 * r**2
+                nll = 0.5 * ((yb - mean) / scale) ** 2 + torch.log(scale) + torch.log(r)
+                total += float(((mse + nll) * mb).sum())
+                count += float(mb.sum())
+    return total / count if count else math.nan
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+# -- switching the live model ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _switch_lock(store: StateStore) -> Iterator[None]:
+    """Serialises switches by the daemon and by `forecastd models` (the daemon's own lock is held for its
+    lifetime, so the CLI cannot take that one)."""
+    store.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store.root / "live.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _stream_dirs(store: StateStore) -> dict[int, Path]:
+    base = store.root / "streams"
+    if not base.exists():
+        return {}
+    return {int(d.name[1:]): d for d in base.iterdir() if d.name.startswith("v") and d.name[1:].isdigit()}
+
+
+def _freshness(directory: Path) -> tuple[pd.Timestamp, float]:
+    """(ticked_at, mtime) of a stream's newest checkpoint; the oldest possible when it has none."""
+    best = (pd.Timestamp.min.tz_localize("UTC"), 0.0)
+    for p in directory.glob("ckpt-*.json"):
+        try:
+            ticked = pd.Timestamp(json.loads(p.read_text()).get("ticked_at") or pd.Timestamp.min)
+            ticked = ticked.tz_localize("UTC") if ticked.tzinfo is None else ticked
+            best = max(best, (ticked, p.stat().st_mtime))
+        except (OSError, ValueError):
+            continue
+    return best
+
+
+def switch_live(store: StateStore, version: int, *, reason: str, now: dt.datetime) -> int | None:
+    """Make `version` live; returns the previous live version. Safe while a daemon ticks.
+
+    Order matters for a crash at any point: stale streams go first (the old live keeps serving from
+    the freshest one meanwhile), the live pointer moves last, the history is a record only.
+    """
+    with _switch_lock(store):
+        previous = store.live_version()
+        if version == previous:
+            return previous
+        if version not in store.versions():
+            raise ModelError(f"model version {version} does not exist; `forecastd models list` shows the versions")
+        try:
+            store.load_model(version)
+        except CheckpointError as exc:
+            raise ModelError(f"model v{version} cannot be made live: {exc}") from None
+        streams = _stream_dirs(store)
+        if streams:
+            freshest = max(streams, key=lambda v: _freshness(streams[v]))
+            for v, d in streams.items():
+                if v != freshest:
+                    shutil.rmtree(d, ignore_errors=True)
+        store.set_live(version)
+        history = live_history(store)
+        history.append({"version": version, "previous": previous, "at": pd.Timestamp(now).isoformat(),
+                        "reason": reason})
+        atomic_write_bytes(store.root / HISTORY, json.dumps(history[-_HISTORY_KEEP:], indent=1).encode())
+        log.info("model v%d is live (was %s): %s", version, f"v{previous}" if previous else "none", reason)
+        return previous
+
+
+def live_history(store: StateStore) -> list[dict[str, Any]]:
+    """Switches made by the daemon and `forecastd models`, oldest first ([] when none or unreadable)."""
+    try:
+        history = json.loads((store.root / HISTORY).read_text())
+        return history if isinstance(history, list) else []
+    except (OSError, ValueError):
+        return []
+
+
+def rollback_target(store: StateStore) -> int:
+    """The newest existing version below the live one that has served before; else the newest below it."""
+    live = store.live_version()
+    if live is None:
+        raise ModelError("there is no live model to roll back from; train one with `forecastd train`")
+    existing = set(store.versions())
+    served = {v for e in live_history(store) for v in (e.get("version"), e.get("previous")) if isinstance(v, int)}
+    older = sorted((v for v in existing if v < live), reverse=True)
+    candidates = [v for v in older if v in served] or older
+    if candidates:
+        return candidates[0]
+    raise ModelError(f"live model v{live} is the oldest version on disk; there is nothing to roll back to")
+
+
+# -- the child process the daemon runs ------------------------------------------------------------
+
+class _JsonLines(logging.Handler):
+    """Log records as JSON lines on stdout, for the daemon to re-log through its own handlers."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = json.dumps({"log": {"name": record.name, "level": record.levelno, "msg": record.getMessage()}})
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _child_main() -> int:
+    import signal
+
+    # The daemon blocks SIGTERM/SIGINT in all its threads (daemon.py); a child inherits the mask.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    request = json.loads(sys.stdin.read())
+    _die_with_parent(int(request["parent"]))
+    with contextlib.suppress(OSError):
+        os.nice(10)  # training yields the CPU to ticks
+    root = logging.getLogger()
+    root.handlers[:] = [_JsonLines()]
+    root.setLevel(request.get("level", logging.INFO))
+    config = config_from_dict(request["config"], base_dir=request["base_dir"])
+    result = retrain(config, dt.datetime.fromisoformat(request["now"]))
+    sys.stdout.write(json.dumps({"result": result.as_dict()}) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _die_with_parent(parent: int) -> None:
+    """A SIGKILLed daemon must not leave an orphan training (it would race the restarted daemon's)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL (Linux)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        sys.exit(1)
+
+
+def request(config: Config, now: dt.datetime, level: int) -> str:
+    """The JSON the daemon writes to the child's stdin."""
+    return json.dumps({"config": config_to_dict(config), "base_dir": str(config.base_dir),
+                       "now": pd.Timestamp(now).isoformat(), "parent": os.getpid(), "level": level})
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

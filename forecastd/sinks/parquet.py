@@ -1,0 +1,236 @@
+"""Parquet sink: two hive-partitioned directory datasets, `forecasts/` and `anomalies/`.
+
+Layout under the sink path (partition = "day"; "hour" adds a level, "month" replaces it):
+
+    forecasts/date=2024-01-31/part-0.parquet      partitioned by issued_at
+    anomalies/date=2024-01-31/part-0.parquet      partitioned by ts
+
+so pandas, pyarrow, DuckDB or Spark read either directory as one table and prune partitions by date.
+Files hold exactly the contract columns; the partition key lives only in the directory name.
+
+Upsert, per partition a write touches: read the partition, drop old rows whose key is in the new rows,
+append the new rows, sort by key, write one file with forecastd.files.atomic_write (temp file beside
+it, fsync, rename over the old one, fsync the directory), then delete any other part file in that
+partition (left by another writer or an older layout; its rows were merged in). A reader sees the old
+partition or the new one, never half of one. The file name is fixed, so the rename replaces the old
+file in one step and a crash leaves no second copy of a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from forecastd.errors import SinkError
+from forecastd.files import atomic_write
+from forecastd.sinks.schema import SPECS, TableName, TableSpec, conform, empty, spec_for
+from forecastd.sources.mapping import utc_bound
+
+__all__ = ["ParquetSink", "PART_FILE", "partition_dirs"]
+
+log = logging.getLogger(__name__)
+
+PART_FILE = "part-0.parquet"
+
+Grain = Literal["day", "hour", "month"]
+
+# numpy datetime unit each grain truncates timestamps to, and the hive keys it produces.
+_UNIT = {"day": "D", "hour": "h", "month": "M"}
+_KEYS = {"day": ("date",), "hour": ("date", "hour"), "month": ("month",)}
+
+_ARROW = {
+    "object": pa.string(),
+    "datetime64[ns, UTC]": pa.timestamp("ns", tz="UTC"),
+    "int64": pa.int64(),
+    "float64": pa.float64(),
+    "bool": pa.bool_(),
+}
+
+
+def _arrow_schema(spec: TableSpec) -> pa.Schema:
+    return pa.schema([(c, _ARROW[d]) for c, d in spec.columns.items()])
+
+
+def partition_dirs(times: pd.Series, grain: Grain) -> tuple[list[str], np.ndarray]:
+    """The partition directories `times` fall in, and for each row the index of its directory.
+
+    Vectorised: timestamps are truncated as numpy datetimes; only the few distinct partitions are
+    formatted as text.
+    """
+    utc = pd.DatetimeIndex(times).tz_convert("UTC").tz_localize(None).to_numpy()
+    truncated = utc.astype(f"datetime64[{_UNIT[grain]}]")
+    unique, inverse = np.unique(truncated, return_inverse=True)
+    dirs = []
+    for value in unique:
+        text = np.datetime_as_string(value, unit=_UNIT[grain])  # '2024-01-31', '2024-01-31T05', '2024-01'
+        if grain == "hour":
+            day, hour = text.split("T")
+            dirs.append(f"date={day}/hour={hour}")
+        else:
+            dirs.append(f"{_KEYS[grain][0]}={text}")
+    return dirs, inverse.reshape(-1)
+
+
+class ParquetSink:
+    """Writes and reads the output datasets under `path`; see forecastd.sinks.Sink for the contract."""
+
+    def __init__(self, path: str | Path, *, partition: Grain = "day") -> None:
+        if partition not in _UNIT:
+            raise SinkError(f"[sink] partition = {partition!r} is not allowed; use 'day', 'hour' or 'month'")
+        self.path = Path(path)
+        self.partition: Grain = partition
+        self._checked: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"ParquetSink({str(self.path)!r}, partition={self.partition!r})"
+
+    def write(self, forecasts: pd.DataFrame, anomalies: pd.DataFrame) -> None:
+        frames = {"forecasts": conform(forecasts, SPECS["forecasts"]), "anomalies": conform(anomalies, SPECS["anomalies"])}
+        for name, frame in frames.items():
+            if not frame.empty:
+                self._upsert(SPECS[name], frame)
+
+    def read(
+        self,
+        table: TableName,
+        series: Sequence[str] | None = None,
+        since: pd.Timestamp | None = None,
+        until: pd.Timestamp | None = None,
+    ) -> pd.DataFrame:
+        spec = spec_for(table)
+        since, until = utc_bound(since, "since"), utc_bound(until, "until")
+        root = self.path / spec.name
+        if not root.is_dir():
+            return empty(spec)
+        self._check_layout(root)
+        keys = _KEYS[self.partition]
+        partitioning = ds.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
+        where = None
+        if series is not None:
+            where = _and(where, ds.field("series_id").isin(pa.array([str(s) for s in series], pa.string())))
+        time = ds.field(spec.time)
+        # The partition key prunes whole directories; the exact test on the column trims the edges.
+        # ISO dates and months sort as text, so the key compares as a string.
+        if since is not None:
+            where = _and(where, (ds.field(keys[0]) >= self._key_text(since)) & (time > _ts(since)))
+        if until is not None:
+            where = _and(where, (ds.field(keys[0]) <= self._key_text(until)) & (time <= _ts(until)))
+        try:
+            schema = pa.schema(list(_arrow_schema(spec)) + [pa.field(k, pa.string()) for k in keys])
+            dataset = ds.dataset(root, format="parquet", partitioning=partitioning, schema=schema)
+            table_ = dataset.to_table(columns=list(spec.columns), filter=where)
+        except (pa.ArrowException, OSError) as exc:
+            raise SinkError(f"cannot read the {spec.name} dataset at {str(root)!r}: {exc}") from exc
+        return conform(table_.to_pandas(), spec)
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def _upsert(self, spec: TableSpec, frame: pd.DataFrame) -> None:
+        root = self.path / spec.name
+        self._check_layout(root)
+        dirs, which = partition_dirs(frame[spec.time], self.partition)
+        order = np.argsort(which, kind="stable")
+        bounds = np.searchsorted(which[order], np.arange(len(dirs) + 1))
+        for i, rel in enumerate(dirs):
+            rows = frame.iloc[order[bounds[i]:bounds[i + 1]]]
+            self._write_partition(spec, root / rel, rows)
+        log.debug("wrote %d %s rows into %d partition(s) under %s", len(frame), spec.name, len(dirs), root)
+
+    def _write_partition(self, spec: TableSpec, directory: Path, rows: pd.DataFrame) -> None:
+        old_files = sorted(directory.glob("*.parquet")) if directory.is_dir() else []
+        if old_files:
+            try:
+                old = pa.concat_tables(
+                    [pq.read_table(f, columns=list(spec.columns), partitioning=None) for f in old_files],
+                    promote_options="permissive",
+                ).to_pandas()
+            except (pa.ArrowException, OSError) as exc:
+                raise SinkError(
+                    f"cannot read existing partition {str(directory)!r} to merge into it: {exc}; move the "
+                    "damaged file away (the sink rewrites the partition) or point [sink] path elsewhere"
+                ) from exc
+            # The new rows come after the old, so keeping the last row of a key keeps the new one.
+            merged = pd.concat([conform(old, spec), rows], ignore_index=True)
+            key = list(spec.key)
+            rows = merged.drop_duplicates(key, keep="last").sort_values(key, kind="stable", ignore_index=True)
+        table = pa.Table.from_pandas(rows, schema=_arrow_schema(spec), preserve_index=False)
+        _make_dirs(directory)
+        try:
+            atomic_write(directory / PART_FILE, lambda tmp: pq.write_table(table, tmp))
+        except (pa.ArrowException, OSError) as exc:
+            raise SinkError(f"cannot write partition {str(directory)!r}: {exc}; check free space and permissions") from exc
+        stale = [f for f in old_files if f.name != PART_FILE]
+        for f in stale:
+            f.unlink(missing_ok=True)
+        if stale:
+            _fsync_dir(directory)
+
+    # -- layout ------------------------------------------------------------------------------------
+
+    def _key_text(self, bound: pd.Timestamp) -> str:
+        utc = bound.tz_convert("UTC")
+        return f"{utc:%Y-%m}" if self.partition == "month" else f"{utc:%Y-%m-%d}"
+
+    def _check_layout(self, root: Path) -> None:
+        """Refuse a dataset written with another partition grain: rows would land twice under two keys."""
+        if root.name in self._checked or not root.is_dir():
+            return
+        found = _grain_of(root)
+        if found is not None and found != self.partition:
+            raise SinkError(
+                f"the {root.name} dataset at {str(root)!r} is partitioned by {found!r} but [sink] partition = "
+                f"{self.partition!r}; set partition = {found!r} or point [sink] path at a new directory"
+            )
+        self._checked.add(root.name)
+
+
+def _grain_of(root: Path) -> Grain | None:
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if not entry.is_dir() or entry.name.startswith((".", "_")):
+            continue
+        if entry.name.startswith("month="):
+            return "month"
+        if entry.name.startswith("date="):
+            inner = [e.name for e in os.scandir(entry.path) if not e.name.startswith((".", "_"))]
+            return "hour" if any(n.startswith("hour=") for n in inner) else "day"
+    return None
+
+
+def _ts(bound: pd.Timestamp) -> pa.Scalar:
+    return pa.scalar(bound.as_unit("ns").value, type=pa.timestamp("ns", tz="UTC"))
+
+
+def _and(a: ds.Expression | None, b: ds.Expression) -> ds.Expression:
+    return b if a is None else a & b
+
+
+def _make_dirs(directory: Path) -> None:
+    """mkdir -p that also fsyncs each parent that gained an entry, so a new partition survives a crash."""
+    missing = []
+    p = directory
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    for d in reversed(missing):
+        _fsync_dir(d.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,311 @@
+"""SQL source: SQLAlchemy 2 Core over a reflected table, filters as bound parameters.
+
+User-supplied table, column and series names never enter SQL text: the table is reflected, columns are
+looked up on it, values are bound. SQLAlchemy quotes the identifiers it renders.
+
+Time filters follow the stored type of the time column:
+- a timestamp column (PostgreSQL timestamptz / timestamp, ...) is compared with a bound datetime;
+- SQLite has no timestamp type: every timestamp there is text. Lexicographic comparison is only right
+  when every value and the bound share one shape, and SQLite tables often mix shapes ('T' or ' ' as the
+  separator, with or without fractions, 'Z' or '+02:00' suffixes; pandas, SQLAlchemy and hand-written
+  rows each differ). So on SQLite the value is normalised with SQLite's own ISO-8601 parser,
+  strftime('%Y-%m-%d %H:%M:%f', ts), which reads all those shapes (and converts offset-bearing ones to
+  UTC), and is compared with the bound in that normalised shape. Normalisation keeps milliseconds, so
+  text timestamps are compared at millisecond resolution. A coarse test on the raw column against the
+  date one day either side comes first, so an index on the column still narrows the scan.
+- text columns on other databases are compared with the bound rendered in the shape of a stored value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Literal
+
+import pandas as pd
+import sqlalchemy as sa
+
+from forecastd.config import Config
+from forecastd.errors import ForecastdError, SourceError
+from forecastd.sources.mapping import COLUMNS, ColumnMap, empty_raw, has_offset, local_naive, melt, text_bound, utc_bound
+
+__all__ = ["SqlSource", "connect", "db_reason", "make_engine", "resolve_url", "describe_url", "SERIES_CHUNK"]
+
+log = logging.getLogger(__name__)
+
+# Series ids bound per IN (...) list. Old SQLite builds allow 999 bound variables a statement; staying
+# under that keeps one code path for every database, and a long list just becomes several queries.
+SERIES_CHUNK = 500
+
+# strftime format that SQLite's date functions normalise ISO-8601 text to.
+_SQLITE_NORMAL = "%Y-%m-%d %H:%M:%f"
+
+
+def resolve_url(url: str, config: Config, *, error: type[ForecastdError] = SourceError, section: str = "source") -> str:
+    """An SQLAlchemy URL with a relative SQLite path resolved against the config file's directory."""
+    u = _parse_url(url, error, section)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+        return u.set(database=str(config.resolve(u.database))).render_as_string(hide_password=False)
+    return url
+
+
+def describe_url(url: str | sa.URL) -> str:
+    """The URL for messages and logs, password hidden."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<unparseable url>"
+
+
+def make_engine(url: str, *, error: type[ForecastdError] = SourceError, section: str = "source") -> sa.Engine:
+    """One engine per source or sink, reused for every call; pre-ping drops connections a restart killed."""
+    u = _parse_url(url, error, section)
+    if u.drivername == "postgresql":
+        # Bare postgresql:// means psycopg2 to SQLAlchemy; forecastd ships with psycopg 3.
+        u = u.set(drivername="postgresql+psycopg")
+    try:
+        return sa.create_engine(u, pool_pre_ping=True)
+    except ImportError as exc:
+        raise error(
+            f"[{section}] url {describe_url(u)!r} needs a database driver that is not installed ({exc}); "
+            "install it, e.g. pip install 'psycopg[binary]' for PostgreSQL"
+        ) from exc
+    except sa.exc.ArgumentError as exc:
+        raise error(f"[{section}] url {describe_url(u)!r} is not usable: {exc}") from exc
+
+
+def _parse_url(url: str, error: type[ForecastdError], section: str) -> sa.URL:
+    try:
+        return sa.make_url(url)
+    except sa.exc.ArgumentError:
+        raise error(
+            f"[{section}] url = {url!r} is not an SQLAlchemy URL; use e.g. \"sqlite:///data.db\" or "
+            "\"postgresql+psycopg://user@host:5432/db\""
+        ) from None
+
+
+def db_reason(exc: BaseException) -> str:
+    """The driver's own message, on one line (libpq spreads its messages over several)."""
+    return " ".join(str(getattr(exc, "orig", None) or exc).split())
+
+
+@contextmanager
+def connect(engine: sa.Engine, error: type[ForecastdError], section: str) -> Iterator[sa.Connection]:
+    """A connection whose failure to open says where and what to check."""
+    try:
+        conn = engine.connect()
+    except sa.exc.SQLAlchemyError as exc:
+        raise error(
+            f"cannot connect to the database at {describe_url(engine.url)}: {db_reason(exc)}; check [{section}] url and "
+            "that the server is running and reachable"
+        ) from exc
+    with conn:
+        yield conn
+
+
+class SqlSource:
+    """Reads the long frame from one SQL table or view; see forecastd.sources.Source for the contract."""
+
+    def __init__(
+        self,
+        url: str,
+        table: str,
+        *,
+        db_schema: str | None = None,
+        layout: Literal["long", "wide"] = "long",
+        series_column: str = "series_id",
+        time_column: str = "ts",
+        value_column: str = "value",
+        value_columns: Sequence[str] = (),
+        timezone: str = "UTC",
+        engine: sa.Engine | None = None,
+    ) -> None:
+        self.url = url
+        self.table_name = table
+        self.db_schema = db_schema
+        self.columns = ColumnMap(layout, series_column, time_column, value_column, tuple(value_columns), timezone)
+        self.engine = engine if engine is not None else make_engine(url)
+        # Reflected on first use, not here: a daemon may start before its database does.
+        self._table: sa.Table | None = None
+        self._sample: Any = None  # a stored time value, for text timestamps
+
+    def __repr__(self) -> str:
+        return f"SqlSource({describe_url(self.url)!r}, table={self.table_name!r})"
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def read(
+        self,
+        since: pd.Timestamp | None = None,
+        until: pd.Timestamp | None = None,
+        series: Sequence[str] | None = None,
+    ) -> pd.DataFrame:
+        since, until = utc_bound(since, "since"), utc_bound(until, "until")
+        cm = self.columns
+        with connect(self.engine, SourceError, "source") as conn:
+            table = self._reflect(conn)
+            time_col = table.c[cm.time_column]
+            where = self._time_filter(conn, time_col, since, until)
+            if cm.layout == "wide":
+                value_columns = cm.wide_columns(self._numeric(table), series)
+                if not value_columns:
+                    return empty_raw()
+                stmt = sa.select(self._time_select(time_col), *(table.c[c] for c in value_columns)).where(*where)
+                rows = self._execute(conn, stmt).all()
+                return melt(pd.DataFrame.from_records(rows, columns=range(len(value_columns) + 1)), value_columns)
+            series_col = table.c[cm.series_column]
+            stmt = sa.select(
+                series_col.label("series_id"), self._time_select(time_col).label("ts"), table.c[cm.value_column].label("value")
+            ).where(*where)
+            if series is None:
+                rows = self._execute(conn, stmt).all()
+            else:
+                ids = [str(s) for s in series]
+                key = series_col if isinstance(series_col.type, sa.String) else sa.cast(series_col, sa.String)
+                rows = []
+                for start in range(0, len(ids), SERIES_CHUNK):
+                    rows += self._execute(conn, stmt.where(key.in_(ids[start:start + SERIES_CHUNK]))).all()
+        frame = pd.DataFrame.from_records(rows, columns=list(COLUMNS)) if rows else empty_raw()
+        log.debug("read %d rows from table %r", len(frame), self.table_name)
+        return frame
+
+    def series_ids(self) -> list[str]:
+        cm = self.columns
+        with connect(self.engine, SourceError, "source") as conn:
+            table = self._reflect(conn)
+            if cm.layout == "wide":
+                return cm.wide_columns(self._numeric(table), None)
+            column = table.c[cm.series_column]
+            values = self._execute(conn, sa.select(column).where(column.is_not(None)).distinct()).scalars().all()
+        return sorted({str(v) for v in values})
+
+    # -- table -------------------------------------------------------------------------------------
+
+    def _where(self) -> str:
+        schema = f" in schema {self.db_schema!r}" if self.db_schema else ""
+        return f"table {self.table_name!r}{schema} at {describe_url(self.engine.url)}"
+
+    def _reflect(self, conn: sa.Connection) -> sa.Table:
+        if self._table is not None:
+            return self._table
+        try:
+            inspector = sa.inspect(conn)
+            if not inspector.has_table(self.table_name, schema=self.db_schema):
+                self._missing_table(inspector)
+            table = sa.Table(self.table_name, sa.MetaData(), autoload_with=conn, schema=self.db_schema)
+        except sa.exc.SQLAlchemyError as exc:
+            raise SourceError(f"cannot inspect {self._where()}: {db_reason(exc)}") from exc
+        self.columns.check(list(table.c.keys()), self._where())
+        self._table = table
+        return table
+
+    def _missing_table(self, inspector: sa.Inspector) -> None:
+        if self.db_schema and self.db_schema not in inspector.get_schema_names():
+            raise SourceError(
+                f"schema {self.db_schema!r} does not exist at {describe_url(self.engine.url)}; set [source] "
+                "db_schema to an existing schema or remove it"
+            )
+        names = sorted(inspector.get_table_names(schema=self.db_schema) + inspector.get_view_names(schema=self.db_schema))
+        listing = ", ".join(repr(n) for n in names) or "none"
+        raise SourceError(f"{self._where()} does not exist; tables there are: {listing}; set [source] table to one of them")
+
+    def _numeric(self, table: sa.Table) -> list[str]:
+        return [c.name for c in table.c if isinstance(c.type, (sa.Integer, sa.Float, sa.Numeric)) and not isinstance(c.type, sa.Boolean)]
+
+    def _execute(self, conn: sa.Connection, stmt: sa.Executable) -> sa.Result:
+        try:
+            return conn.execute(stmt)
+        except sa.exc.SQLAlchemyError as exc:
+            raise SourceError(f"query on {self._where()} failed: {db_reason(exc)}") from exc
+
+    # -- time --------------------------------------------------------------------------------------
+
+    def _time_select(self, column: sa.Column) -> sa.ColumnElement:
+        # SQLite values come back as the stored text: SQLAlchemy's DATETIME parser rejects the 'T' and
+        # offset shapes, and parsing belongs to forecastd.frames.validate anyway.
+        return sa.type_coerce(column, sa.String) if self.dialect == "sqlite" else column
+
+    def _stored_sample(self, conn: sa.Connection, column: sa.Column) -> Any:
+        if self._sample is None:
+            stmt = sa.select(sa.type_coerce(column, sa.String)).where(column.is_not(None)).limit(1)
+            self._sample = self._execute(conn, stmt).scalar()
+        return self._sample
+
+    def _time_filter(
+        self, conn: sa.Connection, column: sa.Column, since: pd.Timestamp | None, until: pd.Timestamp | None
+    ) -> list[sa.ColumnElement[bool]]:
+        if since is None and until is None:
+            return []
+        zone = self.columns.timezone
+        if self.dialect == "sqlite":
+            return self._sqlite_text_filter(conn, column, since, until)
+        kind = column.type
+        if isinstance(kind, sa.DateTime):
+            def value(b: pd.Timestamp) -> Any:
+                b = b.floor("us")  # drivers carry microseconds; flooring is exact for stored values
+                return b.to_pydatetime() if kind.timezone else local_naive(b, zone).to_pydatetime()
+        elif isinstance(kind, sa.Date):
+            def value(b: pd.Timestamp) -> Any:
+                return local_naive(b, zone).date()
+        elif isinstance(kind, sa.String):
+            sample = self._stored_sample(conn, column)
+            if sample is None:
+                return [sa.false()]
+
+            def value(b: pd.Timestamp) -> Any:
+                return text_bound(str(sample), b, zone, self._where())
+        else:
+            raise SourceError(
+                f"time column {column.name!r} of {self._where()} has type {kind}; forecastd needs a timestamp, "
+                "date or ISO-8601 text column; set [source] time_column to one"
+            )
+        out = []
+        if since is not None:
+            out.append(column > sa.bindparam("since", value(since), type_=kind))
+        if until is not None:
+            out.append(column <= sa.bindparam("until", value(until), type_=kind))
+        return out
+
+    def _sqlite_text_filter(
+        self, conn: sa.Connection, column: sa.Column, since: pd.Timestamp | None, until: pd.Timestamp | None
+    ) -> list[sa.ColumnElement[bool]]:
+        sample = self._stored_sample(conn, column)
+        if sample is None:
+            return [sa.false()]
+        if not isinstance(sample, str):
+            raise SourceError(
+                f"time column {column.name!r} of {self._where()} holds numbers (e.g. {sample!r}); forecastd reads "
+                "ISO-8601 text such as '2024-01-31 13:00:00' from SQLite; convert the column or read a view that "
+                "formats it"
+            )
+        if self._execute(conn, sa.select(sa.func.strftime(_SQLITE_NORMAL, sample))).scalar() is None:
+            raise SourceError(
+                f"time values of {self._where()} are text SQLite cannot read as ISO-8601 (e.g. {sample!r}); "
+                "store them as 'YYYY-MM-DD HH:MM:SS[.fff]' with an optional 'Z' or '+HH:MM' suffix"
+            )
+        # Offset-bearing text normalises to UTC; naive text stays wall-clock time in the configured zone.
+        zone = "UTC" if has_offset(sample) else self.columns.timezone
+        raw = sa.type_coerce(column, sa.String)
+        normal = sa.func.strftime(sa.bindparam("normal_format", _SQLITE_NORMAL, type_=sa.String), column)
+        out = []
+        if since is not None:
+            b = local_naive(since, zone)
+            out += [
+                raw >= sa.bindparam("since_day", f"{b - timedelta(days=1):%Y-%m-%d}", type_=sa.String),
+                normal > sa.bindparam("since", _sqlite_normal(b), type_=sa.String),
+            ]
+        if until is not None:
+            b = local_naive(until, zone)
+            out += [
+                raw < sa.bindparam("until_day", f"{b + timedelta(days=2):%Y-%m-%d}", type_=sa.String),
+                normal <= sa.bindparam("until", _sqlite_normal(b), type_=sa.String),
+            ]
+        return out
+
+
+def _sqlite_normal(t: pd.Timestamp) -> str:
+    return f"{t:%Y-%m-%d %H:%M:%S}.{t.microsecond // 1000:03d}"

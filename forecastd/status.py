@@ -1,0 +1,176 @@
+"""`forecastd status` and `forecastd models list`: what the state directory, the daemon and the sink say.
+
+Read-only and lock-free, so it works while a daemon runs (every file it reads is written atomically).
+The daemon leaves `daemon.json` in the state directory after each tick and retrain: its pid, the last
+tick's time, duration, outcome and figures, the failure streak, and the last retrain.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from forecastd.config import Config
+from forecastd.errors import ForecastdError
+from forecastd.files import atomic_write_bytes
+from forecastd.frames import Grid
+from forecastd.pipeline import state_store
+from forecastd.state import StateStore
+
+__all__ = ["DAEMON_FILE", "status", "model_versions", "read_daemon_info", "write_daemon_info", "running_pid"]
+
+log = logging.getLogger(__name__)
+
+DAEMON_FILE = "daemon.json"
+LOCK_FILE = "lock"
+_METRICS = ("val_loss", "val_mse", "val_persistence_mse", "best_epoch", "epochs_run")
+
+
+def write_daemon_info(store: StateStore, info: dict[str, Any]) -> None:
+    atomic_write_bytes(store.root / DAEMON_FILE, json.dumps(info, indent=1, default=_json_default).encode())
+
+
+def read_daemon_info(store: StateStore) -> dict[str, Any]:
+    try:
+        return json.loads((store.root / DAEMON_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def running_pid(store: StateStore) -> int | None:
+    """The pid of the daemon holding the state directory's lock, or None when none holds it."""
+    import fcntl
+    import os
+
+    path = store.root / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1  # held, pid not written yet
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def model_versions(store: StateStore) -> list[dict[str, Any]]:
+    """Every version on disk, oldest first: live flag, when trained, on what, validation metrics."""
+    live = store.live_version()
+    out = []
+    for v in store.versions():
+        try:
+            m = store.manifest(v)
+        except ForecastdError as exc:
+            out.append({"version": v, "live": v == live, "error": str(exc)})
+            continue
+        metrics = m.get("metrics", {})
+        out.append({
+            "version": v,
+            "live": v == live,
+            "trained_at": m.get("trained_at"),
+            "data_end": m.get("data_end"),
+            "series": m.get("n_series"),
+            "points": m.get("n_points"),
+            "freq": m.get("freq"),
+            **{k: _finite(metrics.get(k)) for k in _METRICS},
+        })
+    return out
+
+
+def status(config: Config, now: dt.datetime) -> dict[str, Any]:
+    """Everything `forecastd status` shows, as plain JSON-ready data."""
+    store = state_store(config)
+    now_ts = pd.Timestamp(now)
+    now_ts = now_ts.tz_localize("UTC") if now_ts.tzinfo is None else now_ts.tz_convert("UTC")
+    pid = running_pid(store)
+    daemon = read_daemon_info(store)
+    return {
+        "now": now_ts.isoformat(),
+        "state_dir": str(store.root),
+        "daemon": {"running": pid is not None, "pid": pid, **{k: v for k, v in daemon.items() if k != "pid"}},
+        "live_version": store.live_version(),
+        "models": model_versions(store),
+        "series": _watermarks(store, now_ts),
+        "anomalies": _anomalies(config, now_ts),
+    }
+
+
+def _watermarks(store: StateStore, now: pd.Timestamp) -> list[dict[str, Any]]:
+    live = store.live_version()
+    if live is None:
+        return []
+    try:
+        freq = store.manifest(live)["freq"]
+    except (ForecastdError, KeyError):
+        return []
+    # The live model's stream; right after a switch it has none yet and the freshest other one holds the
+    # watermarks the new model will continue from.
+    versions = [live] + sorted((v for v in store.versions() if v != live), reverse=True)
+    for v in versions:
+        state, info = store.load_stream(v)
+        if state is not None:
+            break
+    else:
+        return []
+    grid = Grid(freq)
+    step = pd.tseries.frequencies.to_offset(freq)
+    out = []
+    for sid, st, age in zip(state.series_ids, state.step, state.age):
+        row: dict[str, Any] = {"series_id": sid, "watermark": None, "lag_seconds": None, "lag_steps": None,
+                               "model_version": v, "warm": bool(age > 0)}
+        if st >= 0:
+            wm = grid.ts(np.array([st]))[0]
+            lag = (now - wm).total_seconds()
+            row.update(watermark=wm.isoformat(), lag_seconds=lag)
+            if hasattr(step, "nanos"):  # fixed steps; month starts have no fixed length
+                row["lag_steps"] = lag / (step.nanos / 1e9)
+        out.append(row)
+    return out
+
+
+def _anomalies(config: Config, now: pd.Timestamp) -> dict[str, Any]:
+    """Flagged points with ts in (now - 1 day, now], per series and the top ones by score."""
+    from forecastd.sinks import open_sink
+
+    since = now - pd.Timedelta(days=1)
+    result: dict[str, Any] = {"since": since.isoformat(), "until": now.isoformat()}
+    try:
+        rows = open_sink(config).read("anomalies", since=since, until=now)
+    except Exception as exc:  # a sink that is down must not hide the rest of the status
+        result["error"] = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ForecastdError) else str(exc)
+        return result
+    flagged = rows[rows["is_anomaly"].astype(bool)]
+    result["scored"] = int(len(rows))
+    result["flagged"] = int(len(flagged))
+    result["by_series"] = {str(k): int(n) for k, n in flagged.groupby("series_id").size().items()}
+    top = flagged.sort_values("score", ascending=False).head(10)
+    result["top"] = [
+        {"series_id": r.series_id, "ts": pd.Timestamp(r.ts).isoformat(), "value": _finite(float(r.value)),
+         "expected": _finite(float(r.expected)), "score": float(r.score)}
+        for r in top.itertuples(index=False)
+    ]
+    return result
+
+
+def _finite(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, (pd.Timestamp, dt.datetime)):
+        return v.isoformat()
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")

@@ -1,0 +1,103 @@
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from forecastd.errors import DataError
+from forecastd.frames import Grid, infer_freq, validate
+
+G = Grid("1h")
+
+
+def _raw(ids, ts, values):
+    return pd.DataFrame({"series_id": ids, "ts": ts, "value": values})
+
+
+def test_nan_and_inf_become_missing_points_and_are_counted():
+    f, r = validate(_raw(["a"] * 3, pd.date_range("2024-01-01", periods=3, freq="h", tz="UTC"),
+                         [1.0, np.nan, np.inf]), grid=G)
+    assert len(f) == 3 and f["value"].isna().sum() == 2
+    assert r.by_reason() == {"NaN kept as missing": 1, "inf kept as missing": 1}
+
+
+def test_duplicates_follow_the_rule_and_are_counted():
+    ts = pd.to_datetime(["2024-01-01 00:00", "2024-01-01 00:00", "2024-01-01 01:00"], utc=True)
+    for rule, expected in [("last", 2.0), ("first", 1.0), ("mean", 1.5)]:
+        f, r = validate(_raw(["a"] * 3, ts, [1.0, 2.0, 5.0]), grid=G, duplicates=rule)
+        assert f["value"].tolist() == [expected, 5.0]
+        assert r.total() == 1
+
+
+def test_out_of_order_rows_are_sorted_and_counted():
+    ts = pd.to_datetime(["2024-01-01 02:00", "2024-01-01 00:00", "2024-01-01 01:00"], utc=True)
+    f, r = validate(_raw(["a"] * 3, ts, [3.0, 1.0, 2.0]), grid=G)
+    assert f["value"].tolist() == [1.0, 2.0, 3.0]
+    assert r.by_reason()["reordered"] == 2
+
+
+def test_mixed_naive_and_aware_timestamps_take_the_configured_zone():
+    ts = [dt.datetime(2024, 1, 1, 1, 0), pd.Timestamp("2024-01-01 01:00", tz="UTC"), "2024-01-01 03:00"]
+    f, r = validate(_raw(["a", "b", "c"], pd.Series(ts, dtype=object), [1.0, 2.0, 3.0]), grid=G,
+                    timezone="Europe/Berlin")
+    got = dict(zip(f["series_id"], f["ts"].dt.hour))
+    assert got == {"a": 0, "b": 1, "c": 2}  # Berlin is UTC+1 in January
+    assert r.total() == 0
+
+
+def test_bad_timestamps_and_null_ids_are_rejected_and_counted():
+    f, r = validate(_raw(["a", None, "a"], pd.Series(["2024-01-01", "2024-01-01", "not a time"], dtype=object),
+                         [1.0, 2.0, 3.0]), grid=G)
+    assert len(f) == 1
+    assert r.by_reason() == {"rejected: null series_id": 1, "rejected: bad timestamp": 1}
+
+
+def test_off_grid_timestamps_are_snapped():
+    f, r = validate(_raw(["a"], pd.to_datetime(["2024-01-01 00:29"], utc=True), [1.0]), grid=G)
+    assert f["ts"].iloc[0] == pd.Timestamp("2024-01-01 00:00", tz="UTC")
+    assert r.by_reason() == {"snapped to grid": 1}
+
+
+def test_late_and_future_rows_are_counted_not_lost():
+    ts = pd.date_range("2024-01-01", periods=5, freq="h", tz="UTC")
+    f, r = validate(_raw(["a"] * 5, ts, np.arange(5.0)), grid=G,
+                    watermarks={"a": ts[1]}, now=ts[2])
+    assert f["ts"].tolist() == [ts[2], ts[3]]  # one step of clock skew is tolerated
+    assert r.by_reason() == {"late (at or before the watermark), rejected": 2,
+                             "future-stamped, deferred to a later read": 1}
+
+
+def test_hostile_series_ids_are_kept_verbatim():
+    f, _ = validate(_raw(["'; DROP TABLE x;--"], pd.to_datetime(["2024-01-01"], utc=True), [1.0]), grid=G)
+    assert f["series_id"].iloc[0] == "'; DROP TABLE x;--"
+
+
+def test_missing_column_is_a_clear_error():
+    with pytest.raises(DataError, match="value"):
+        validate(pd.DataFrame({"series_id": ["a"], "ts": [pd.Timestamp("2024-01-01", tz="UTC")]}), grid=G)
+
+
+def test_empty_input_gives_an_empty_contract_frame():
+    f, r = validate(_raw([], [], []), grid=G)
+    assert f.empty and list(f.columns) == ["series_id", "ts", "value"] and r.total() == 0
+
+
+def test_infer_freq():
+    ts = pd.date_range("2024-01-01", periods=10, freq="5min", tz="UTC")
+    assert pd.tseries.frequencies.to_offset(infer_freq(_raw(["a"] * 10, ts, np.zeros(10)))) == pd.Timedelta("5min")
+    months = pd.date_range("1949-01-01", periods=24, freq="MS", tz="UTC")
+    assert infer_freq(_raw(["a"] * 24, months, np.zeros(24))) == "MS"
+    with pytest.raises(DataError, match="freq"):
+        infer_freq(_raw(["a"], ts[:1], [0.0]))
+
+
+def test_monthly_grid_roundtrip():
+    g = Grid("MS")
+    ts = pd.DatetimeIndex(["1949-01-01", "1949-02-01", "1960-12-01"], tz="UTC")
+    assert (g.ts(g.index(ts)) == ts).all()
+    assert np.diff(g.index(ts))[0] == 1
+
+
+def test_unsupported_frequency_is_refused():
+    with pytest.raises(DataError, match="not supported"):
+        Grid("W")

@@ -1,0 +1,378 @@
+"""Contract suite for sinks: every storage upserts, reads back the contract dtypes, and filters alike.
+
+Then the storage-specific guarantees: the Parquet layout, pruning and atomic rewrite of partitions;
+the SQL table checks, dialects, batching and one transaction per write.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+
+from conftest import NASTY_ID, SERIES, START
+from forecastd.config import config_from_dict
+from forecastd.errors import SinkError
+from forecastd.files import TMP_SUFFIX
+from forecastd.frames import ANOMALY_COLUMNS, ANOMALY_KEY, FORECAST_COLUMNS, FORECAST_KEY
+from forecastd.sinks import MemorySink, ParquetSink, Sink, SqlSink, open_sink
+from forecastd.sinks import parquet as parquet_module
+from forecastd.sinks import sql as sql_module
+from forecastd.sinks.parquet import PART_FILE
+
+H = pd.Timedelta(hours=1)
+CONTRACT = {"forecasts": (FORECAST_COLUMNS, FORECAST_KEY, "issued_at"), "anomalies": (ANOMALY_COLUMNS, ANOMALY_KEY, "ts")}
+KINDS = ["memory", "parquet_day", "parquet_hour", "parquet_month", "sqlite", "postgresql"]
+
+
+def build(kind: str, tmp_path: Path, request) -> Sink:
+    if kind == "memory":
+        return MemorySink()
+    if kind.startswith("parquet"):
+        return ParquetSink(tmp_path / "out", partition=kind.split("_")[1])
+    if kind == "sqlite":
+        return SqlSink(f"sqlite:///{tmp_path / 'out.db'}")
+    return SqlSink(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(params=KINDS)
+def sink(request, tmp_path) -> Sink:
+    if request.param == "postgresql":
+        request.applymarker(pytest.mark.postgres)
+    s = build(request.param, tmp_path, request)
+    yield s
+    if isinstance(s, SqlSink):
+        s.engine.dispose()
+
+
+def canonical(frame: pd.DataFrame, table: str) -> pd.DataFrame:
+    columns, key, _ = CONTRACT[table]
+    return frame.astype(columns).sort_values(list(key), ignore_index=True)
+
+
+def assert_contract(frame: pd.DataFrame, table: str) -> None:
+    columns, key, _ = CONTRACT[table]
+    assert {c: str(t) for c, t in frame.dtypes.items()} == dict(columns)
+    assert frame.index.equals(pd.RangeIndex(len(frame)))
+    assert frame.equals(frame.sort_values(list(key), ignore_index=True))
+
+
+# -- the contract ---------------------------------------------------------------------------------------
+
+
+def test_round_trip_with_contract_dtypes(sink, make_forecasts, make_anomalies):
+    assert isinstance(sink, Sink)
+    fc, an = make_forecasts(), make_anomalies()
+    sink.write(fc.sample(frac=1.0, random_state=0), an.sample(frac=1.0, random_state=0))  # order is not the key's
+    for table, frame in (("forecasts", fc), ("anomalies", an)):
+        got = sink.read(table)
+        assert_contract(got, table)
+        pd.testing.assert_frame_equal(got, canonical(frame, table))
+
+
+def test_write_twice_equals_once(sink, make_forecasts, make_anomalies):
+    fc, an = make_forecasts(), make_anomalies()
+    sink.write(fc, an)
+    once = {t: sink.read(t) for t in CONTRACT}
+    sink.write(fc, an)
+    for t in CONTRACT:
+        pd.testing.assert_frame_equal(sink.read(t), once[t])
+
+
+def test_existing_keys_are_replaced(sink, make_forecasts, make_anomalies):
+    issued = pd.date_range(START, periods=4, freq="h")
+    sink.write(make_forecasts(issued=issued), make_anomalies())
+    # Overlaps one issue time (new values, new model) and adds three more across the day boundary,
+    # so several partitions are merged or created.
+    later = pd.date_range(START + 2 * H, periods=4, freq="3h")
+    new_fc = make_forecasts(issued=later, offset=1000.0, version=2)
+    new_an = make_anomalies(series=["a"], offset=500.0, version=2)
+    sink.write(new_fc, new_an)
+
+    old_fc = make_forecasts(issued=issued)
+    kept = old_fc[~old_fc["issued_at"].isin(later)]
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(pd.concat([kept, new_fc]), "forecasts"))
+    old_an = make_anomalies()
+    want_an = pd.concat([old_an[old_an["series_id"] != "a"], new_an])
+    pd.testing.assert_frame_equal(sink.read("anomalies"), canonical(want_an, "anomalies"))
+
+
+def test_read_filters(sink, make_forecasts, make_anomalies):
+    fc, an = make_forecasts(), make_anomalies()
+    sink.write(fc, an)
+    since, until = START + H, START + 3 * H
+    for table, frame in (("forecasts", fc), ("anomalies", an)):
+        time = CONTRACT[table][2]
+        got = sink.read(table, series=["a", NASTY_ID], since=since, until=until)
+        want = frame[frame["series_id"].isin(["a", NASTY_ID]) & (frame[time] > since) & (frame[time] <= until)]
+        assert 0 < len(want) < len(frame)
+        pd.testing.assert_frame_equal(got, canonical(want, table))
+        assert sink.read(table, series=["nobody"]).empty
+        assert sink.read(table, since=START + 1000 * H).empty
+        # The bound is an instant, whatever zone it is written in.
+        tokyo = since.tz_convert("Asia/Tokyo")
+        pd.testing.assert_frame_equal(sink.read(table, since=tokyo), sink.read(table, since=since))
+
+
+def test_empty_writes_and_reads(sink, make_forecasts, make_anomalies):
+    sink.write(make_forecasts().iloc[:0], make_anomalies().iloc[:0])
+    for table in CONTRACT:
+        got = sink.read(table)
+        assert got.empty
+        assert_contract(got, table)
+    sink.write(make_forecasts(), make_anomalies().iloc[:0])  # either frame may be empty
+    assert len(sink.read("forecasts")) == len(make_forecasts())
+    assert sink.read("anomalies").empty
+
+
+def test_duplicate_keys_in_one_write_keep_the_last(sink, make_forecasts, make_anomalies):
+    fc = make_forecasts()
+    twice = pd.concat([fc, fc.assign(mean=fc["mean"] + 7.0)], ignore_index=True)
+    sink.write(twice, make_anomalies())
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc.assign(mean=fc["mean"] + 7.0), "forecasts"))
+
+
+def test_non_utc_input_comes_back_utc(sink, make_forecasts, make_anomalies):
+    fc, an = make_forecasts(), make_anomalies()
+    shifted = fc.assign(issued_at=fc["issued_at"].dt.tz_convert("America/New_York"),
+                        target_ts=fc["target_ts"].dt.tz_convert("Asia/Kolkata"))
+    sink.write(shifted, an)
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc, "forecasts"))
+
+
+def test_bad_frames_and_tables_are_refused(sink, make_forecasts, make_anomalies):
+    with pytest.raises(SinkError, match=r"missing \['model_version'\]"):
+        sink.write(make_forecasts().drop(columns="model_version"), make_anomalies())
+    with pytest.raises(SinkError, match=r"unexpected \['extra'\]"):
+        sink.write(make_forecasts(), make_anomalies().assign(extra=1))
+    with pytest.raises(SinkError, match="unknown output table 'states'"):
+        sink.read("states")
+
+
+def test_open_sink_from_config(tmp_path, make_forecasts, make_anomalies):
+    source = {"path": "in.parquet"}
+    parquet = open_sink(config_from_dict({"source": source, "sink": {"path": "out", "partition": "month"}},
+                                         base_dir=tmp_path))
+    assert isinstance(parquet, ParquetSink) and parquet.path == tmp_path / "out" and parquet.partition == "month"
+    sql = open_sink(config_from_dict(
+        {"source": source, "sink": {"kind": "sql", "url": "sqlite:///rel.db", "forecasts_table": "fc", "anomalies_table": "an"}},
+        base_dir=tmp_path,
+    ))
+    assert isinstance(sql, SqlSink)
+    sql.write(make_forecasts(), make_anomalies())
+    with sqlite3.connect(tmp_path / "rel.db") as conn:
+        assert conn.execute("SELECT count(*) FROM fc").fetchone()[0] == len(make_forecasts())
+    sql.engine.dispose()
+
+
+# -- Parquet ----------------------------------------------------------------------------------------
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("grain, forecast_files", [
+    ("day", ["date=2024-03-30/part-0.parquet", "date=2024-03-31/part-0.parquet"]),
+    ("hour", ["date=2024-03-30/hour=22/part-0.parquet", "date=2024-03-31/hour=01/part-0.parquet"]),
+    ("month", ["month=2024-03/part-0.parquet"]),
+])
+def test_parquet_layout_is_hive_and_readable_by_others(tmp_path, grain, forecast_files, make_forecasts, make_anomalies):
+    sink = ParquetSink(tmp_path, partition=grain)
+    fc = make_forecasts(issued=[START + 4 * H, START + 7 * H])
+    sink.write(fc, make_anomalies(ts=[START]))
+    assert _files(tmp_path / "forecasts") == forecast_files
+    # Anyone's reader sees the datasets: pandas, and pyarrow with hive partitions.
+    by_pandas = pd.read_parquet(tmp_path / "forecasts")
+    assert len(by_pandas) == len(fc) and set(FORECAST_COLUMNS) <= set(by_pandas.columns)
+    by_arrow = ds.dataset(tmp_path / "anomalies", format="parquet", partitioning="hive").to_table()
+    assert by_arrow.num_rows == len(SERIES)
+    # Files hold exactly the contract columns; the partition key is only in the path.
+    assert pq.read_schema(tmp_path / "forecasts" / forecast_files[0]).names == list(FORECAST_COLUMNS)
+
+
+def test_parquet_rewrites_only_touched_partitions_atomically(tmp_path, make_forecasts, make_anomalies):
+    sink = ParquetSink(tmp_path)
+    sink.write(make_forecasts(issued=[START, START + 10 * H]), make_anomalies())
+    day1 = tmp_path / "forecasts" / "date=2024-03-30" / PART_FILE
+    day2 = tmp_path / "forecasts" / "date=2024-03-31" / PART_FILE
+    before1, before2 = os.stat(day1), os.stat(day2)
+    sink.write(make_forecasts(issued=[START + 11 * H]), make_anomalies().iloc[:0])
+    after1, after2 = os.stat(day1), os.stat(day2)
+    assert (after1.st_ino, after1.st_mtime_ns) == (before1.st_ino, before1.st_mtime_ns)  # untouched
+    assert after2.st_ino != before2.st_ino  # replaced by rename, not rewritten in place
+    assert not list(tmp_path.rglob(f"*{TMP_SUFFIX}"))
+    assert len(sink.read("forecasts")) == 3 * len(SERIES) * 3
+
+
+def test_parquet_failed_write_keeps_the_old_partition(tmp_path, make_forecasts, make_anomalies, monkeypatch):
+    sink = ParquetSink(tmp_path)
+    sink.write(make_forecasts(), make_anomalies())
+    before = sink.read("forecasts")
+
+    def crash(table, where, **kwargs):
+        Path(where).write_bytes(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(parquet_module.pq, "write_table", crash)
+    with pytest.raises(SinkError, match="disk full"):
+        sink.write(make_forecasts(offset=99.0), make_anomalies())
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(sink.read("forecasts"), before)
+    assert not list(tmp_path.rglob(f"*{TMP_SUFFIX}"))
+
+
+def test_parquet_reads_prune_partitions(tmp_path, make_forecasts, make_anomalies):
+    sink = ParquetSink(tmp_path)
+    sink.write(make_forecasts(issued=[START, START + 10 * H]), make_anomalies())
+    # Damage the first day's file: a read that prunes that partition never opens it.
+    (tmp_path / "forecasts" / "date=2024-03-30" / PART_FILE).write_bytes(b"not parquet")
+    assert len(sink.read("forecasts", since=pd.Timestamp("2024-03-31", tz="UTC"))) == len(SERIES) * 3
+    with pytest.raises(SinkError, match="cannot read the forecasts dataset"):
+        sink.read("forecasts")
+
+
+def test_parquet_merges_and_removes_foreign_part_files(tmp_path, make_forecasts, make_anomalies):
+    sink = ParquetSink(tmp_path)
+    fc = make_forecasts(issued=[START])
+    part = tmp_path / "forecasts" / "date=2024-03-30"
+    part.mkdir(parents=True)
+    foreign = fc[fc["series_id"] == "a"].assign(mean=-1.0)
+    pq.write_table(pa.Table.from_pandas(foreign, preserve_index=False), part / "part-from-elsewhere.parquet")
+    other = make_forecasts(issued=[START + H], series=["b"])
+    sink.write(other, make_anomalies().iloc[:0])
+    assert _files(part) == [PART_FILE]
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(pd.concat([foreign, other]), "forecasts"))
+
+
+def test_parquet_refuses_another_partition_grain(tmp_path, make_forecasts, make_anomalies):
+    ParquetSink(tmp_path, partition="day").write(make_forecasts(), make_anomalies())
+    with pytest.raises(SinkError, match=r"partitioned by 'day' but \[sink\] partition = 'hour'"):
+        ParquetSink(tmp_path, partition="hour").write(make_forecasts(), make_anomalies())
+
+
+# -- SQL --------------------------------------------------------------------------------------------
+
+
+def sql_sink(backend: str, tmp_path: Path, request, **kwargs) -> SqlSink:
+    url = f"sqlite:///{tmp_path / 'out.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    return SqlSink(url, **kwargs)
+
+
+def _backends():
+    return [pytest.param("sqlite"), pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_sql_existing_table_with_missing_column(backend, tmp_path, request, make_forecasts, make_anomalies):
+    sink = sql_sink(backend, tmp_path, request)
+    with sink.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE forecasts (series_id TEXT, issued_at TIMESTAMP, step BIGINT, "
+                             "PRIMARY KEY (series_id, issued_at, step))"))
+    # Missing columns are reported before mistyped ones: adding them is the first fix.
+    with pytest.raises(SinkError, match=r"table 'forecasts' exists but has no column 'target_ts'; add it .*"
+                                        r"or set \[sink\] forecasts_table to a new table name"):
+        sink.write(make_forecasts(), make_anomalies())
+    sink.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_sql_existing_table_without_unique_key(backend, tmp_path, request, make_forecasts, make_anomalies):
+    sink = sql_sink(backend, tmp_path, request, anomalies_table="an")
+    ts_type = "DATETIME" if backend == "sqlite" else "TIMESTAMPTZ"
+    cols = ", ".join(f"{c} {t}" for c, t in [
+        ("series_id", "TEXT"), ("ts", ts_type), ("value", "DOUBLE PRECISION"),
+        ("expected", "DOUBLE PRECISION"), ("lower", "DOUBLE PRECISION"), ("upper", "DOUBLE PRECISION"),
+        ("score", "DOUBLE PRECISION"), ("is_anomaly", "BOOLEAN"), ("model_version", "BIGINT")])
+    with sink.engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE an ({cols})"))
+    with pytest.raises(SinkError, match=r"table 'an' has no primary key or unique constraint on series_id, ts"):
+        sink.write(make_forecasts().iloc[:0], make_anomalies())
+    sink.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgresql_timestamp_without_zone_is_refused(pg_url, make_forecasts, make_anomalies):
+    sink = SqlSink(pg_url)
+    with sink.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE forecasts (series_id TEXT, issued_at TIMESTAMP, step BIGINT, "
+                             "target_ts TIMESTAMPTZ, mean FLOAT8, lower FLOAT8, upper FLOAT8, model_version BIGINT, "
+                             "PRIMARY KEY (series_id, issued_at, step))"))
+    with pytest.raises(SinkError, match=r"column 'issued_at' of table 'forecasts' has type TIMESTAMP.*TIMESTAMP WITH TIME ZONE"):
+        sink.write(make_forecasts(), make_anomalies())
+    sink.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgresql_schema_and_quoted_names(pg_server, pg_schema, make_forecasts, make_anomalies):
+    sink = SqlSink(pg_server, db_schema=pg_schema, forecasts_table='fc"; DROP TABLE x;--', anomalies_table="Anomalies")
+    sink.write(make_forecasts(), make_anomalies())
+    sink.write(make_forecasts(), make_anomalies())
+    assert len(sink.read("forecasts", series=[NASTY_ID])) == len(make_forecasts(series=[NASTY_ID]))
+    names = sa.inspect(sink.engine).get_table_names(schema=pg_schema)
+    assert sorted(names) == sorted(['fc"; DROP TABLE x;--', "Anomalies"])
+    sink.engine.dispose()
+    with pytest.raises(SinkError, match=r"schema 'nowhere' does not exist.*\[sink\] db_schema"):
+        SqlSink(pg_server, db_schema="nowhere").write(make_forecasts(), make_anomalies())
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_sql_write_is_one_transaction(backend, tmp_path, request, make_forecasts, make_anomalies):
+    """A failure in the anomalies upsert leaves no forecasts behind either."""
+    sink = sql_sink(backend, tmp_path, request)
+    ts_type = "DATETIME" if backend == "sqlite" else "TIMESTAMPTZ"
+    with sink.engine.begin() as conn:
+        conn.execute(sa.text(
+            f"CREATE TABLE anomalies (series_id TEXT NOT NULL, ts {ts_type} NOT NULL, "
+            "value FLOAT, expected FLOAT, lower FLOAT, upper FLOAT, score FLOAT CHECK (score <= 1), "
+            "is_anomaly BOOLEAN, model_version BIGINT, PRIMARY KEY (series_id, ts))"))
+    with pytest.raises(SinkError, match="rolled back"):
+        sink.write(make_forecasts(), make_anomalies().assign(score=2.0))
+    assert sink.read("forecasts").empty
+    sink.write(make_forecasts(), make_anomalies())  # and it recovers
+    assert len(sink.read("forecasts")) == len(make_forecasts())
+    sink.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_sql_batches(backend, tmp_path, request, make_forecasts, make_anomalies, monkeypatch):
+    monkeypatch.setattr(sql_module, "BATCH_ROWS", 7)
+    sink = sql_sink(backend, tmp_path, request)
+    statements = []
+    sa.event.listen(sink.engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, params, context, many: statements.append((statement, many)))
+    fc = make_forecasts(issued=pd.date_range(START, periods=10, freq="h"))
+    sink.write(fc, make_anomalies())
+    upserts = [s for s, many in statements if many and "ON CONFLICT" in s]
+    assert len(upserts) == -(-len(fc) // 7) + -(-len(make_anomalies()) // 7)
+    assert all(NASTY_ID not in s for s, _ in statements)
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc, "forecasts"))
+    sink.engine.dispose()
+
+
+def test_sqlite_stores_utc_text(tmp_path, make_forecasts, make_anomalies):
+    sink = SqlSink(f"sqlite:///{tmp_path / 'out.db'}")
+    fc = make_forecasts(issued=[START])
+    sink.write(fc.assign(issued_at=fc["issued_at"].dt.tz_convert("Europe/Berlin")), make_anomalies().iloc[:0])
+    with sqlite3.connect(tmp_path / "out.db") as conn:
+        stored = {r[0] for r in conn.execute("SELECT issued_at FROM forecasts")}
+    assert stored == {"2024-03-30 18:00:00.000000"}
+    sink.engine.dispose()
+
+
+def test_unsupported_dialect():
+    with pytest.raises(SinkError, match=r"'mysql' dialect.*use one of postgresql, sqlite"):
+        SqlSink("mysql+pymysql://user@localhost/db")
+
+
+def test_unreachable_sink_database(make_forecasts, make_anomalies):
+    sink = SqlSink("postgresql+psycopg://postgres@127.0.0.1:1/test")
+    with pytest.raises(SinkError, match=r"cannot connect to the database.*check \[sink\] url"):
+        sink.write(make_forecasts(), make_anomalies())

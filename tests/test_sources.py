@@ -1,0 +1,457 @@
+"""Contract suite for sources: every storage answers read(since, until, series) with the same rows.
+
+Each variant stores the same long frame (conftest.long_frame) its own way: long or wide, aware, naive
+local or ISO text timestamps, one file, a hive directory, a glob, SQLite, PostgreSQL. The raw rows a
+source returns are run through forecastd.frames.validate and compared with the frame filtered in pandas.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+
+from conftest import NASTY_ID, SERIES, START
+from forecastd import frames
+from forecastd.config import config_from_dict
+from forecastd.errors import SourceError
+from forecastd.frames import Grid, validate
+from forecastd.sources import COLUMNS, MemorySource, ParquetSource, Source, SqlSource, open_source
+from forecastd.sources import parquet as parquet_module
+from forecastd.sources.mapping import text_bound
+
+ZONE = "Europe/Berlin"
+H = pd.Timedelta(hours=1)
+
+
+# -- how each variant stores the frame ----------------------------------------------------------------
+
+
+def _local(ts: pd.Series) -> pd.Series:
+    return ts.dt.tz_convert(ZONE).dt.tz_localize(None)
+
+
+def _wide(frame: pd.DataFrame, time_name: str = "date") -> pd.DataFrame:
+    wide = frame.pivot(index="ts", columns="series_id", values="value").reset_index()
+    wide.columns.name = None
+    return wide.rename(columns={"ts": time_name})
+
+
+def _sqlite_rows(path: Path, rows: list[tuple], ts_type: str = "TEXT") -> str:
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"CREATE TABLE readings (sensor TEXT, stamp {ts_type}, reading REAL)")
+        conn.executemany("INSERT INTO readings VALUES (?, ?, ?)", rows)
+    return f"sqlite:///{path}"
+
+
+def _mixed_iso(t: pd.Timestamp, i: int) -> str:
+    """Four shapes of one instant, as real SQLite tables collect them from different writers."""
+    return [
+        f"{t:%Y-%m-%dT%H:%M:%S}Z",
+        t.tz_convert(ZONE).isoformat(),  # '2024-03-31T03:00:00+02:00'
+        f"{t:%Y-%m-%d %H:%M:%S}.000000",  # SQLAlchemy's DateTime on SQLite
+        f"{t:%Y-%m-%d %H:%M}",
+    ][i % 4]
+
+
+def memory_aware(frame, tmp_path, request):
+    return MemorySource(frame.assign(ts=frame["ts"].dt.tz_convert(ZONE))), "UTC"
+
+
+def memory_naive(frame, tmp_path, request):
+    return MemorySource(frame.assign(ts=_local(frame["ts"])), timezone=ZONE), ZONE
+
+
+def memory_text(frame, tmp_path, request):
+    text = [_mixed_iso(t, i) for i, t in enumerate(frame["ts"])]
+    return MemorySource(frame.assign(ts=pd.Series(text, dtype=object))), "UTC"
+
+
+def parquet_aware(frame, tmp_path, request):
+    table = pa.table({
+        "sensor": pa.array(frame["series_id"], pa.string()),
+        "time": pa.array(frame["ts"]).cast(pa.timestamp("ms", tz=ZONE)),
+        "reading": pa.array(frame["value"]),
+    })
+    pq.write_table(table, tmp_path / "readings.parquet")
+    src = ParquetSource(tmp_path / "readings.parquet", series_column="sensor", time_column="time", value_column="reading")
+    return src, "UTC"
+
+
+def parquet_naive(frame, tmp_path, request):
+    out = pd.DataFrame({"sensor": frame["series_id"], "time": _local(frame["ts"]).dt.as_unit("us"), "reading": frame["value"]})
+    out.to_parquet(tmp_path / "readings.parquet")
+    src = ParquetSource(tmp_path / "readings.parquet", series_column="sensor", time_column="time",
+                        value_column="reading", timezone=ZONE)
+    return src, ZONE
+
+
+def parquet_text(frame, tmp_path, request):
+    out = frame.assign(ts=_local(frame["ts"]).dt.strftime("%Y-%m-%d %H:%M:%S"))
+    out.to_parquet(tmp_path / "readings.parquet")
+    return ParquetSource(tmp_path / "readings.parquet", timezone=ZONE), ZONE
+
+
+def parquet_wide(frame, tmp_path, request):
+    wide = _wide(frame)
+    wide["note"] = "not a series"  # text columns are never series
+    wide.to_parquet(tmp_path / "wide.parquet")
+    return ParquetSource(tmp_path / "wide.parquet", layout="wide", time_column="date"), "UTC"
+
+
+def parquet_dir(frame, tmp_path, request):
+    # Hive partitions by series: the series column comes from the directory names.
+    pq.write_to_dataset(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / "ds", partition_cols=["series_id"])
+    return ParquetSource(tmp_path / "ds"), "UTC"
+
+
+def parquet_glob(frame, tmp_path, request):
+    (tmp_path / "parts").mkdir()
+    for i, (_, part) in enumerate(frame.groupby("series_id")):
+        part.to_parquet(tmp_path / "parts" / f"part-{i}.parquet", index=False)
+    (tmp_path / "parts" / "notes.txt").write_text("not parquet, not matched")
+    return ParquetSource(str(tmp_path / "parts" / "*.parquet")), "UTC"
+
+
+def sqlite_pandas(frame, tmp_path, request):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    frame.assign(ts=frame["ts"].dt.tz_localize(None)).to_sql("readings", engine, index=False)
+    engine.dispose()
+    return SqlSource(f"sqlite:///{tmp_path / 'db.sqlite'}", "readings"), "UTC"
+
+
+def sqlite_mixed_text(frame, tmp_path, request):
+    rows = [(s, _mixed_iso(t, i), v) for i, (s, t, v) in enumerate(frame.itertuples(index=False))]
+    url = _sqlite_rows(tmp_path / "db.sqlite", rows, ts_type="DATETIME")
+    return SqlSource(url, "readings", series_column="sensor", time_column="stamp", value_column="reading"), "UTC"
+
+
+def sqlite_naive_text(frame, tmp_path, request):
+    local = _local(frame["ts"])
+    rows = [(s, f"{t:%Y-%m-%dT%H:%M:%S}", v) for s, t, v in zip(frame["series_id"], local, frame["value"])]
+    url = _sqlite_rows(tmp_path / "db.sqlite", rows)
+    return SqlSource(url, "readings", series_column="sensor", time_column="stamp", value_column="reading",
+                     timezone=ZONE), ZONE
+
+
+def sqlite_wide(frame, tmp_path, request):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    _wide(frame).assign(date=lambda d: d["date"].dt.tz_localize(None)).to_sql("wide", engine, index=False)
+    engine.dispose()
+    return SqlSource(f"sqlite:///{tmp_path / 'db.sqlite'}", "wide", layout="wide", time_column="date"), "UTC"
+
+
+def _pg_write(request, frame: pd.DataFrame, name: str, types: dict[str, sa.types.TypeEngine], **kwargs) -> SqlSource:
+    """Store `frame` as a new table in the test's schema; the source shares the engine (one connect)."""
+    url = request.getfixturevalue("pg_url")
+    engine = sa.create_engine(url)
+    request.addfinalizer(engine.dispose)  # before the schema is dropped: finalizers run last-in first-out
+    table = sa.Table(name, sa.MetaData(), *(sa.Column(c, types.get(c, sa.Float())) for c in frame.columns))
+    records = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    with engine.begin() as conn:
+        table.create(conn)
+        conn.execute(table.insert(), records)
+    return SqlSource(url, name, engine=engine, **kwargs)
+
+
+def postgresql_aware(frame, tmp_path, request):
+    source = _pg_write(request, frame.assign(ts=frame["ts"].dt.tz_convert(ZONE)), "readings",
+                       {"series_id": sa.Text(), "ts": sa.DateTime(timezone=True)})
+    return source, "UTC"
+
+
+def postgresql_naive(frame, tmp_path, request):
+    source = _pg_write(request, frame.assign(ts=_local(frame["ts"])), "readings",
+                       {"series_id": sa.Text(), "ts": sa.DateTime(timezone=False)}, timezone=ZONE)
+    return source, ZONE
+
+
+def postgresql_text(frame, tmp_path, request):
+    text = frame["ts"].dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    source = _pg_write(request, frame.assign(ts=text), "readings", {"series_id": sa.Text(), "ts": sa.Text()})
+    return source, "UTC"
+
+
+def postgresql_wide(frame, tmp_path, request):
+    source = _pg_write(request, _wide(frame), "wide", {"date": sa.DateTime(timezone=True)},
+                       layout="wide", time_column="date")
+    return source, "UTC"
+
+
+VARIANTS: dict[str, Callable] = {f.__name__: f for f in [
+    memory_aware, memory_naive, memory_text,
+    parquet_aware, parquet_naive, parquet_text, parquet_wide, parquet_dir, parquet_glob,
+    sqlite_pandas, sqlite_mixed_text, sqlite_naive_text, sqlite_wide,
+    postgresql_aware, postgresql_naive, postgresql_text, postgresql_wide,
+]}
+
+
+@pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
+def stored(request, long_frame, tmp_path) -> tuple[Source, str]:
+    if request.param.startswith("postgresql"):
+        request.applymarker(pytest.mark.postgres)
+    return VARIANTS[request.param](long_frame, tmp_path, request)
+
+
+def canon(raw: pd.DataFrame, zone: str) -> pd.DataFrame:
+    """The raw rows as validated long frame; nothing may be rejected or repaired but ordering."""
+    assert list(raw.columns) == list(COLUMNS)
+    frame, report = validate(raw, grid=Grid("1h"), timezone=zone)
+    assert set(report.by_reason()) <= {"reordered"}, report.counts
+    return frame
+
+
+def expected(frame: pd.DataFrame, since=None, until=None, series=None) -> pd.DataFrame:
+    keep = pd.Series(True, index=frame.index)
+    if since is not None:
+        keep &= frame["ts"] > since
+    if until is not None:
+        keep &= frame["ts"] <= until
+    if series is not None:
+        keep &= frame["series_id"].isin(series)
+    return frame[keep].sort_values(["series_id", "ts"], kind="stable").reset_index(drop=True)
+
+
+# -- the contract ---------------------------------------------------------------------------------------
+
+
+def test_read_everything(stored, long_frame):
+    source, zone = stored
+    assert isinstance(source, Source)
+    pd.testing.assert_frame_equal(canon(source.read(), zone), expected(long_frame))
+
+
+WINDOWS = {
+    # On data points: since is exclusive, until inclusive.
+    "on-points": (START + 5 * H, START + 10 * H),
+    # Across the Berlin spring-forward (01:00 UTC on 31 March): naive bounds must jump with it.
+    "across-dst": (pd.Timestamp("2024-03-31 00:00", tz="UTC"), pd.Timestamp("2024-03-31 03:00", tz="UTC")),
+    # Between points, written in another zone: the bound is an instant, whatever its zone.
+    "between-points": (pd.Timestamp("2024-03-31 01:30", tz="America/New_York"), None),
+    "until-only": (None, START + 2 * H),
+}
+
+
+@pytest.mark.parametrize("window", list(WINDOWS), ids=list(WINDOWS))
+def test_since_until(stored, long_frame, window):
+    source, zone = stored
+    since, until = WINDOWS[window]
+    got = canon(source.read(since=since, until=until), zone)
+    want = expected(long_frame, since, until)
+    assert 0 < len(want) < len(long_frame)
+    pd.testing.assert_frame_equal(got, want)
+
+
+def test_series_filter(stored, long_frame):
+    source, zone = stored
+    since = START + 20 * H
+    got = canon(source.read(since=since, series=["a", NASTY_ID]), zone)
+    pd.testing.assert_frame_equal(got, expected(long_frame, since=since, series=["a", NASTY_ID]))
+    assert source.read(series=["no such series"]).empty
+    assert list(source.read(series=[]).columns) == list(COLUMNS)
+
+
+def test_series_ids_and_edges(stored):
+    source, _ = stored
+    assert source.series_ids() == sorted(SERIES)
+    raw = source.read(since=START + 100 * H)
+    assert raw.empty and list(raw.columns) == list(COLUMNS)
+    with pytest.raises(ValueError, match="tz-aware"):
+        source.read(since=pd.Timestamp("2024-03-31 00:00"))
+
+
+def test_raw_columns_match_frames_contract():
+    assert COLUMNS == frames.COLUMNS
+
+
+# -- SQL: text timestamps, bound parameters, errors ------------------------------------------------------
+
+
+def test_sqlite_text_shapes_that_plain_text_comparison_gets_wrong(tmp_path):
+    """'T' sorts after ' ' and offsets shift the instant: a string compare would drop or repeat rows."""
+    since = pd.Timestamp("2024-03-31 00:00", tz="UTC")
+    rows = [
+        ("s", "2024-03-31T00:00:00+01:00", 1.0),  # 23:00 UTC the day before: excluded
+        ("s", "2024-03-31T00:00:00Z", 2.0),  # exactly since: excluded
+        ("s", "2024-03-31 00:00:00.001", 3.0),  # a millisecond later: included
+        ("s", "2024-03-31 00:30", 4.0),  # included, though '2024-03-31 00:30' < '2024-03-31T...'
+        ("s", "2024-03-31T02:30:00+02:00", 5.0),  # 00:30 UTC: included
+        ("s", "2024-03-30 23:59:59.999", 6.0),  # excluded
+    ]
+    source = SqlSource(_sqlite_rows(tmp_path / "t.db", rows), "readings", series_column="sensor",
+                       time_column="stamp", value_column="reading")
+    got = source.read(since=since)
+    assert sorted(got["value"]) == [3.0, 4.0, 5.0]
+    assert sorted(source.read(until=since)["value"]) == [1.0, 2.0, 6.0]
+
+
+def test_sqlite_numeric_timestamps_are_refused(tmp_path):
+    url = _sqlite_rows(tmp_path / "t.db", [("s", 1711843200, 1.0)], ts_type="INTEGER")
+    source = SqlSource(url, "readings", series_column="sensor", time_column="stamp", value_column="reading")
+    with pytest.raises(SourceError, match="holds numbers.*ISO-8601"):
+        source.read(since=START)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_sql_filters_are_bound_parameters(backend, long_frame, tmp_path, request):
+    if backend == "sqlite":
+        source, _ = sqlite_pandas(long_frame, tmp_path, request)
+    else:
+        source, _ = postgresql_aware(long_frame, tmp_path, request)
+    seen: list[tuple[str, object]] = []
+    sa.event.listen(source.engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, params, context, many: seen.append((statement, params)))
+    source.read(since=START + 5 * H, series=[NASTY_ID])
+    statement, params = seen[-1]
+    assert "WHERE" in statement and "DROP TABLE" not in statement
+    assert NASTY_ID in (params.values() if isinstance(params, dict) else params)
+    source.engine.dispose()
+
+
+def test_sqlite_missing_table_lists_tables(tmp_path, long_frame, request):
+    source, _ = sqlite_pandas(long_frame, tmp_path, request)
+    bad = SqlSource(source.url, "readings; DROP TABLE readings;--")
+    with pytest.raises(SourceError, match=r"does not exist; tables there are: 'readings'; set \[source\] table"):
+        bad.read()
+    assert len(source.read()) == len(long_frame)  # still there
+
+
+@pytest.mark.postgres
+def test_postgresql_missing_table_and_schema(pg_url, pg_schema, long_frame, tmp_path, request):
+    source, _ = postgresql_aware(long_frame, tmp_path, request)
+    with pytest.raises(SourceError, match=r"'nope'.*does not exist; tables there are: 'readings'"):
+        SqlSource(pg_url, "nope").read()
+    with pytest.raises(SourceError, match=r"schema 'no_such_schema' does not exist"):
+        SqlSource(pg_url, "readings", db_schema="no_such_schema").series_ids()
+    # The schema named in config reaches the same table through any search_path.
+    from conftest import pg_base_url
+
+    assert SqlSource(pg_base_url(), "readings", db_schema=pg_schema).series_ids() == sorted(SERIES)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("series_column", "sensor", r"column 'sensor' \(mapped by \[source\] series_column\) not found"),
+    ("time_column", "when", r"column 'when' \(mapped by \[source\] time_column\)"),
+    ("value_column", "reading", r"column 'reading' \(mapped by \[source\] value_column\)"),
+])
+@pytest.mark.parametrize("kind", ["parquet", "sqlite"])
+def test_missing_column_names_key_and_columns(kind, key, value, message, long_frame, tmp_path, request):
+    if kind == "parquet":
+        long_frame.to_parquet(tmp_path / "x.parquet")
+        source = ParquetSource(tmp_path / "x.parquet", **{key: value})
+    else:
+        url = sqlite_pandas(long_frame, tmp_path, request)[0].url
+        source = SqlSource(url, "readings", **{key: value})
+    with pytest.raises(SourceError, match=message + r".*its columns are: 'series_id', 'ts', 'value'"):
+        source.read()
+
+
+def test_wide_missing_value_column(long_frame, tmp_path):
+    _wide(long_frame).to_parquet(tmp_path / "w.parquet")
+    source = ParquetSource(tmp_path / "w.parquet", layout="wide", time_column="date", value_columns=["a", "zz"])
+    with pytest.raises(SourceError, match=r"column 'zz' \(mapped by \[source\] value_columns\)"):
+        source.read()
+
+
+def test_wide_value_columns_pick_series(long_frame, tmp_path):
+    _wide(long_frame).to_parquet(tmp_path / "w.parquet")
+    source = ParquetSource(tmp_path / "w.parquet", layout="wide", time_column="date", value_columns=["b", "a"])
+    assert source.series_ids() == ["b", "a"]
+    got = canon(source.read(since=START + 20 * H, series=["a"]), "UTC")
+    pd.testing.assert_frame_equal(got, expected(long_frame, since=START + 20 * H, series=["a"]))
+
+
+def test_missing_parquet_path_and_glob(tmp_path):
+    with pytest.raises(SourceError, match=r"does not exist; set \[source\] path"):
+        ParquetSource(tmp_path / "missing.parquet").read()
+    with pytest.raises(SourceError, match=r"matches no files; check \[source\] path"):
+        ParquetSource(str(tmp_path / "nothing" / "*.parquet")).series_ids()
+
+
+def test_parquet_filters_are_pushed_down(long_frame, tmp_path, monkeypatch):
+    long_frame.to_parquet(tmp_path / "x.parquet")
+    seen = []
+    real = ParquetSource._scan
+
+    def spy(self, dataset, columns, where):
+        seen.append(str(where))
+        return real(self, dataset, columns, where)
+
+    monkeypatch.setattr(parquet_module.ParquetSource, "_scan", spy)
+    ParquetSource(tmp_path / "x.parquet").read(since=START, series=["a"])
+    assert "ts" in seen[-1] and "series_id" in seen[-1] and "is_in" in seen[-1]
+
+
+def test_unreachable_database():
+    source = SqlSource("postgresql+psycopg://postgres@127.0.0.1:1/test", "readings")
+    with pytest.raises(SourceError, match=r"cannot connect to the database at .*127\.0\.0\.1:1.*check \[source\] url"):
+        source.read()
+    with pytest.raises(SourceError, match="cannot connect"):
+        SqlSource("sqlite:////no/such/dir/x.db", "readings").series_ids()
+    with pytest.raises(SourceError, match="is not an SQLAlchemy URL"):
+        SqlSource("not a url", "readings")
+
+
+def test_text_bound_renders_the_stored_shape():
+    t = pd.Timestamp("2024-03-31 00:30:15.123456", tz="UTC")
+    assert text_bound("2024-01-01T00:00:00Z", t, "UTC", "x") == "2024-03-31T00:30:15Z"
+    assert text_bound("2024-01-01 00:00:00.000", t, "UTC", "x") == "2024-03-31 00:30:15.123"
+    assert text_bound("2024-01-01 00:00", t, ZONE, "x") == "2024-03-31 01:30"
+    assert text_bound("2024-01-01T00:00:00+02:00", t, "UTC", "x") == "2024-03-31T02:30:15+02:00"
+    assert text_bound("2024-01-01", t, "UTC", "x") == "2024-03-31"
+    with pytest.raises(SourceError, match="not ISO-8601"):
+        text_bound("31/03/2024", t, "UTC", "x")
+
+
+# -- open_source --------------------------------------------------------------------------------------
+
+
+def test_open_source_resolves_relative_paths(long_frame, tmp_path):
+    (tmp_path / "data").mkdir()
+    long_frame.to_parquet(tmp_path / "data" / "x.parquet")
+    config = config_from_dict(
+        {"source": {"kind": "parquet", "path": "data/*.parquet"}, "sink": {"path": "out"}}, base_dir=tmp_path)
+    source = open_source(config)
+    assert isinstance(source, ParquetSource)
+    assert source.series_ids() == sorted(SERIES)
+
+
+def test_open_source_sql_wide_from_config(long_frame, tmp_path):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'rel.db'}")
+    _wide(long_frame, "Date Time").assign(**{"Date Time": lambda d: d["Date Time"].dt.tz_localize(None)}).to_sql(
+        "ett", engine, index=False)
+    engine.dispose()
+    config = config_from_dict(
+        {"source": {"kind": "sql", "url": "sqlite:///rel.db", "table": "ett", "layout": "wide",
+                    "time_column": "Date Time", "value_columns": ["a", NASTY_ID]},
+         "sink": {"path": "out"}},
+        base_dir=tmp_path,
+    )
+    source = open_source(config)
+    assert isinstance(source, SqlSource)
+    assert source.series_ids() == ["a", NASTY_ID]
+    got = canon(source.read(until=START + 3 * H), "UTC")
+    pd.testing.assert_frame_equal(got, expected(long_frame, until=START + 3 * H, series=["a", NASTY_ID]))
+
+
+def test_memory_source_requires_the_raw_columns():
+    with pytest.raises(SourceError, match="lacks column"):
+        MemorySource(pd.DataFrame({"series_id": ["a"], "value": [1.0]}))
+
+
+def test_null_and_bad_timestamps_reach_validation_on_unbounded_reads(tmp_path):
+    rows = [("s", "2024-03-31 00:00:00", 1.0), ("s", None, 2.0), ("s", "garbage", 3.0)]
+    source = SqlSource(_sqlite_rows(tmp_path / "t.db", rows), "readings", series_column="sensor",
+                       time_column="stamp", value_column="reading")
+    raw = source.read()
+    assert len(raw) == 3
+    frame, report = validate(raw, grid=Grid("1h"))
+    assert len(frame) == 1 and report.total("rejected: bad timestamp") == 2
+    assert np.array_equal(source.read(since=START)["value"].to_numpy(), [1.0])
