@@ -75,7 +75,8 @@ def forecastd_forecasts(
     values = {c: frame.loc[frame["series_id"] == c, "value"].to_numpy() for c in columns}
     start = int(grid.index(ts[:1])[0])
     segments = [Segment(c, True, start, values[c]) for c in columns]
-    empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (mc.num_layers * (2 if mc.cell == "lstm" else 1), mc.hidden_size))
+    empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas),
+                             (mc.num_layers * (2 if mc.cell == "lstm" else 1), mc.hidden_size))
     lo = start + first_origin
     t0 = time.perf_counter()
     out, _ = run_segments(model, empty, segments, scales, grid, mc, AnomalyConfig(), 0,

@@ -1,14 +1,16 @@
 """Anomaly scores from forecast distributions: a pipeline of small steps, each measurable on its own.
 
-1. `surprise`: how unlikely the point was under the one-step-ahead Gaussian issued before it arrived,
-   as -log10 of the two-sided tail probability. Heavy-tailed on purpose: a 6-sigma point stands far
-   above a 3-sigma one.
+1. `surprise`: how unlikely the point was under the Gaussian forecast issued before it arrived, as
+   -log10 of the two-sided tail probability. Heavy-tailed on purpose: a 6-sigma point stands far above
+   a 3-sigma one. The streaming step asks the last few forecasts (one step ahead, two steps ahead, ...)
+   and keeps the least surprised: the calm point after a spike was forecast well before the spike.
 2. `likelihood`: Numenta's "anomaly likelihood" (Ahmad et al. 2017). A short moving average of the
    surprise is compared with the long-run distribution of that same average; the result is the tail
    probability of the recent average. A noisy series has a high long-run average and does not alarm
    all day; a quiet series that suddenly surprises does.
-3. `final`: the tail probability on a log scale in [0, 1]: 0.5 is a one-in-100,000 event, 1 is one in
-   10^10 or rarer. One threshold then means the same rarity on every series.
+3. `final`: the smaller of the likelihood's and the point's own rarity, on a log scale in [0, 1]: 0.5
+   is a one-in-100,000 event, 1 is one in 10^10 or rarer. One threshold then means the same rarity on
+   every series, and only points that are themselves surprising are flagged.
 
 Pure functions over numpy arrays; state between calls is an `AnomalyTrack`, carried in the stream state.
 """
@@ -87,20 +89,19 @@ def likelihood(
     return log_tail, AnomalyTrack(short, mean, var, count)
 
 
-def final(log_tail: np.ndarray) -> np.ndarray:
-    """Map log10 tail probability to a score in [0, 1]: -log10(p) / 10, capped at 1."""
-    return np.clip(-log_tail / 10.0, 0.0, 1.0)
+def final(log_tail: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """Score in [0, 1]: the rarer of the recent average and the point itself, as -log10(p) / 10.
+
+    The likelihood alone stays high for the ~short_window points after a spike (their average still
+    holds it); taking the smaller of the two flags the surprising points, not their calm neighbours,
+    while a noisy series' routine surprises stay unflagged because the likelihood is low.
+    """
+    return np.clip(np.minimum(-log_tail, raw) / 10.0, 0.0, 1.0)
 
 
 def score(
-    values: np.ndarray,
-    expected: np.ndarray,
-    spread: np.ndarray,
-    track: AnomalyTrack,
-    short_window: int,
-    long_window: int,
+    raw: np.ndarray, track: AnomalyTrack, short_window: int, long_window: int
 ) -> tuple[np.ndarray, AnomalyTrack]:
-    """The whole pipeline: values, expected, spread [B, T] -> scores [B, T] in [0, 1] (NaN if unscored)."""
-    raw = surprise(values, expected, spread)
+    """Surprise [B, T] (from `surprise`; NaN where unscored) -> scores [B, T] in [0, 1] and the new track."""
     log_tail, track = likelihood(raw, track, short_window, long_window)
-    return final(log_tail), track
+    return final(log_tail, raw), track

@@ -321,9 +321,9 @@ def train(
     """Train a model on everything the source holds and make it the live version."""
     from forecastd.pipeline import train as train_model
 
-    cfg = load(config, {"training.epochs": epochs, "training.device": device.value if device else None,
-                       "training.seed": seed})
     when = now_or(now)
+    cfg = load(config, {"training.epochs": epochs, "training.device": device.value if device else None,
+                        "training.seed": seed})
     started = time.monotonic()
     with epoch_progress(out(), cfg.training.epochs) as report:
         summary = train_model(cfg, when, progress=report)
@@ -355,8 +355,8 @@ def run_once(config: ConfigOption = DEFAULT_CONFIG, now: NowOption = None) -> No
     """Run one tick: forecast and score the points that arrived since the last tick."""
     from forecastd.pipeline import run_once as tick
 
-    cfg = load(config)
-    report = tick(cfg, now_or(now))
+    when = now_or(now)  # flags first: a bad --now is reported before the config is read
+    report = tick(load(config), when)
     _print_report("tick", report)
 
 
@@ -373,9 +373,8 @@ def backfill(
     """
     from forecastd.pipeline import backfill as run_backfill
 
-    cfg = load(config)
     t0, t1 = parse_time(start, "--start"), parse_time(end, "--end")
-    report = run_backfill(cfg, t0, t1, write=not dry_run)
+    report = run_backfill(load(config), t0, t1, write=not dry_run)
     _print_report(f"backfill {_fmt_ts(t0)} .. {_fmt_ts(t1)}" + (" (dry run, nothing written)" if dry_run else ""),
                   report)
 
@@ -453,6 +452,9 @@ def _print_demo(console: Console, r: Any) -> None:
         console.print(top)
     console.print(f"[bold]plot[/bold]: {escape(str(r.plot_path))}")
     console.print(f"next: forecastd plot --config {escape(str(r.config_path))} --series price-1 --out price-1.png")
+
+
+from forecastd.cli_serve import register as _register_serve; _register_serve(app)  # noqa: E402,E702 (serve, status, models)
 
 
 def main() -> None:

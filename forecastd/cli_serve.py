@@ -10,7 +10,6 @@ import json
 import logging
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -30,8 +29,9 @@ def serve(ctx: typer.Context, config: ConfigOption = DEFAULT_CONFIG) -> None:
     from forecastd.daemon import serve as run_daemon
 
     cfg = load(config)
-    root = ctx.find_root()
-    if root.get_parameter_source("log_level") in (None, click.core.ParameterSource.DEFAULT):
+    # Typer vendors its own click, so the source is compared by name, not with click's enum.
+    source = ctx.find_root().get_parameter_source("log_level")
+    if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
         logging.getLogger().setLevel(logging.INFO)  # a daemon's log is its one line per tick and retrain
     raise typer.Exit(run_daemon(cfg))
 
@@ -138,39 +138,38 @@ def _switched(version: int, previous: int | None) -> None:
 
 
 def _models_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="model versions", title_justify="left")
-    for col in ("version", "live", "trained at", "data until", "series", "val loss", "val MSE", "persistence MSE",
-                "epochs"):
-        table.add_column(col, justify="right" if col not in ("live", "trained at", "data until") else "left")
+    table = Table(title="model versions (times UTC)", title_justify="left")
+    for col in ("version", "trained", "data until", "series", "val loss", "val MSE", "persist. MSE"):
+        table.add_column(col, justify="left" if col in ("version", "trained", "data until") else "right")
     for r in rows:
+        name = f"v{r['version']}" + (" [bold green]live[/bold green]" if r["live"] else "")
         if "error" in r:
-            table.add_row(f"v{r['version']}", "live" if r["live"] else "", escape(r["error"]), "", "", "", "", "", "")
+            table.add_row(name, escape(r["error"]), "", "", "", "", "")
             continue
-        table.add_row(f"v{r['version']}", "[bold green]live[/bold green]" if r["live"] else "", _ts(r["trained_at"]),
-                      _ts(r["data_end"]), str(r.get("series") or "-"), _num(r.get("val_loss")), _num(r.get("val_mse")),
-                      _num(r.get("val_persistence_mse")),
-                      f"{r.get('epochs_run') or '-'} (best {r.get('best_epoch') or '-'})")
+        table.add_row(name, _ts(r["trained_at"], short=True), _ts(r["data_end"], short=True),
+                      str(r.get("series") or "-"), _num(r.get("val_loss")), _num(r.get("val_mse")),
+                      _num(r.get("val_persistence_mse")))
     return table
 
 
 def _series_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="series", title_justify="left")
-    for col in ("series", "watermark", "lag", "lag (steps)", "model"):
+    table = Table(title="series (times UTC)", title_justify="left")
+    for col in ("series", "watermark", "lag", "lag steps", "model"):
         table.add_column(col, justify="left" if col in ("series", "watermark") else "right")
     for r in rows:
-        table.add_row(escape(r["series_id"]), _ts(r["watermark"]), _duration(r["lag_seconds"]),
+        table.add_row(escape(r["series_id"]), _ts(r["watermark"], short=True), _duration(r["lag_seconds"]),
                       "-" if r["lag_steps"] is None else f"{r['lag_steps']:.0f}", f"v{r['model_version']}")
     return table
 
 
-def _ts(text: str | None) -> str:
+def _ts(text: str | None, *, short: bool = False) -> str:
     if not text:
         return "-"
     import pandas as pd
 
     t = pd.Timestamp(text)
     t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
-    return t.strftime("%Y-%m-%d %H:%M:%S UTC")
+    return t.strftime("%Y-%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%S UTC")
 
 
 def _num(x: float | None) -> str:

@@ -129,6 +129,9 @@ class AnomalyConfig:
     short_window: int = 10
     # Steps in the long-run distribution of raw surprise the short average is compared with.
     long_window: int = 2000
+    # Forecasts that judge each point: the one issued a step before, two steps before, ... The least
+    # surprised one counts, so the calm point after a spike (forecast from the spike) is not flagged.
+    forecasts: int = 2
 
 
 @dataclass(frozen=True)
@@ -414,6 +417,7 @@ def _validate(c: Config) -> None:
     a = c.anomaly
     _require(0.0 < a.threshold <= 1.0, f"[anomaly] threshold = {a.threshold} must be in (0, 1]")
     _require(0.0 < a.coverage < 1.0, f"[anomaly] coverage = {a.coverage} must be in (0, 1), e.g. 0.95")
+    _require(1 <= a.forecasts <= 8, f"[anomaly] forecasts = {a.forecasts} must be in 1..8")
     _require(a.short_window >= 1, f"[anomaly] short_window = {a.short_window} must be at least 1")
     _require(a.long_window > a.short_window,
              f"[anomaly] long_window = {a.long_window} must be larger than short_window = {a.short_window}")

@@ -124,9 +124,14 @@ class RetrainWorker:
                 [sys.executable, "-m", "forecastd.retrain"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, text=True, env=env, close_fds=True,
             )
-        timer = None
+        timer, timed_out = None, threading.Event()
+
+        def expire() -> None:
+            timed_out.set()
+            proc.kill()
+
         if self.config.serve.retrain_timeout > 0:
-            timer = threading.Timer(self.config.serve.retrain_timeout, proc.kill)
+            timer = threading.Timer(self.config.serve.retrain_timeout, expire)
             timer.daemon = True
             timer.start()
         result = None
@@ -150,23 +155,21 @@ class RetrainWorker:
         if result is not None:
             return RetrainResult.from_dict(result)
         how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        if code == -signal.SIGKILL and timer is not None and not timer.is_alive():
+        if timed_out.is_set():
             how = f"ran past [serve] retrain_timeout = {self.config.serve.retrain_timeout:g} s and was killed"
         return RetrainResult("failed", f"the retrain worker {how} without a result")
 
-    def abandon(self, grace: float = 5.0) -> None:
-        """Stop a running retrain: SIGTERM, then SIGKILL after `grace` seconds."""
+    def abandon(self) -> None:
+        """Stop a running retrain now; later `run` calls return at once."""
         with self._lock:
             self._abandoned = True
             proc = self._proc
         if proc is None or proc.poll() is not None:
             return
+        # SIGKILL straight away: the child has nothing to clean up (a version counts only once its
+        # manifest is written), and it inherited our blocked SIGTERM anyway.
         log.info("abandoning the running retrain (pid %d)", proc.pid)
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.kill()
 
 
 def _relay(line: str) -> dict | None:
@@ -216,7 +219,10 @@ class Daemon:
         # mask and the signals wait, pending, for the sigtimedwait below.
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-            logging.getLogger("apscheduler").setLevel(logging.WARNING)  # "Running job ..." twice a tick
+            # One line per tick: APScheduler says "Running job"/"executed" for each, and the pipeline's own
+            # tick line repeats figures the daemon's line has (with rows read, repairs and duration).
+            logging.getLogger("apscheduler").setLevel(logging.WARNING)
+            logging.getLogger("forecastd.pipeline").setLevel(logging.WARNING)
         try:
             with StateLock(self.store.root):
                 return self._run_locked()
@@ -290,7 +296,7 @@ class Daemon:
             info = signal.sigtimedwait(_SIGNALS, 0.1)
             if info is not None:
                 log.warning("second %s: exiting without waiting for the running tick", signal.Signals(info.si_signo).name)
-                self.worker.abandon(grace=0.0)
+                self.worker.abandon()
                 os._exit(1)
 
     def _scheduler(self) -> BackgroundScheduler:
@@ -382,7 +388,8 @@ class Daemon:
                                      f"challenger v{result.challenger} was judged against v{result.live}")
                 else:
                     try:
-                        switch_live(self.store, result.challenger, reason=f"retrain: {result.reason}", now=now)
+                        switch_live(self.store, result.challenger, reason=f"retrain: {result.reason}",
+                                    now=self.clock())
                         result.outcome = "promoted"
                         self.metrics.live_version.set(result.challenger)
                     except ForecastdError as exc:
@@ -393,9 +400,12 @@ class Daemon:
         if outcome != "abandoned":
             self.metrics.train_seconds.observe(result.seconds)
         level = logging.WARNING if outcome == "failed" else logging.INFO
-        log.log(level, "retrain %s in %.1f s: challenger %s (loss %s, %s epochs) vs live %s (loss %s): %s", outcome,
-                result.seconds, _v(result.challenger), _f(result.challenger_loss),
-                result.metrics.get("epochs_run", "-"), _v(result.live), _f(result.live_loss), result.reason)
+        figures = ""
+        if result.challenger is not None:
+            figures = (f": challenger v{result.challenger} (tail loss {_f(result.challenger_loss)}, "
+                       f"{result.metrics.get('epochs_run', '-')} epochs) vs live {_v(result.live)} "
+                       f"(tail loss {_f(result.live_loss)})")
+        log.log(level, "retrain %s in %.1f s%s: %s", outcome, result.seconds, figures, result.reason)
         self.notifier.status(f"retrain {outcome}: {result.reason[:200]}")
         self._set_info(last_retrain={"at": now.isoformat(), **result.as_dict()})
         return result
@@ -408,7 +418,9 @@ class Daemon:
         self.notifier.watchdog()
 
     def _set_info(self, **fields: Any) -> None:
-        with self._info_lock:
+        # Under the tick lock: run_once sweeps temp files in the state directory at its start, and would
+        # delete this write's temp file if the two overlapped (see docs/operations.md).
+        with self.swap, self._info_lock:
             self.info.update(fields)
             try:
                 write_daemon_info(self.store, self.info)

@@ -180,8 +180,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False) ->
     mv = store.load_live(device)
     grid = mv.grid
     state, _ = store.load_stream(mv.version)
-    state = state or StreamState.fresh([], np.zeros(0), len(mv.model_config.level_alphas),
-                                       (_hidden_rows(mv), mv.model_config.hidden_size))
+    state = _fit_judges(state, config.anomaly.forecasts) if state is not None else _empty_state(mv, config)
     prior = {} if len(state) else _prior_watermarks(store, mv.version)
     report = TickReport(mv.version)
     clock.lap("load")
@@ -234,8 +233,9 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False) ->
     open_sink(config).write(outputs.forecasts, outputs.anomalies)
     clock.lap("write")
     # Only now, with the outputs durable, may the watermarks move (DESIGN.md guarantee 1).
-    store.save_stream(mv.version, state, {"ticked_at": pd.Timestamp(now).isoformat()},
-                      keep=config.state.keep_checkpoints)
+    if segments:
+        store.save_stream(mv.version, state, {"ticked_at": pd.Timestamp(now).isoformat()},
+                          keep=config.state.keep_checkpoints)
     clock.lap("checkpoint")
     report.forecasts_written = len(outputs.forecasts)
     report.anomalies_written = len(outputs.anomalies)
@@ -279,8 +279,7 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
             segments.extend(segs)
     report.series = len(fresh_scale)
     report.points = int(sum(np.isfinite(g.values).sum() for g in segments))
-    empty = StreamState.fresh([], np.zeros(0), len(mv.model_config.level_alphas),
-                              (_hidden_rows(mv), mv.model_config.hidden_size))
+    empty = _empty_state(mv, config)
     outputs, _ = run_segments(mv.model, empty, segments, fresh_scale, grid, mv.model_config, config.anomaly,
                               mv.version, Emit(warmup, lo, hi))
     clock.lap("model")
@@ -300,7 +299,19 @@ def _utc(t: dt.datetime | pd.Timestamp) -> pd.Timestamp:
     return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
 
 
-def _hidden_rows(mv: ModelVersion) -> int:
+def _empty_state(mv: ModelVersion, config: Config) -> StreamState:
     mc = mv.model_config
-    return mc.num_layers * (2 if mc.cell == "lstm" else 1)
+    rows = mc.num_layers * (2 if mc.cell == "lstm" else 1)
+    return StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (rows, mc.hidden_size), config.anomaly.forecasts)
+
+
+def _fit_judges(state: StreamState, m: int) -> StreamState:
+    """[anomaly] forecasts changed since the checkpoint: the pending forecasts restart empty (logged)."""
+    if state.pending_mean.shape[1] == m:
+        return state
+    log.warning("[anomaly] forecasts changed to %d; pending forecasts reset, the next point of each series "
+                "is not scored", m)
+    state.pending_mean = np.full((len(state), m, m), np.nan)
+    state.pending_std = np.full((len(state), m, m), np.nan)
+    return state
 

@@ -57,15 +57,18 @@ class StreamState:
     scale: np.ndarray  # B float64: the series' unit of change
     track: Track  # last observed value, running levels
     hidden: np.ndarray  # B, L', H float32: recurrent state (LSTM: h then c along L')
-    pending_mean: np.ndarray  # B float64: one-step forecast for the next step
-    pending_std: np.ndarray  # B float64
+    # B, m, m float64: the forecasts the last m origins (oldest first) issued for their next m steps;
+    # they judge the next points (m = [anomaly] forecasts).
+    pending_mean: np.ndarray
+    pending_std: np.ndarray
     anomaly: AnomalyTrack
 
     def __len__(self) -> int:
         return len(self.series_ids)
 
     @classmethod
-    def fresh(cls, series_ids: list[str], scale: np.ndarray, n_levels: int, hidden_shape: tuple[int, int]) -> StreamState:
+    def fresh(cls, series_ids: list[str], scale: np.ndarray, n_levels: int, hidden_shape: tuple[int, int],
+              judges: int = 2) -> StreamState:
         B = len(series_ids)
         return cls(
             list(series_ids),
@@ -74,8 +77,8 @@ class StreamState:
             np.asarray(scale, dtype=np.float64),
             Track.fresh(B, n_levels),
             np.zeros((B, *hidden_shape), dtype=np.float32),
-            np.full(B, np.nan),
-            np.full(B, np.nan),
+            np.full((B, judges, judges), np.nan),
+            np.full((B, judges, judges), np.nan),
             AnomalyTrack.fresh(B),
         )
 

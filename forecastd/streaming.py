@@ -103,14 +103,20 @@ def advance(
     fc_mean = origin[:, :, None] + mean * s  # B, T, K in the series' own units
     fc_std = spread * s
 
-    # The forecast issued one step before each point is what scores it.
-    expected = np.concatenate([state.pending_mean[:, None], fc_mean[:, :-1, 0]], axis=1)  # B, T
-    expected_sd = np.concatenate([state.pending_std[:, None], fc_std[:, :-1, 0]], axis=1)
-    scores, atrack = anomaly.score(values, expected, expected_sd, state.anomaly, ac.short_window, ac.long_window)
+    # Predict, then learn: the forecasts issued before each point judge it. ext holds, per origin, the
+    # first m steps of its forecast: the last m origins of the previous block, then this block's.
+    m = state.pending_mean.shape[1]
+    ext_mean = np.concatenate([state.pending_mean, fc_mean[:, :, :m]], axis=1)  # B, m+T, m
+    ext_std = np.concatenate([state.pending_std, fc_std[:, :, :m]], axis=1)
+    raw = np.full((B, T), np.nan)
+    for j in range(1, m + 1):  # the forecast issued j steps before
+        s_j = anomaly.surprise(values, ext_mean[:, m - j : m - j + T, j - 1], ext_std[:, m - j : m - j + T, j - 1])
+        raw = np.fmin(raw, s_j)  # the least surprised judge; NaN only where none could judge
+    expected, expected_sd = ext_mean[:, m - 1 : m - 1 + T, 0], ext_std[:, m - 1 : m - 1 + T, 0]
+    scores, atrack = anomaly.score(raw, state.anomaly, ac.short_window, ac.long_window)
 
-    last = np.maximum(lengths - 1, 0)
-    rows = np.arange(B)
-    has = lengths > 0
+    rows = np.arange(B)[:, None]
+    tail = lengths[:, None] + np.arange(m)[None, :]  # the last m origins of each series, in ext
     new = StreamState(
         state.series_ids,
         state.step + lengths,
@@ -118,8 +124,8 @@ def advance(
         state.scale,
         track,
         pack_hidden(hidden).transpose(0, 1).float().cpu().numpy().copy(),
-        np.where(has, fc_mean[rows, last, 0], state.pending_mean),
-        np.where(has, fc_std[rows, last, 0], state.pending_std),
+        ext_mean[rows, tail],
+        ext_std[rows, tail],
         atrack,
     )
 
@@ -207,7 +213,7 @@ def run_segments(
         if fresh:
             ids = [g.series_id for g in fresh]
             scale = np.array([fresh_scale[i] for i in ids])
-            st = StreamState.fresh(ids, scale, len(mc.level_alphas), hidden_shape)
+            st = StreamState.fresh(ids, scale, len(mc.level_alphas), hidden_shape, ac.forecasts)
             st.step[:] = np.array([g.start - 1 for g in fresh])
             st.age[:] = np.array([g.age for g in fresh])
             sub_parts.append(st)

@@ -107,7 +107,7 @@ def pg_server() -> str:
         with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=PG_DB, connect_timeout=3) as conn:
             conn.execute("SELECT 1")
     except Exception as exc:  # ImportError, refused, auth: every reason is a skip, with the reason
-        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT}: {exc}".strip())
+        pytest.skip(f"PostgreSQL not reachable at {PG_HOST}:{PG_PORT}: {' '.join(str(exc).split())}")
     return pg_base_url()
 
 

@@ -4,9 +4,8 @@ from forecastd.anomaly import AnomalyTrack, final, likelihood, score, surprise
 
 
 def _run(values, expected, spread, short=10, long=2000):
-    v = np.asarray(values, float)[None]
-    return score(v, np.asarray(expected, float)[None], np.asarray(spread, float)[None],
-                 AnomalyTrack.fresh(1), short, long)
+    raw = surprise(np.asarray(values, float)[None], np.asarray(expected, float)[None], np.asarray(spread, float)[None])
+    return score(raw, AnomalyTrack.fresh(1), short, long)
 
 
 def test_surprise_is_minus_log10_two_sided_tail():
@@ -56,5 +55,15 @@ def test_scoring_in_blocks_equals_scoring_at_once():
     np.testing.assert_allclose(t2.var, ta.var)
 
 
-def test_final_maps_rarity_to_unit_interval():
-    np.testing.assert_allclose(final(np.array([0.0, -5.0, -10.0, -50.0])), [0.0, 0.5, 1.0, 1.0])
+def test_final_maps_rarity_to_unit_interval_and_needs_both_rare():
+    np.testing.assert_allclose(final(np.array([0.0, -5.0, -10.0, -50.0]), np.full(4, 99.0)), [0.0, 0.5, 1.0, 1.0])
+    # A calm point right after a spike: the recent average is still rare, the point is not.
+    assert final(np.array([-30.0]), np.array([0.2]))[0] < 0.05
+
+
+def test_only_the_spike_is_flagged_not_its_calm_neighbours():
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=800)
+    v[700] = 15.0
+    s, _ = _run(v, np.zeros(800), np.ones(800))
+    assert np.flatnonzero(s[0, 100:] >= 0.5).tolist() == [600]

@@ -7,6 +7,7 @@ source returns are run through forecastd.frames.validate and compared with the f
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -393,8 +394,9 @@ def test_unreachable_database():
     source = SqlSource("postgresql+psycopg://postgres@127.0.0.1:1/test", "readings")
     with pytest.raises(SourceError, match=r"cannot connect to the database at .*127\.0\.0\.1:1.*check \[source\] url"):
         source.read()
-    with pytest.raises(SourceError, match="cannot connect"):
+    with pytest.raises(SourceError, match=r"SQLite database '/no/such/dir/x.db' does not exist; check \[source\] url"):
         SqlSource("sqlite:////no/such/dir/x.db", "readings").series_ids()
+    assert not os.path.exists("/no/such/dir/x.db")
     with pytest.raises(SourceError, match="is not an SQLAlchemy URL"):
         SqlSource("not a url", "readings")
 
@@ -455,3 +457,27 @@ def test_null_and_bad_timestamps_reach_validation_on_unbounded_reads(tmp_path):
     frame, report = validate(raw, grid=Grid("1h"))
     assert len(frame) == 1 and report.total("rejected: bad timestamp") == 2
     assert np.array_equal(source.read(since=START)["value"].to_numpy(), [1.0])
+
+
+@pytest.mark.parametrize("kind", ["parquet", "sqlite"])
+def test_integer_series_ids_compare_as_text(kind, tmp_path):
+    frame = pd.DataFrame({"sensor": [7, 7, 8], "ts": pd.date_range(START, periods=3, freq="h").tz_localize(None),
+                          "value": [1.0, 2.0, 3.0]})
+    if kind == "parquet":
+        frame.to_parquet(tmp_path / "x.parquet")
+        source = ParquetSource(tmp_path / "x.parquet", series_column="sensor")
+    else:
+        engine = sa.create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+        frame.to_sql("readings", engine, index=False)
+        engine.dispose()
+        source = SqlSource(f"sqlite:///{tmp_path / 'x.db'}", "readings", series_column="sensor")
+    assert source.series_ids() == ["7", "8"]
+    assert source.read(series=["7"])["value"].tolist() == [1.0, 2.0]
+
+
+def test_wide_default_skips_partition_keys(long_frame, tmp_path):
+    wide = _wide(long_frame).assign(year=2024)
+    pq.write_to_dataset(pa.Table.from_pandas(wide, preserve_index=False), tmp_path / "ds", partition_cols=["year"])
+    source = ParquetSource(tmp_path / "ds", layout="wide", time_column="date")
+    assert source.series_ids() == sorted(SERIES, key=list(_wide(long_frame).columns).index)
+    pd.testing.assert_frame_equal(canon(source.read(), "UTC"), expected(long_frame))

@@ -23,7 +23,8 @@ class MemorySink:
         return f"MemorySink({', '.join(f'{k}={len(v)}' for k, v in self.tables.items())})"
 
     def write(self, forecasts: pd.DataFrame, anomalies: pd.DataFrame) -> None:
-        new = {"forecasts": conform(forecasts, SPECS["forecasts"]), "anomalies": conform(anomalies, SPECS["anomalies"])}
+        new = {"forecasts": conform(forecasts, SPECS["forecasts"]),
+               "anomalies": conform(anomalies, SPECS["anomalies"])}
         for name, frame in new.items():
             if frame.empty:
                 continue

@@ -94,10 +94,11 @@ class ParquetSink:
         return f"ParquetSink({str(self.path)!r}, partition={self.partition!r})"
 
     def write(self, forecasts: pd.DataFrame, anomalies: pd.DataFrame) -> None:
-        frames = {"forecasts": conform(forecasts, SPECS["forecasts"]), "anomalies": conform(anomalies, SPECS["anomalies"])}
-        for name, frame in frames.items():
+        # Both frames are checked before either is written.
+        frames = [conform(forecasts, SPECS["forecasts"]), conform(anomalies, SPECS["anomalies"])]
+        for spec, frame in zip((SPECS["forecasts"], SPECS["anomalies"]), frames):
             if not frame.empty:
-                self._upsert(SPECS[name], frame)
+                self._upsert(spec, frame)
 
     def read(
         self,
@@ -167,7 +168,9 @@ class ParquetSink:
         try:
             atomic_write(directory / PART_FILE, lambda tmp: pq.write_table(table, tmp))
         except (pa.ArrowException, OSError) as exc:
-            raise SinkError(f"cannot write partition {str(directory)!r}: {exc}; check free space and permissions") from exc
+            raise SinkError(
+                f"cannot write partition {str(directory)!r}: {exc}; check free space and permissions"
+            ) from exc
         stale = [f for f in old_files if f.name != PART_FILE]
         for f in stale:
             f.unlink(missing_ok=True)

@@ -92,7 +92,10 @@ class SqlSink:
         return f"SqlSink({describe_url(self.engine.url)!r})"
 
     def write(self, forecasts: pd.DataFrame, anomalies: pd.DataFrame) -> None:
-        frames = {"forecasts": conform(forecasts, SPECS["forecasts"]), "anomalies": conform(anomalies, SPECS["anomalies"])}
+        frames = {
+            name: conform(frame, SPECS[name])
+            for name, frame in (("forecasts", forecasts), ("anomalies", anomalies))
+        }
         frames = {k: v for k, v in frames.items() if not v.empty}
         if not frames:
             return
@@ -122,17 +125,19 @@ class SqlSink:
                 return empty(spec)
             self._tables[spec.name] = t
             stmt = sa.select(*(t.c[c] for c in spec.columns))
+            time = t.c[spec.time]
             if since is not None:
-                stmt = stmt.where(t.c[spec.time] > sa.bindparam("since", self._bind_time(since), type_=t.c[spec.time].type))
+                stmt = stmt.where(time > sa.bindparam("since", self._bind_time(since), type_=time.type))
             if until is not None:
-                stmt = stmt.where(t.c[spec.time] <= sa.bindparam("until", self._bind_time(until), type_=t.c[spec.time].type))
+                stmt = stmt.where(time <= sa.bindparam("until", self._bind_time(until), type_=time.type))
             if series is None:
                 rows = self._execute(conn, spec, stmt)
             else:
                 ids = [str(s) for s in series]
                 rows = []
                 for start in range(0, len(ids), SERIES_CHUNK):
-                    rows += self._execute(conn, spec, stmt.where(t.c.series_id.in_(ids[start:start + SERIES_CHUNK])))
+                    chunk = ids[start:start + SERIES_CHUNK]
+                    rows += self._execute(conn, spec, stmt.where(t.c.series_id.in_(chunk)))
         if not rows:
             return empty(spec)
         return conform(pd.DataFrame.from_records(rows, columns=list(spec.columns)), spec)
@@ -144,7 +149,10 @@ class SqlSink:
         return f"{self.db_schema}.{name}" if self.db_schema else name
 
     def _definition(self, spec: TableSpec) -> sa.Table:
-        columns = [sa.Column(c, _SQL_TYPES[d], nullable=c not in spec.key and d != "object") for c, d in spec.columns.items()]
+        columns = [
+            sa.Column(c, _SQL_TYPES[d], nullable=c not in spec.key and d != "object")
+            for c, d in spec.columns.items()
+        ]
         return sa.Table(
             self.names[spec.name], sa.MetaData(), *columns, sa.PrimaryKeyConstraint(*spec.key), schema=self.db_schema
         )
@@ -196,9 +204,10 @@ class SqlSink:
                     f"column {column!r} of table {name!r} has type {have}, forecastd writes {want}; change it "
                     f"(ALTER TABLE ... ALTER COLUMN {column} TYPE {want}) or set [sink] {key} to a new table name"
                 )
-        uniques = [inspector.get_pk_constraint(table.name, schema=self.db_schema).get("constrained_columns") or []]
-        uniques += [u["column_names"] for u in inspector.get_unique_constraints(table.name, schema=self.db_schema)]
-        uniques += [i["column_names"] for i in inspector.get_indexes(table.name, schema=self.db_schema) if i.get("unique")]
+        where = {"table_name": table.name, "schema": self.db_schema}
+        uniques = [inspector.get_pk_constraint(**where).get("constrained_columns") or []]
+        uniques += [u["column_names"] for u in inspector.get_unique_constraints(**where)]
+        uniques += [i["column_names"] for i in inspector.get_indexes(**where) if i.get("unique")]
         if not any(set(u) == set(spec.key) for u in uniques):
             raise SinkError(
                 f"table {name!r} has no primary key or unique constraint on {', '.join(spec.key)}, which upserts "
@@ -232,7 +241,11 @@ class SqlSink:
             conn.execute(stmt, self._records(spec, frame.iloc[start:start + BATCH_ROWS]))
 
     def _records(self, spec: TableSpec, frame: pd.DataFrame) -> list[dict[str, Any]]:
-        """Rows as plain Python values: NaN becomes NULL, timestamps UTC datetimes."""
+        """Rows as plain Python values: NaN and NaT become NULL, timestamps UTC datetimes.
+
+        The DBAPI takes one parameter set per row, so this is the one per-row step of a write; the
+        columns are converted whole before it.
+        """
         columns = []
         for name, dtype in spec.columns.items():
             col = frame[name]
@@ -255,7 +268,7 @@ class SqlSink:
         col = col.dt.tz_convert("UTC").dt.floor("us")
         if self.engine.dialect.name == "sqlite":
             col = col.dt.tz_localize(None)
-        return col.astype(object).tolist()
+        return col.astype(object).where(col.notna(), None).tolist()
 
     def _execute(self, conn: sa.Connection, spec: TableSpec, stmt: sa.Select) -> list[Any]:
         try:

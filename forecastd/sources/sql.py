@@ -18,7 +18,9 @@ Time filters follow the stored type of the time column:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -29,7 +31,16 @@ import sqlalchemy as sa
 
 from forecastd.config import Config
 from forecastd.errors import ForecastdError, SourceError
-from forecastd.sources.mapping import COLUMNS, ColumnMap, empty_raw, has_offset, local_naive, melt, text_bound, utc_bound
+from forecastd.sources.mapping import (
+    COLUMNS,
+    ColumnMap,
+    empty_raw,
+    has_offset,
+    local_naive,
+    melt,
+    text_bound,
+    utc_bound,
+)
 
 __all__ = ["SqlSource", "connect", "db_reason", "make_engine", "resolve_url", "describe_url", "SERIES_CHUNK"]
 
@@ -43,11 +54,14 @@ SERIES_CHUNK = 500
 _SQLITE_NORMAL = "%Y-%m-%d %H:%M:%f"
 
 
-def resolve_url(url: str, config: Config, *, error: type[ForecastdError] = SourceError, section: str = "source") -> str:
+def resolve_url(
+    url: str, config: Config, *, error: type[ForecastdError] = SourceError, section: str = "source"
+) -> str:
     """An SQLAlchemy URL with a relative SQLite path resolved against the config file's directory."""
     u = _parse_url(url, error, section)
-    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith("file:"):
-        return u.set(database=str(config.resolve(u.database))).render_as_string(hide_password=False)
+    db = u.database
+    if u.get_backend_name() == "sqlite" and db and db != ":memory:" and not db.startswith("file:"):
+        return u.set(database=str(config.resolve(db))).render_as_string(hide_password=False)
     return url
 
 
@@ -98,8 +112,8 @@ def connect(engine: sa.Engine, error: type[ForecastdError], section: str) -> Ite
         conn = engine.connect()
     except sa.exc.SQLAlchemyError as exc:
         raise error(
-            f"cannot connect to the database at {describe_url(engine.url)}: {db_reason(exc)}; check [{section}] url and "
-            "that the server is running and reachable"
+            f"cannot connect to the database at {describe_url(engine.url)}: {db_reason(exc)}; check "
+            f"[{section}] url and that the server is running and reachable"
         ) from exc
     with conn:
         yield conn
@@ -146,7 +160,7 @@ class SqlSource:
     ) -> pd.DataFrame:
         since, until = utc_bound(since, "since"), utc_bound(until, "until")
         cm = self.columns
-        with connect(self.engine, SourceError, "source") as conn:
+        with self._connect() as conn:
             table = self._reflect(conn)
             time_col = table.c[cm.time_column]
             where = self._time_filter(conn, time_col, since, until)
@@ -155,39 +169,54 @@ class SqlSource:
                 if not value_columns:
                     return empty_raw()
                 stmt = sa.select(self._time_select(time_col), *(table.c[c] for c in value_columns)).where(*where)
-                rows = self._execute(conn, stmt).all()
+                rows = self._execute(conn, stmt)
+                # By position: the time column first, then the series columns, whatever their names.
                 return melt(pd.DataFrame.from_records(rows, columns=range(len(value_columns) + 1)), value_columns)
             series_col = table.c[cm.series_column]
             stmt = sa.select(
-                series_col.label("series_id"), self._time_select(time_col).label("ts"), table.c[cm.value_column].label("value")
+                series_col.label("series_id"),
+                self._time_select(time_col).label("ts"),
+                table.c[cm.value_column].label("value"),
             ).where(*where)
             if series is None:
-                rows = self._execute(conn, stmt).all()
+                rows = self._execute(conn, stmt)
             else:
                 ids = [str(s) for s in series]
                 key = series_col if isinstance(series_col.type, sa.String) else sa.cast(series_col, sa.String)
                 rows = []
                 for start in range(0, len(ids), SERIES_CHUNK):
-                    rows += self._execute(conn, stmt.where(key.in_(ids[start:start + SERIES_CHUNK]))).all()
+                    rows += self._execute(conn, stmt.where(key.in_(ids[start:start + SERIES_CHUNK])))
         frame = pd.DataFrame.from_records(rows, columns=list(COLUMNS)) if rows else empty_raw()
         log.debug("read %d rows from table %r", len(frame), self.table_name)
         return frame
 
     def series_ids(self) -> list[str]:
         cm = self.columns
-        with connect(self.engine, SourceError, "source") as conn:
+        with self._connect() as conn:
             table = self._reflect(conn)
             if cm.layout == "wide":
                 return cm.wide_columns(self._numeric(table), None)
             column = table.c[cm.series_column]
-            values = self._execute(conn, sa.select(column).where(column.is_not(None)).distinct()).scalars().all()
-        return sorted({str(v) for v in values})
+            rows = self._execute(conn, sa.select(column).where(column.is_not(None)).distinct())
+        return sorted({str(row[0]) for row in rows})
 
     # -- table -------------------------------------------------------------------------------------
 
     def _where(self) -> str:
         schema = f" in schema {self.db_schema!r}" if self.db_schema else ""
         return f"table {self.table_name!r}{schema} at {describe_url(self.engine.url)}"
+
+    def _connect(self) -> contextlib.AbstractContextManager[sa.Connection]:
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            # SQLite would create an empty file for a mistyped path; a source only reads.
+            path = url.database.removeprefix("file:").split("?")[0]
+            if not os.path.exists(path):
+                raise SourceError(
+                    f"SQLite database {path!r} does not exist; check [source] url (relative paths resolve "
+                    "against the config file's directory)"
+                )
+        return connect(self.engine, SourceError, "source")
 
     def _reflect(self, conn: sa.Connection) -> sa.Table:
         if self._table is not None:
@@ -209,16 +238,19 @@ class SqlSource:
                 f"schema {self.db_schema!r} does not exist at {describe_url(self.engine.url)}; set [source] "
                 "db_schema to an existing schema or remove it"
             )
-        names = sorted(inspector.get_table_names(schema=self.db_schema) + inspector.get_view_names(schema=self.db_schema))
-        listing = ", ".join(repr(n) for n in names) or "none"
-        raise SourceError(f"{self._where()} does not exist; tables there are: {listing}; set [source] table to one of them")
+        names = inspector.get_table_names(schema=self.db_schema) + inspector.get_view_names(schema=self.db_schema)
+        listing = ", ".join(repr(n) for n in sorted(names)) or "none"
+        raise SourceError(
+            f"{self._where()} does not exist; tables there are: {listing}; set [source] table to one of them"
+        )
 
     def _numeric(self, table: sa.Table) -> list[str]:
-        return [c.name for c in table.c if isinstance(c.type, (sa.Integer, sa.Float, sa.Numeric)) and not isinstance(c.type, sa.Boolean)]
+        # SQLAlchemy 2.1's Float is no Numeric subclass, so both are named.
+        return [c.name for c in table.c if isinstance(c.type, (sa.Integer, sa.Float, sa.Numeric))]
 
-    def _execute(self, conn: sa.Connection, stmt: sa.Executable) -> sa.Result:
+    def _execute(self, conn: sa.Connection, stmt: sa.Executable) -> list[sa.Row]:
         try:
-            return conn.execute(stmt)
+            return list(conn.execute(stmt).all())
         except sa.exc.SQLAlchemyError as exc:
             raise SourceError(f"query on {self._where()} failed: {db_reason(exc)}") from exc
 
@@ -232,7 +264,8 @@ class SqlSource:
     def _stored_sample(self, conn: sa.Connection, column: sa.Column) -> Any:
         if self._sample is None:
             stmt = sa.select(sa.type_coerce(column, sa.String)).where(column.is_not(None)).limit(1)
-            self._sample = self._execute(conn, stmt).scalar()
+            rows = self._execute(conn, stmt)
+            self._sample = rows[0][0] if rows else None
         return self._sample
 
     def _time_filter(
@@ -282,7 +315,7 @@ class SqlSource:
                 "ISO-8601 text such as '2024-01-31 13:00:00' from SQLite; convert the column or read a view that "
                 "formats it"
             )
-        if self._execute(conn, sa.select(sa.func.strftime(_SQLITE_NORMAL, sample))).scalar() is None:
+        if self._execute(conn, sa.select(sa.func.strftime(_SQLITE_NORMAL, sample)))[0][0] is None:
             raise SourceError(
                 f"time values of {self._where()} are text SQLite cannot read as ISO-8601 (e.g. {sample!r}); "
                 "store them as 'YYYY-MM-DD HH:MM:SS[.fff]' with an optional 'Z' or '+HH:MM' suffix"
