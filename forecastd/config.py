@@ -102,6 +102,9 @@ class TrainingConfig:
     # Segment rows per optimiser step.
     batch_size: int = 16
     epochs: int = 30
+    # Small datasets repeat passes (with new row boundaries) until an epoch has this many optimiser
+    # steps; without it a handful of short series would get a few dozen updates in all.
+    min_epoch_steps: int = 100
     learning_rate: float = 3e-3
     weight_decay: float = 0.0
     # Gradient-norm clip; recurrent nets explode without it.
@@ -408,6 +411,7 @@ def _validate(c: Config) -> None:
              f"[training] burn_in = {t.burn_in} must be below segment_length = {t.segment_length}")
     _require(t.batch_size >= 1, f"[training] batch_size = {t.batch_size} must be at least 1")
     _require(t.epochs >= 1, f"[training] epochs = {t.epochs} must be at least 1")
+    _require(t.min_epoch_steps >= 0, f"[training] min_epoch_steps = {t.min_epoch_steps} must be 0 or more")
     _require(t.learning_rate > 0, f"[training] learning_rate = {t.learning_rate} must be positive")
     _require(t.clip > 0, f"[training] clip = {t.clip} must be positive")
     _require(0.0 <= t.validation_fraction < 0.9,

@@ -275,7 +275,7 @@ class Daemon:
     def _wait_for_signal(self) -> int:
         while True:
             info = signal.sigtimedwait(_SIGNALS, 1.0)
-            if info is not None:
+            if info is not None and info.si_signo in _SIGNALS:
                 return info.si_signo
 
     def _shutdown(self, scheduler: BackgroundScheduler) -> None:
@@ -294,7 +294,7 @@ class Daemon:
         threading.Thread(target=stop, name="forecastd-stop", daemon=True).start()
         while not done.is_set():
             info = signal.sigtimedwait(_SIGNALS, 0.1)
-            if info is not None:
+            if info is not None and info.si_signo in _SIGNALS:
                 log.warning("second %s: exiting without waiting for the running tick", signal.Signals(info.si_signo).name)
                 self.worker.abandon()
                 os._exit(1)

@@ -36,14 +36,17 @@ class Notifier:
     def send(self, **fields: str | int) -> bool:
         """One datagram with every field (`send(READY=1, STATUS="ok")`); False when nothing was sent.
 
-        Never raises: a notify socket that went away must not take the daemon down with it.
+        Never raises or blocks: a notify socket that went away or stopped reading must not take the daemon
+        down or hold up a tick; the message is dropped and a warning logged once.
         """
         if self.address is None:
             return False
         message = "\n".join(f"{k}={_one_line(str(v))}" for k, v in fields.items()).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.sendto(message, self.address)
+                # Non-blocking: a datagram to a listener that stopped reading would otherwise block the
+                # sending thread (a tick) once the listener's queue is full.
+                sock.sendto(message, socket.MSG_DONTWAIT, self.address)
         except OSError as exc:
             if not self._warned:  # once: a broken socket would otherwise log at every watchdog ping
                 log.warning("cannot notify %r (%s); systemd will not see readiness or watchdog pings",

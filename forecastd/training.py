@@ -225,17 +225,22 @@ def fit(
     bad_epochs = 0
     for epoch in range(1, config.epochs + 1):
         model.train()
-        offset = int(rng.integers(config.segment_length)) if epoch > 1 else 0
-        x, y, m = training_rows(train, config.segment_length, config.burn_in, offset)  # R, S, *
-        perm = rng.permutation(x.shape[0])
-        total, count = 0.0, 0.0
-        for lo in range(0, len(perm), config.batch_size):
-            rows = perm[lo : lo + config.batch_size]
-            xb = torch.from_numpy(x[rows]).to(device)  # B, S, F
-            yb = torch.from_numpy(y[rows]).to(device)  # B, S, K
-            mb = torch.from_numpy(m[rows]).to(device)  # B, S, K
-            t, n = train_rows(model, opt, xb, yb, mb, config.bptt, config.clip, autocast)
-            total, count = total + t, count + n
+        total, count, steps, first = 0.0, 0.0, 0, epoch == 1
+        # Small datasets repeat passes, each with new row boundaries, until the epoch has had
+        # min_epoch_steps optimiser steps; large ones make one pass.
+        while first or steps < config.min_epoch_steps:
+            offset = 0 if first and epoch == 1 else int(rng.integers(config.segment_length))
+            first = False
+            x, y, m = training_rows(train, config.segment_length, config.burn_in, offset)  # R, S, *
+            perm = rng.permutation(x.shape[0])
+            for lo in range(0, len(perm), config.batch_size):
+                rows = perm[lo : lo + config.batch_size]
+                xb = torch.from_numpy(x[rows]).to(device)  # B, S, F
+                yb = torch.from_numpy(y[rows]).to(device)  # B, S, K
+                mb = torch.from_numpy(m[rows]).to(device)  # B, S, K
+                t, n = train_rows(model, opt, xb, yb, mb, config.bptt, config.clip, autocast)
+                total, count = total + t, count + n
+                steps += -(-x.shape[1] // config.bptt)
         sched.step()
         train_loss = total / max(count, 1.0)
         if not math.isfinite(train_loss):

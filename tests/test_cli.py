@@ -360,13 +360,19 @@ def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
     assert load_config(config).model.horizon == 24
 
 
-def _commands() -> list[str]:
-    return sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+def _commands(group: Any = None, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every leaf command, sub-apps included (`models list`), so commands added later meet the rule too."""
+    group = group or typer.main.get_command(app)
+    found = []
+    for name, command in sorted(group.commands.items()):
+        subcommands = getattr(command, "commands", None)
+        found += _commands(command, (*prefix, name)) if subcommands else [(*prefix, name)]
+    return found
 
 
-@pytest.mark.parametrize("command", _commands())
-def test_help_has_an_example(command: str) -> None:
-    result = cli(command, "--help")
+@pytest.mark.parametrize("command", _commands(), ids=" ".join)
+def test_help_has_an_example(command: tuple[str, ...]) -> None:
+    result = cli(*command, "--help")
     assert result.exit_code == 0
     assert "Example" in result.stdout
 
@@ -466,3 +472,34 @@ def test_demo_on_the_bundled_sample_data(tmp_path: Path) -> None:
     model, persistence, seasonal = map(float, match.groups())
     assert model < persistence and model < seasonal
     assert (tmp_path / "demo" / "sensor-temp-1.png").is_file()
+
+
+# -- the README ---------------------------------------------------------------------------------------
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_readme_config_blocks_are_valid() -> None:
+    from forecastd.config import config_from_dict
+
+    blocks = re.findall(r"```toml\n(.*?)```", README, re.DOTALL)
+    assert blocks
+    for block in blocks:
+        config_from_dict(tomllib.loads(block))  # raises ConfigError naming any stale key
+
+
+def test_readme_quickstart_matches_ci() -> None:
+    commands = re.findall(r"```\n(.*?)\n```", README.split("## Quickstart")[1].split("\n## ")[0], re.DOTALL)
+    assert len(commands) == 2, "the quickstart is exactly two commands"
+    setup, test = commands
+    assert "pip install torch==2.13.0" in setup and "pip install -e '.[test]'" in setup
+    assert setup.endswith("forecastd demo")
+    test_command = test.split("&&")[-1].strip()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(rf"^{re.escape(test_command)}$", ci, re.MULTILINE), "CI must run the README's test command"
+    assert "pip install --quiet torch==2.13.0" in ci and "pip install --quiet -e '.[test]'" in ci
+
+
+def test_readme_lists_every_command() -> None:
+    for name in {command[0] for command in _commands()}:
+        assert any(f"`{form}" in README for form in (f"forecastd {name}", f"{name}`", f"{name} ")), name
