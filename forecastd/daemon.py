@@ -361,7 +361,7 @@ class Daemon:
         backoff = min(serve.interval * 2 ** min(failures - 1, 30), max(serve.max_backoff, serve.interval))
         self._next_attempt = time.monotonic() + backoff - serve.interval / 2
         # The traceback once per failure streak, for what forecastd did not foresee; then one line each.
-        log.error("tick failed (%d in a row) after %.3f s: %s; next attempt in %.0f s", failures, seconds, message,
+        log.error("tick failed (%d in a row) after %.3f s: %s; next attempt in %.1f s", failures, seconds, message,
                   backoff, exc_info=failures == 1 and not isinstance(exc, ForecastdError))
         self.notifier.status(f"tick failing ({failures} in a row): {message[:200]}")
         with self._info_lock:

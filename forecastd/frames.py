@@ -224,6 +224,20 @@ def _to_utc(col: pd.Series, zone: str) -> pd.Series:
                 return pd.NaT
         return t.tz_convert("UTC")
 
+    # Fast path: one vectorised parse; values it could not place (unparseable, or of the other kind in
+    # a mixed naive/aware column) are parsed row by row, so dirty rows cost time only for themselves.
+    try:
+        parsed = pd.to_datetime(col, format="ISO8601", errors="coerce")
+    except (ValueError, TypeError):
+        parsed = None
+    if parsed is not None and (isinstance(parsed.dtype, pd.DatetimeTZDtype)
+                               or pd.api.types.is_datetime64_dtype(parsed.dtype)):
+        out = _to_utc(parsed, zone)
+        redo = out.isna() & col.notna()
+        if redo.any():
+            out = out.copy()
+            out[redo] = pd.DatetimeIndex([one(v) for v in col[redo].tolist()], tz="UTC").as_unit("ns")
+        return out
     values = [one(v) for v in col.tolist()]
     return pd.Series(pd.DatetimeIndex(values, tz="UTC").as_unit("ns") if values else
                      pd.DatetimeIndex([], tz="UTC"), index=col.index)

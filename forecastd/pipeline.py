@@ -26,8 +26,8 @@ from forecastd.config import Config, config_to_dict
 from forecastd.errors import DataError
 from forecastd.frames import FrameReport, Grid, infer_freq, validate
 from forecastd.models import Forecaster
-from forecastd.sinks import open_sink
-from forecastd.sources import open_source
+from forecastd.sinks import Sink, open_sink
+from forecastd.sources import Source, open_source
 from forecastd.state import ModelVersion, Segment, StateStore, StreamState, plan
 from forecastd.streaming import Emit, Outputs, run_segments
 from forecastd.training import fit, prepare, resolve_device
@@ -170,9 +170,14 @@ def _prior_watermarks(store: StateStore, live: int) -> dict[str, int]:
     return {}
 
 
-def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False) -> TickReport:
+def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
+             source: Source | None = None, sink: Sink | None = None) -> TickReport:
     """One tick: read rows past each series' watermark, advance each carried state by exactly those
-    rows, write forecasts and anomaly rows, then checkpoint state and watermarks (in that order)."""
+    rows, write forecasts and anomaly rows, then checkpoint state and watermarks (in that order).
+
+    A long-lived caller (the daemon) passes its own `source` and `sink` so connections and reflected
+    tables are reused across ticks.
+    """
     clock = _Clock()
     store = state_store(config)
     store.sweep()
@@ -185,7 +190,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False) ->
     report = TickReport(mv.version)
     clock.lap("load")
 
-    source = open_source(config)
+    source = source or open_source(config)
     known = set(state.series_ids)
     all_ids = source.series_ids()
     new_ids = [s for s in all_ids if s not in known]
@@ -230,7 +235,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False) ->
     outputs, state = run_segments(mv.model, state, segments, fresh_scale, grid, mv.model_config,
                                   config.anomaly, mv.version, Emit(config.data.warmup))
     clock.lap("model")
-    open_sink(config).write(outputs.forecasts, outputs.anomalies)
+    (sink or open_sink(config)).write(outputs.forecasts, outputs.anomalies)
     clock.lap("write")
     # Only now, with the outputs durable, may the watermarks move (DESIGN.md guarantee 1).
     if segments:

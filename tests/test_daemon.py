@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import PG_DB, PG_HOST, PG_PORT, PG_USER
 
 from serve_support import (
     END,
     SAMPLE_DB,
+    SERIES,
     T0,
     NotifySocket,
     Serve,
@@ -184,18 +186,21 @@ def test_locked_sqlite_source_fails_ticks_then_catches_up(tmp_path):
     serve = Serve(config)
     healthz = f"http://127.0.0.1:{port}/healthz"
     try:
-        wait_until(lambda: _up(healthz), 60, "the daemon's HTTP endpoint")
+        wait_until(lambda: _up(healthz) and _get(healthz)[0] == 200, 60, "the daemon to tick and be healthy")
         con = sqlite3.connect(tmp_path / "src.db", isolation_level=None, timeout=30)
         con.execute("ATTACH DATABASE ? AS sample", (str(SAMPLE_DB),))
         con.execute("BEGIN EXCLUSIVE")  # readers now get "database is locked"
         # Rows that arrive during the outage become visible when it ends.
         con.execute("INSERT INTO main.readings (series_id, ts, value) SELECT series_id, ts, value "
-                    "FROM sample.readings WHERE ts > ? AND ts <= ?",
-                    (f"{T0:%Y-%m-%d %H:%M:%S}", f"{DAY:%Y-%m-%d %H:%M:%S}"))
-        status = wait_until(lambda: _get(healthz)[0] == 503, 40, "/healthz to report the failing ticks")
-        assert status
-        body = json.loads(_get(healthz)[1])
-        assert body["status"] == "unhealthy" and body["consecutive_failures"] >= 1
+                    f"FROM sample.readings WHERE ts > ? AND ts <= ? AND series_id IN ({','.join('?' * len(SERIES))})",
+                    (f"{T0:%Y-%m-%d %H:%M:%S}", f"{DAY:%Y-%m-%d %H:%M:%S}", *SERIES))
+        def failing() -> dict | None:
+            code, body = _get(healthz)
+            body = json.loads(body)
+            return body if code == 503 and body["consecutive_failures"] >= 1 else None
+
+        body = wait_until(failing, 60, "/healthz to report the failed tick")
+        assert body["status"] == "unhealthy" and "database is locked" in body["reason"]
         con.execute("COMMIT")
         con.close()
         wait_until(lambda: _get(healthz)[0] == 200, 40, "/healthz to recover")
@@ -216,3 +221,76 @@ def _up(url: str) -> bool:
         return _get(url)[0] in (200, 503)
     except OSError:
         return False
+
+
+@pytest.mark.postgres
+def test_postgresql_outage_fails_ticks_then_catches_up(tmp_path, pg_server):
+    """Guarantee 6 against the real server: the daemon's database refuses it and its connections are cut
+    (what a restart looks like from the client), while rows keep arriving; after it, no gap.
+
+    Stopping the server itself would break every other test using it, so the outage is confined to a
+    database and a role of this test's own: REVOKE CONNECT plus pg_terminate_backend.
+    """
+    import uuid
+
+    import psycopg
+
+    name = f"forecastd_outage_{uuid.uuid4().hex[:10]}"
+    admin = psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=PG_DB, autocommit=True)
+    admin.execute(f'CREATE ROLE "{name}" LOGIN')  # generated names, not user input
+    admin.execute(f'CREATE DATABASE "{name}" OWNER "{name}"')
+    admin.execute(f'REVOKE CONNECT ON DATABASE "{name}" FROM PUBLIC')
+    admin.execute(f'GRANT CONNECT ON DATABASE "{name}" TO "{name}"')
+    db = psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=name, autocommit=True)
+    port = free_port()
+    try:
+        db.execute("CREATE TABLE readings (series_id text, ts timestamptz, value double precision)")
+        db.execute(f'ALTER TABLE readings OWNER TO "{name}"')
+        _copy_rows(db, None, T0)
+        url = f"postgresql+psycopg://{name}@{PG_HOST}:{PG_PORT}/{name}"
+        config = clone(tmp_path, source={"url": url}, sink={"kind": "sql", "url": url, "path": None},
+                       serve={"http_port": port, "unhealthy_after": 1})
+        serve = Serve(config)
+        healthz = f"http://127.0.0.1:{port}/healthz"
+        try:
+            wait_until(lambda: _up(healthz) and _get(healthz)[0] == 200, 60, "the daemon to tick and be healthy")
+            admin.execute(f'REVOKE CONNECT ON DATABASE "{name}" FROM "{name}"')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
+            _copy_rows(db, T0, DAY)  # rows keep arriving while the daemon cannot read them
+
+            def failing() -> dict | None:
+                code, body = _get(healthz)
+                body = json.loads(body)
+                return body if code == 503 and body["consecutive_failures"] >= 2 else None
+
+            body = wait_until(failing, 60, "/healthz to report the failed ticks")
+            assert "permission denied for database" in body["reason"] or "terminat" in body["reason"], body
+            admin.execute(f'GRANT CONNECT ON DATABASE "{name}" TO "{name}"')
+            wait_until(lambda: _get(healthz)[0] == 200, 60, "/healthz to recover")
+            wait_until(lambda: watermark(config) == DAY, 30, "the catch-up tick")
+            serve.signal(signal.SIGTERM)
+            assert serve.wait(STOP_TIMEOUT) == 0
+        finally:
+            serve.kill()
+        assert "tick failed (2 in a row)" in serve.log()
+        got = outputs(config)
+        want = {"forecasts": reference(DAY)["forecasts"].query("issued_at > @T0"),
+                "anomalies": reference(DAY)["anomalies"].query("ts > @T0")}
+        assert_same_outputs(got, want)
+    finally:
+        db.close()
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'DROP ROLE IF EXISTS "{name}"')
+        admin.close()
+
+
+def _copy_rows(db, since: pd.Timestamp | None, until: pd.Timestamp) -> None:
+    with sqlite3.connect(SAMPLE_DB) as src:
+        rows = src.execute(
+            f"SELECT series_id, ts, value FROM readings WHERE ts > ? AND ts <= ? AND series_id IN "
+            f"({','.join('?' * len(SERIES))})",
+            (f"{since:%Y-%m-%d %H:%M:%S}" if since is not None else "", f"{until:%Y-%m-%d %H:%M:%S}", *SERIES),
+        ).fetchall()
+    with db.cursor().copy("COPY readings (series_id, ts, value) FROM STDIN") as copy:
+        for sid, ts, value in rows:
+            copy.write_row((sid, ts + "+00", value))

@@ -42,10 +42,10 @@ def build(kind: str, tmp_path: Path, request) -> Sink:
     return SqlSink(request.getfixturevalue("pg_url"))
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=[
+    pytest.param(kind, id=kind, marks=[pytest.mark.postgres] if kind == "postgresql" else []) for kind in KINDS
+])
 def sink(request, tmp_path) -> Sink:
-    if request.param == "postgresql":
-        request.applymarker(pytest.mark.postgres)
     s = build(request.param, tmp_path, request)
     yield s
     if isinstance(s, SqlSink):

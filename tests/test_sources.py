@@ -194,10 +194,11 @@ VARIANTS: dict[str, Callable] = {f.__name__: f for f in [
 ]}
 
 
-@pytest.fixture(params=list(VARIANTS), ids=list(VARIANTS))
+@pytest.fixture(params=[
+    pytest.param(name, id=name, marks=[pytest.mark.postgres] if name.startswith("postgresql") else [])
+    for name in VARIANTS
+])
 def stored(request, long_frame, tmp_path) -> tuple[Source, str]:
-    if request.param.startswith("postgresql"):
-        request.applymarker(pytest.mark.postgres)
     return VARIANTS[request.param](long_frame, tmp_path, request)
 
 
@@ -300,7 +301,7 @@ def test_sqlite_numeric_timestamps_are_refused(tmp_path):
         source.read(since=START)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_sql_filters_are_bound_parameters(backend, long_frame, tmp_path, request):
     if backend == "sqlite":
         source, _ = sqlite_pandas(long_frame, tmp_path, request)

@@ -144,6 +144,7 @@ class SqlSource:
         # Reflected on first use, not here: a daemon may start before its database does.
         self._table: sa.Table | None = None
         self._sample: Any = None  # a stored time value, for text timestamps
+        self._text_zone: str | None = None  # SQLite: the zone of normalised time text
 
     def __repr__(self) -> str:
         return f"SqlSource({describe_url(self.url)!r}, table={self.table_name!r})"
@@ -306,22 +307,9 @@ class SqlSource:
     def _sqlite_text_filter(
         self, conn: sa.Connection, column: sa.Column, since: pd.Timestamp | None, until: pd.Timestamp | None
     ) -> list[sa.ColumnElement[bool]]:
-        sample = self._stored_sample(conn, column)
-        if sample is None:
+        zone = self._sqlite_zone(conn, column)
+        if zone is None:  # no timestamps at all: nothing can match a bound
             return [sa.false()]
-        if not isinstance(sample, str):
-            raise SourceError(
-                f"time column {column.name!r} of {self._where()} holds numbers (e.g. {sample!r}); forecastd reads "
-                "ISO-8601 text such as '2024-01-31 13:00:00' from SQLite; convert the column or read a view that "
-                "formats it"
-            )
-        if self._execute(conn, sa.select(sa.func.strftime(_SQLITE_NORMAL, sample)))[0][0] is None:
-            raise SourceError(
-                f"time values of {self._where()} are text SQLite cannot read as ISO-8601 (e.g. {sample!r}); "
-                "store them as 'YYYY-MM-DD HH:MM:SS[.fff]' with an optional 'Z' or '+HH:MM' suffix"
-            )
-        # Offset-bearing text normalises to UTC; naive text stays wall-clock time in the configured zone.
-        zone = "UTC" if has_offset(sample) else self.columns.timezone
         raw = sa.type_coerce(column, sa.String)
         normal = sa.func.strftime(sa.bindparam("normal_format", _SQLITE_NORMAL, type_=sa.String), column)
         out = []
@@ -338,6 +326,28 @@ class SqlSource:
                 normal <= sa.bindparam("until", _sqlite_normal(b), type_=sa.String),
             ]
         return out
+
+    def _sqlite_zone(self, conn: sa.Connection, column: sa.Column) -> str | None:
+        """The zone SQLite's normalised text is in ('UTC' for offset-bearing values), checked once."""
+        if self._text_zone is not None:
+            return self._text_zone
+        sample = self._stored_sample(conn, column)
+        if sample is None:
+            return None
+        if not isinstance(sample, str):
+            raise SourceError(
+                f"time column {column.name!r} of {self._where()} holds numbers (e.g. {sample!r}); forecastd reads "
+                "ISO-8601 text such as '2024-01-31 13:00:00' from SQLite; convert the column or read a view that "
+                "formats it"
+            )
+        if self._execute(conn, sa.select(sa.func.strftime(_SQLITE_NORMAL, sample)))[0][0] is None:
+            raise SourceError(
+                f"time values of {self._where()} are text SQLite cannot read as ISO-8601 (e.g. {sample!r}); "
+                "store them as 'YYYY-MM-DD HH:MM:SS[.fff]' with an optional 'Z' or '+HH:MM' suffix"
+            )
+        # Offset-bearing text normalises to UTC; naive text stays wall-clock time in the configured zone.
+        self._text_zone = "UTC" if has_offset(sample) else self.columns.timezone
+        return self._text_zone
 
 
 def _sqlite_normal(t: pd.Timestamp) -> str:
