@@ -1,0 +1,226 @@
+"""Speed of the carried state against recomputing a window, measured in one run on synthetic series.
+
+    python benchmarks/speed.py [--sizes 1 100 10000 100000] [--e2e 10000] [--device cpu|cuda]
+
+Prints:
+1. streaming throughput (series-steps/s) of one tick advancing N series by one point with the carried
+   state: the bare recurrent step, and the product's whole streaming step (features, model, anomaly
+   scoring, output rows); against the same model recomputing a lookback window of 96 for every update
+   (what a window-based forecaster does), and the ratio;
+2. single-series tick latency p50/p99 in process;
+3. training throughput (target-steps/s) of the TBPTT loop;
+4. an end-to-end `run_once` tick over N series on Parquet and on SQLite (read, step, write H=24
+   forecasts and anomaly rows, checkpoint), split by stage;
+5. peak memory and streaming-state bytes per series; threads used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from forecastd.config import AnomalyConfig, ModelConfig, TrainingConfig, load_config  # noqa: E402
+from forecastd.frames import Grid  # noqa: E402
+from forecastd.models import Forecaster  # noqa: E402
+from forecastd.state import Segment, StreamState  # noqa: E402
+from forecastd.streaming import Emit, advance, run_segments  # noqa: E402
+from forecastd.training import train_rows  # noqa: E402
+from forecastd.windowing import n_features  # noqa: E402
+
+WINDOW = 96
+GRID = Grid("1h")
+
+
+def _best(fn, repeat: int = 5, min_time: float = 0.2) -> float:
+    """Best seconds per call over `repeat` rounds of enough calls to fill `min_time`."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    n = max(1, int(min_time / once))
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def _state(model: Forecaster, mc: ModelConfig, n: int) -> StreamState:
+    """A warmed-up state for n series (20 steps of random walk each)."""
+    rng = np.random.default_rng(0)
+    values = 100 + np.cumsum(rng.normal(size=(n, 20)), axis=1)
+    segs = [Segment(f"s{i}", True, 0, values[i]) for i in range(n)]
+    empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (mc.num_layers, mc.hidden_size))
+    _, state = run_segments(model, empty, segs, {f"s{i}": 1.0 for i in range(n)}, GRID, mc, AnomalyConfig(),
+                            1, Emit(10**9))
+    return state
+
+
+def streaming(sizes: list[int], mc: ModelConfig, device: torch.device) -> None:
+    print("\n1. Streaming: advance N series by one point (series-steps/s)")
+    print(f"{'N':>8} | {'RNN step':>12} | {'full tick step':>14} | {'window recompute':>16} | {'ratio step/window':>17}")
+    F = n_features(len(mc.level_alphas))
+    model = Forecaster(F, mc).to(device).eval()
+    for n in sizes:
+        with torch.no_grad():
+            x1 = torch.randn(n, 1, F, device=device)
+            h = model.initial_state(n)
+            xw = torch.randn(n, WINDOW, F, device=device)
+
+            def rnn_step() -> None:
+                model(x1, h)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            def window() -> None:
+                model(xw)  # the whole lookback for every update, as window-based forecasters do
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+
+            t_step = _best(rnn_step)
+            t_win = _best(window, repeat=3)
+        full = "-"
+        if n <= 100_000 and device.type == "cpu" or device.type == "cuda":
+            state = _state(model, mc, n)
+            vals = 100 + np.random.default_rng(1).normal(size=(n, 1))
+            lengths = np.ones(n, dtype=np.int64)
+            t_full = _best(lambda: advance(model, state, vals, lengths, GRID, mc, AnomalyConfig(), 1, Emit(0)),
+                           repeat=3)
+            full = f"{n / t_full:>14,.0f}"
+        print(f"{n:>8} | {n / t_step:>12,.0f} | {full:>14} | {n / t_win:>16,.0f} | {t_win / t_step:>16.0f}x")
+
+
+def latency(mc: ModelConfig, device: torch.device) -> None:
+    model = Forecaster(n_features(len(mc.level_alphas)), mc).to(device).eval()
+    state = _state(model, mc, 1)
+    vals = np.array([[101.0]])
+    lengths = np.ones(1, dtype=np.int64)
+    times = []
+    for _ in range(2000):
+        t0 = time.perf_counter()
+        _, state = advance(model, state, vals, lengths, GRID, mc, AnomalyConfig(), 1, Emit(0))
+        times.append(time.perf_counter() - t0)
+    times = np.array(times[200:]) * 1e3
+    print(f"\n2. Single-series tick (whole streaming step incl. output rows): p50 {np.percentile(times, 50):.3f} ms, "
+          f"p99 {np.percentile(times, 99):.3f} ms")
+
+
+def training(mc: ModelConfig, device: torch.device) -> None:
+    tc = TrainingConfig()
+    F = n_features(len(mc.level_alphas))
+    model = Forecaster(F, mc).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    B, S = tc.batch_size, tc.segment_length
+    x = torch.randn(B, S, F, device=device)
+    y = torch.randn(B, S, mc.horizon, device=device)
+    m = torch.ones(B, S, mc.horizon, dtype=torch.bool, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t = _best(lambda: train_rows(model, opt, x, y, m, tc.bptt, tc.clip, autocast), repeat=3, min_time=1.0)
+    print(f"\n3. Training (TBPTT, batch {B} x {S} steps, bptt {tc.bptt}, H={mc.horizon}): "
+          f"{B * S / t:,.0f} sample-steps/s")
+
+
+def end_to_end(n: int, mc: ModelConfig) -> None:
+    """run_once over n series that each got one new point, on Parquet and on SQLite."""
+    import sqlite3
+
+    from forecastd.pipeline import run_once, state_store
+    from forecastd.state import ModelVersion  # noqa: F401
+
+    print(f"\n4. End-to-end tick, {n} series, one new point each, H={mc.horizon}")
+    rng = np.random.default_rng(0)
+    T = 200
+    ts = pd.date_range("2024-01-01", periods=T + 1, freq="h", tz="UTC").as_unit("ns")
+    ids = np.array([f"s{i:06d}" for i in range(n)], dtype=object)
+    values = 100 + np.cumsum(rng.normal(size=(n, T + 1)), axis=1)
+    frame = pd.DataFrame({"series_id": np.repeat(ids, T + 1), "ts": np.tile(ts, n), "value": values.ravel()})
+    for kind in ("parquet", "sqlite"):
+        with tempfile.TemporaryDirectory() as d:
+            d = Path(d)
+            if kind == "parquet":
+                frame[frame["ts"] < ts[T]].to_parquet(d / "data.parquet")
+                src = f'kind = "parquet"\npath = "{d / "data.parquet"}"'
+                sink = f'kind = "parquet"\npath = "{d / "out"}"\npartition = "hour"'
+            else:
+                con = sqlite3.connect(d / "data.db")
+                f = frame[frame["ts"] < ts[T]].assign(ts=lambda x: x["ts"].dt.strftime("%Y-%m-%d %H:%M:%S"))
+                f.to_sql("readings", con, index=False)
+                con.execute("CREATE INDEX readings_ts ON readings (ts)")
+                con.commit()
+                src = f'kind = "sql"\nurl = "sqlite:///{d / "data.db"}"\ntable = "readings"'
+                sink = f'kind = "sql"\nurl = "sqlite:///{d / "out.db"}"'
+            (d / "c.toml").write_text(
+                f"[source]\n{src}\n[sink]\n{sink}\n[model]\nhidden_size = {mc.hidden_size}\nhorizon = {mc.horizon}\n"
+                f"[data]\nwarmup = 48\n[training]\ndevice = \"cpu\"\n[state]\ndir = \"{d / 'state'}\"\n")
+            config = load_config(d / "c.toml")
+            _save_untrained(config, mc, ids)
+            run_once(config, ts[T - 1])  # first tick: warm-up of every series
+            if kind == "parquet":
+                frame.to_parquet(d / "data.parquet")
+            else:
+                con.executemany("INSERT INTO readings VALUES (?, ?, ?)",
+                                [(i, ts[T].strftime("%Y-%m-%d %H:%M:%S"), float(v)) for i, v in zip(ids, values[:, T])])
+                con.commit()
+            t0 = time.perf_counter()
+            r = run_once(config, ts[T])
+            total = time.perf_counter() - t0
+            stages = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r.seconds.items())
+            print(f"  {kind:8}: {total * 1e3:,.0f} ms for {r.points} points, {r.forecasts_written:,} forecast + "
+                  f"{r.anomalies_written:,} anomaly rows ({stages})")
+            state_store(config)
+
+
+def _save_untrained(config, mc: ModelConfig, ids) -> None:
+    """Speed does not depend on the weights: save an untrained model as the live version."""
+    from forecastd.config import config_to_dict
+    from forecastd.pipeline import state_store
+
+    store = state_store(config)
+    model = Forecaster(n_features(len(mc.level_alphas)), mc)
+    manifest = {"config": config_to_dict(config), "freq": "h", "n_features": n_features(len(mc.level_alphas)),
+                "scales": {str(i): 1.0 for i in ids}, "metrics": {}}
+    store.set_live(store.save_model(model, manifest, keep=2))
+
+
+def memory(mc: ModelConfig, n: int) -> None:
+    model = Forecaster(n_features(len(mc.level_alphas)), mc).eval()
+    state = _state(model, mc, min(n, 1000))
+    per_series = sum(a.nbytes for a in state.to_arrays().values()) / len(state)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\n5. Streaming state: {per_series:,.0f} bytes per series ({per_series * n / 2**20:,.1f} MiB at {n:,} series); "
+          f"peak RSS of this run {peak:,.0f} MiB; torch threads {torch.get_num_threads()}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 100, 10_000, 100_000])
+    p.add_argument("--e2e", type=int, default=10_000, help="series in the end-to-end tick (0 skips it)")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    mc = ModelConfig(hidden_size=args.hidden, horizon=24)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"forecastd speed: GRU hidden {mc.hidden_size}, H={mc.horizon}, torch {torch.__version__}, {name}")
+    streaming(args.sizes, mc, device)
+    latency(mc, device)
+    training(mc, device)
+    if args.e2e:
+        end_to_end(args.e2e, mc)
+    memory(mc, max(args.sizes))
+
+
+if __name__ == "__main__":
+    main()
