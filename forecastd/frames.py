@@ -163,6 +163,13 @@ class Grid:
         ns = ts.as_unit("ns").asi8
         return np.floor_divide(ns + step // 2, step)
 
+    def ns(self, index: np.ndarray) -> np.ndarray:
+        """UTC nanoseconds of integer grid steps (int64), without building pandas objects."""
+        index = np.asarray(index, dtype=np.int64)
+        if self.monthly:
+            return self.ts(index).asi8
+        return index * self.step_ns
+
     def ts(self, index: np.ndarray) -> pd.DatetimeIndex:
         """UTC timestamps of integer grid steps."""
         index = np.asarray(index, dtype=np.int64)

@@ -36,10 +36,43 @@ def empty_anomalies() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in ANOMALY_COLUMNS.items()})
 
 
-@dataclass
+Columns = dict[str, np.ndarray]
+
+
+def _to_frame(cols: Columns, schema: dict[str, str]) -> pd.DataFrame:
+    """Columns (timestamps as int64 ns) to a contract frame."""
+    out = {}
+    for name, dtype in schema.items():
+        v = cols[name]
+        if dtype.startswith("datetime64"):
+            v = pd.DatetimeIndex(np.asarray(v, dtype=np.int64).view("M8[ns]")).tz_localize("UTC")
+        out[name] = v
+    return pd.DataFrame(out)
+
+
 class Outputs:
-    forecasts: pd.DataFrame
-    anomalies: pd.DataFrame
+    """Forecast and anomaly rows. Kept as numpy columns until a frame is asked for: building pandas
+    frames costs more than the whole recurrent step for a small tick."""
+
+    def __init__(self, forecasts: pd.DataFrame | Columns, anomalies: pd.DataFrame | Columns) -> None:
+        self._forecasts = forecasts
+        self._anomalies = anomalies
+
+    @property
+    def forecasts(self) -> pd.DataFrame:
+        if not isinstance(self._forecasts, pd.DataFrame):
+            self._forecasts = _to_frame(self._forecasts, FORECAST_COLUMNS)
+        return self._forecasts
+
+    @property
+    def anomalies(self) -> pd.DataFrame:
+        if not isinstance(self._anomalies, pd.DataFrame):
+            self._anomalies = _to_frame(self._anomalies, ANOMALY_COLUMNS)
+        return self._anomalies
+
+    def __len__(self) -> int:
+        a = self._anomalies
+        return len(a) if isinstance(a, pd.DataFrame) else len(a["series_id"])
 
     @classmethod
     def empty(cls) -> Outputs:
@@ -47,9 +80,14 @@ class Outputs:
 
     @classmethod
     def concat(cls, parts: Iterable[Outputs]) -> Outputs:
-        parts = [p for p in parts if len(p.forecasts) or len(p.anomalies)]
+        parts = [p for p in parts if len(p)]
         if not parts:
             return cls.empty()
+        if len(parts) == 1:
+            return parts[0]
+        if all(isinstance(p._forecasts, dict) and isinstance(p._anomalies, dict) for p in parts):
+            return cls({k: np.concatenate([p._forecasts[k] for p in parts]) for k in FORECAST_COLUMNS},
+                       {k: np.concatenate([p._anomalies[k] for p in parts]) for k in ANOMALY_COLUMNS})
         return cls(
             pd.concat([p.forecasts for p in parts], ignore_index=True),
             pd.concat([p.anomalies for p in parts], ignore_index=True),
@@ -86,14 +124,15 @@ def advance(
     steps = state.step[:, None] + 1 + np.arange(T)[None, :]  # B, T
     pad = np.arange(T)[None, :] >= lengths[:, None]  # B, T
     values = np.where(pad, np.nan, values)
-    x, origin, track = encode(values, grid.ts(steps.ravel()).asi8.reshape(B, T), state.track,
+    x, origin, track = encode(values, grid.ns(steps.ravel()).reshape(B, T), state.track,
                               state.scale, mc.level_alphas, mc.input_clip)
 
     hidden = unpack_hidden(torch.from_numpy(state.hidden).to(device).transpose(0, 1).contiguous(), mc.cell)
     with torch.no_grad():
-        packed = pack_padded_sequence(torch.from_numpy(x).to(device), torch.from_numpy(lengths),
-                                      batch_first=True, enforce_sorted=False)
-        mean, spread, hidden = model(packed, hidden)  # B, T', K each
+        inputs = torch.from_numpy(x).to(device)  # B, T, F
+        if (lengths != T).any():  # ragged blocks: packing stops each series' state at its own last step
+            inputs = pack_padded_sequence(inputs, torch.from_numpy(lengths), batch_first=True, enforce_sorted=False)
+        mean, spread, hidden = model(inputs, hidden)  # B, T', K each
     mean = mean.double().cpu().numpy()
     spread = spread.double().cpu().numpy()
     if mean.shape[1] < T:  # pad_packed_sequence trims to the longest length
@@ -146,24 +185,24 @@ def _frames(ids, out, steps, values, fc_mean, fc_std, expected, expected_sd, sco
     z = NormalDist().inv_cdf(0.5 + ac.coverage / 2)
     sid = np.asarray(ids, dtype=object)[b]
     origin_steps = steps[b, t]
-    issued = grid.ts(origin_steps)
+    issued = grid.ns(origin_steps)
     n = b.size
     k = np.tile(np.arange(1, K + 1), n)
     m = fc_mean[b, t].ravel()
     sd = fc_std[b, t].ravel()
-    forecasts = pd.DataFrame({
+    forecasts = {
         "series_id": np.repeat(sid, K),
         "issued_at": np.repeat(issued, K),
         "step": k.astype(np.int64),
-        "target_ts": grid.ts(np.repeat(origin_steps, K) + k),
+        "target_ts": grid.ns(np.repeat(origin_steps, K) + k),
         "mean": m,
         "lower": m - z * sd,
         "upper": m + z * sd,
         "model_version": np.full(n * K, version, dtype=np.int64),
-    })
-    e, esd, sc = expected[b, t], expected_sd[b, t], scores[b, t]
-    sc = np.nan_to_num(sc, nan=0.0)
-    anomalies = pd.DataFrame({
+    }
+    e, esd = expected[b, t], expected_sd[b, t]
+    sc = np.nan_to_num(scores[b, t], nan=0.0)
+    anomalies = {
         "series_id": sid,
         "ts": issued,
         "value": values[b, t],
@@ -173,7 +212,7 @@ def _frames(ids, out, steps, values, fc_mean, fc_std, expected, expected_sd, sco
         "score": sc,
         "is_anomaly": sc >= ac.threshold,
         "model_version": np.full(n, version, dtype=np.int64),
-    })
+    }
     return Outputs(forecasts, anomalies)
 
 

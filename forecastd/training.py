@@ -90,7 +90,7 @@ def prepare(
             T = dense.shape[0]
             step_ids = start + np.arange(T)
             x, origin, _ = encode(
-                dense[None], grid_ns(grid, step_ids)[None], Track.fresh(1, len(model.level_alphas)),
+                dense[None], grid.ns(step_ids)[None], Track.fresh(1, len(model.level_alphas)),
                 np.array([scales[sid]]), model.level_alphas, model.input_clip,
             )
             limit = int(np.clip(cut - start, 0, T))
@@ -104,10 +104,6 @@ def prepare(
     if not segments:
         raise DataError("no series has data to train on; check [source] and that the table or files have rows")
     return Prepared(segments, list(series))
-
-
-def grid_ns(grid: Grid, steps: np.ndarray) -> np.ndarray:
-    return grid.ts(steps).asi8
 
 
 @dataclass
