@@ -25,8 +25,8 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -34,12 +34,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
 from forecastd import __version__
 from forecastd.config import EXAMPLE_TOML, Config, load_config
 from forecastd.errors import ConfigError, ForecastdError
 
-__all__ = ["app", "main", "ConfigOption", "DEFAULT_CONFIG", "load", "parse_time", "now_or", "out"]
+__all__ = ["app", "main", "ConfigOption", "DEFAULT_CONFIG", "NowOption", "load", "parse_time", "now_or", "out",
+           "epoch_progress", "configure_logging", "JsonFormatter"]
 
 _DEBUG_KEY = "forecastd.debug"
 
@@ -51,7 +53,7 @@ except ImportError:  # pragma: no cover - older typer
 
 # -- errors and exit codes ------------------------------------------------------------------------
 
-class ForecastdGroup(typer.core.TyperGroup):
+class ForecastdGroup(TyperGroup):
     """Turns errors raised by any command into one line on stderr and the error's exit code.
 
     `--debug` lets the exception through with its full traceback instead. Click's own exits (usage
@@ -256,8 +258,11 @@ def _print_report(title: str, report: Any) -> None:
     out().print(table)
 
 
+EpochCallback = Callable[[int, int, float, float], None]  # epoch, epochs, train loss, val loss
+
+
 @contextlib.contextmanager
-def epoch_progress(console: Console, total: int, label: str = "training") -> Iterator[Callable[[int, int, float, float], None]]:
+def epoch_progress(console: Console, total: int, label: str = "training") -> Iterator[EpochCallback]:
     """A rich progress bar fed by training's progress callback (epoch, epochs, train loss, val loss).
 
     Not on a terminal (a pipe, a log file, CI) it prints one plain line per epoch instead. If training
@@ -313,7 +318,8 @@ def init(
 @app.command(epilog="Example: forecastd train --config forecastd.toml --epochs 10 --device cpu")
 def train(
     config: ConfigOption = DEFAULT_CONFIG,
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Override the config's training.epochs.")] = None,
+    epochs: Annotated[int | None, typer.Option(
+        "--epochs", min=1, help="Override the config's training.epochs.")] = None,
     device: Annotated[Device | None, typer.Option("--device", help="Override the config's training.device.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override the config's training.seed.")] = None,
     now: NowOption = None,
@@ -404,7 +410,8 @@ def _safe_name(series_id: str) -> str:
 def demo(
     directory: Annotated[Path, typer.Option("--dir", help="Working directory for the demo's config, "
                                              "state and outputs.", file_okay=False)] = Path("forecastd-demo"),
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Training epochs (default: a quick run).")] = None,
+    epochs: Annotated[int | None, typer.Option(
+        "--epochs", min=1, help="Training epochs (default: a quick run).")] = None,
 ) -> None:
     """Train, backfill and plot on the bundled sample data: the first-run experience."""
     from forecastd.demo import DEMO_EPOCHS, run_demo
@@ -424,7 +431,8 @@ def _print_demo(console: Console, r: Any) -> None:
     first, last = r.loss_curve[0], r.loss_curve[-1]
     console.print(f"[bold]training[/bold]: model v{r.version}, {len(r.loss_curve)} epochs in {r.train_seconds:.1f} s; "
                   f"train loss {first['train_loss']:.4f} -> {last['train_loss']:.4f}, "
-                  f"val loss {first['val_loss']:.4f} -> {last['val_loss']:.4f}")
+                  f"val loss {first['val_loss']:.4f} -> {last['val_loss']:.4f}; kept epoch {r.best_epoch} "
+                  f"(val loss {r.loss_curve[r.best_epoch - 1]['val_loss']:.4f})")
     console.print(f"[bold]backfill[/bold]: {_fmt_ts(r.backfill_start)} .. {_fmt_ts(r.backfill_end)}: "
                   f"{r.forecast_rows} forecast rows, {r.anomaly_rows} anomaly rows in {r.backfill_seconds:.1f} s")
 

@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from forecastd.cli import DEFAULT_CONFIG, ConfigOption, NowOption, load, now_or, out
-
 __all__ = ["register"]
 
+# The same options as forecastd.cli's (tests/test_status.py checks they stay equal), declared here because
+# cli imports this module to register it: importing cli from here at import time would be circular.
+# The helpers (load, now_or, out) are imported from cli inside the commands, when it is complete.
+ConfigOption = Annotated[Path, typer.Option(
+    "--config", "-c", envvar="FORECASTD_CONFIG", help="The TOML config file (see `forecastd init`).",
+    dir_okay=False,
+)]
+DEFAULT_CONFIG = Path("forecastd.toml")
+NowOption = Annotated[str | None, typer.Option(
+    "--now", help="Treat this ISO-8601 time as now (naive = UTC); default: the clock.", show_default=False,
+)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
 
 
@@ -26,6 +36,7 @@ def serve(ctx: typer.Context, config: ConfigOption = DEFAULT_CONFIG) -> None:
 
     Stops cleanly on SIGTERM or Ctrl-C after the running tick. Under systemd use deploy/forecastd.service.
     """
+    from forecastd.cli import load
     from forecastd.daemon import serve as run_daemon
 
     cfg = load(config)
@@ -38,6 +49,7 @@ def serve(ctx: typer.Context, config: ConfigOption = DEFAULT_CONFIG) -> None:
 
 def status(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False, now: NowOption = None) -> None:
     """Show the daemon, the model versions, each series' watermark and lag, and the last day's anomalies."""
+    from forecastd.cli import load, now_or, out
     from forecastd.status import status as get_status
 
     report = get_status(load(config), now_or(now))
@@ -93,6 +105,7 @@ models_app = typer.Typer(help="List model versions, promote one, or roll back to
 @models_app.command("list", epilog="Example: forecastd models list --config forecastd.toml")
 def models_list(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False) -> None:
     """Every model version on disk, which one is live, and its validation metrics."""
+    from forecastd.cli import load, out
     from forecastd.pipeline import state_store
     from forecastd.status import model_versions
 
@@ -109,6 +122,7 @@ def models_promote(
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
     """Make a version live. A running daemon picks it up at its next tick, after a warm-up."""
+    from forecastd.cli import load, now_or
     from forecastd.pipeline import state_store
     from forecastd.retrain import switch_live
 
@@ -120,6 +134,7 @@ def models_promote(
 @models_app.command("rollback", epilog="Example: forecastd models rollback --config forecastd.toml")
 def models_rollback(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Make the previously live version live again."""
+    from forecastd.cli import load, now_or
     from forecastd.pipeline import state_store
     from forecastd.retrain import rollback_target, switch_live
 
@@ -130,6 +145,8 @@ def models_rollback(config: ConfigOption = DEFAULT_CONFIG) -> None:
 
 
 def _switched(version: int, previous: int | None) -> None:
+    from forecastd.cli import out
+
     if previous == version:
         out().print(f"model v{version} is already live")
     else:

@@ -26,6 +26,7 @@ import datetime as dt
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -33,8 +34,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from apscheduler.executors.debug import DebugExecutor
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -120,10 +122,13 @@ class RetrainWorker:
         with self._lock:
             if self._abandoned:
                 return RetrainResult("abandoned", "the daemon is stopping")
-            self._proc = proc = subprocess.Popen(
-                [sys.executable, "-m", "forecastd.retrain"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, text=True, env=env, close_fds=True,
-            )
+            try:
+                self._proc = proc = subprocess.Popen(
+                    [sys.executable, "-m", "forecastd.retrain"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, text=True, env=env, close_fds=True,
+                )
+            except OSError as exc:
+                return RetrainResult("failed", f"cannot start the retrain worker: {exc}")
         timer, timed_out = None, threading.Event()
 
         def expire() -> None:
@@ -232,6 +237,9 @@ class Daemon:
     def _run_locked(self) -> int:
         self.notifier.status("recovering state")
         recovered = self.recover()
+        if self.config.serve.retrain_window:
+            log.warning("[serve] retrain_window = %d is not supported yet: retraining learns from all history",
+                        self.config.serve.retrain_window)
         server = None
         if self.config.serve.http_port:
             server = MetricsServer(self.config.serve.http_host, self.config.serve.http_port, self.metrics,
@@ -377,23 +385,11 @@ class Daemon:
         started = time.monotonic()
         result = self.worker.run(now)
         result.seconds = round(time.monotonic() - started, 3)
-        if result.outcome == "promote":
-            with self.swap:
-                live = self.store.live_version()
-                if self.stopping.is_set():
-                    result.outcome, result.reason = "abandoned", "the daemon is stopping"
-                elif live != result.live:
-                    result.outcome = "kept"
-                    result.reason = (f"the live model changed to v{live} during the retrain (by hand?); "
-                                     f"challenger v{result.challenger} was judged against v{result.live}")
-                else:
-                    try:
-                        switch_live(self.store, result.challenger, reason=f"retrain: {result.reason}",
-                                    now=self.clock())
-                        result.outcome = "promoted"
-                        self.metrics.live_version.set(result.challenger)
-                    except ForecastdError as exc:
-                        result.outcome, result.reason = "failed", f"promotion failed: {exc}"
+        try:
+            self._judge(result)
+        except Exception as exc:  # whatever went wrong, the live model stays and the failure is counted
+            log.exception("retrain: unexpected error after training")
+            result.outcome, result.reason = "failed", f"{type(exc).__name__}: {exc}"
         outcome = {"keep": "kept"}.get(result.outcome, result.outcome)
         result.outcome = outcome
         self.metrics.retrains.labels(outcome).inc()
@@ -409,6 +405,27 @@ class Daemon:
         self.notifier.status(f"retrain {outcome}: {result.reason[:200]}")
         self._set_info(last_retrain={"at": now.isoformat(), **result.as_dict()})
         return result
+
+    def _judge(self, result: RetrainResult) -> None:
+        """Carry out a `promote` verdict: switch the live model between ticks, unless things changed."""
+        if result.outcome != "promote":
+            return
+        with self.swap:
+            live = self.store.live_version()
+            if self.stopping.is_set():
+                result.outcome, result.reason = "abandoned", "the daemon is stopping"
+            elif live != result.live:
+                result.outcome = "kept"
+                result.reason = (f"the live model changed to v{live} during the retrain (by hand?); "
+                                 f"challenger v{result.challenger} was judged against v{result.live}")
+            else:
+                try:
+                    switch_live(self.store, result.challenger, reason=f"retrain: {result.reason}", now=self.clock())
+                except ForecastdError as exc:
+                    result.outcome, result.reason = "failed", f"promotion failed: {exc}"
+                    return
+                result.outcome = "promoted"
+                self.metrics.live_version.set(result.challenger)
 
     def watchdog(self) -> None:
         if self.health.hung():
@@ -433,7 +450,7 @@ def _v(version: int | None) -> str:
 
 
 def _f(x: float) -> str:
-    return f"{x:.4f}" if x == x else "-"
+    return f"{x:.4f}" if math.isfinite(x) else "-"
 
 
 def serve(config: Config) -> int:

@@ -79,6 +79,7 @@ class DemoResult:
     end: pd.Timestamp
     version: int
     loss_curve: list[dict]  # per epoch: epoch, train_loss, val_loss
+    best_epoch: int  # the epoch whose weights were kept (lowest validation loss)
     train_seconds: float
     val_mse: float
     val_persistence_mse: float
@@ -260,8 +261,8 @@ def run_demo(
     train_seconds = time.monotonic() - started
 
     grid = Grid(summary.freq)
-    first = int(grid.index(pd.DatetimeIndex([history["ts"].min()]))[0])
-    lo, hi = grid.ts(np.array([first + config.data.warmup, int(grid.index(pd.DatetimeIndex([history["ts"].max()]))[0])]))
+    first, last = (int(v) for v in grid.index(pd.DatetimeIndex([history["ts"].min(), history["ts"].max()])))
+    lo, hi = grid.ts(np.array([first + config.data.warmup, last]))  # the whole history after the warm-up
     started = time.monotonic()
     report = backfill(config, lo.to_pydatetime(), hi.to_pydatetime(), keep_outputs=True)
     backfill_seconds = time.monotonic() - started
@@ -288,7 +289,8 @@ def run_demo(
     return DemoResult(
         directory=directory, config_path=config_path, series=summary.series, points=summary.points,
         start=history["ts"].min(), end=history["ts"].max(), version=summary.version,
-        loss_curve=[{k: float(v) for k, v in h.items()} for h in summary.history], train_seconds=train_seconds,
+        loss_curve=[{k: float(v) for k, v in h.items()} for h in summary.history],
+        best_epoch=int(m.get("best_epoch") or len(summary.history)), train_seconds=train_seconds,
         val_mse=float(m.get("val_mse", np.nan)), val_persistence_mse=float(m.get("val_persistence_mse", np.nan)),
         validation_fraction=config.training.validation_fraction,
         backfill_start=lo, backfill_end=hi, backfill_seconds=backfill_seconds,

@@ -10,9 +10,10 @@ the safe direction. It is promoted if its loss is lower by `[serve] promote_marg
 (or always, with `always_promote`).
 
 Switching the live model is `switch_live`: the new live model never continues another model's hidden
-states. Every stream checkpoint but the freshest is removed, so the new model, lacking its own, warms
-up from the freshest watermarks (pipeline's rule), and a model switched back to while its own state is
-still the freshest simply continues it. Switches are recorded in `history.json`, which `rollback` reads.
+states. Every stream but one is removed (the one covering the most series, the freshest among those),
+so the new model, lacking its own, warms up from that stream's watermarks (pipeline's rule: the newest
+other version's stream), and a model switched back to while its own stream is that one simply continues
+it. Switches are recorded in `history.json`, which `rollback` reads.
 
 The daemon runs `retrain` in a child process (`python -m forecastd.retrain`, request as JSON on stdin,
 log records and the result as JSON lines on stdout); see daemon.py for why.
@@ -47,7 +48,7 @@ from forecastd.models import Forecaster
 from forecastd.pipeline import state_store, train
 from forecastd.sources import open_source
 from forecastd.state import ModelVersion, StateStore
-from forecastd.training import prepare
+from forecastd.training import prepare, resolve_device
 from forecastd.windowing import robust_scale, series_steps
 
 __all__ = ["RetrainResult", "retrain", "tail_losses", "decide", "switch_live", "rollback_target", "live_history"]
@@ -124,10 +125,10 @@ def retrain(config: Config, now: dt.datetime) -> RetrainResult:
         result.outcome, result.reason = "promote", "no live model yet"
     else:
         try:
-            live_mv = store.load_model(live)
-            challenger_mv = store.load_model(summary.version)
+            device = resolve_device(config.training.device)
+            live_mv, challenger_mv = store.load_model(live, device), store.load_model(summary.version, device)
             result.live_loss, result.challenger_loss = tail_losses(config, live_mv, challenger_mv, now)
-        except ForecastdError as exc:
+        except Exception as exc:  # ForecastdError or not: the live model stays, and the line says why
             result.outcome, result.reason = "failed", f"cannot compare with live v{live}: {exc}"
         else:
             promote, result.reason = decide(result.live_loss, result.challenger_loss, config.serve.promote_margin,
@@ -224,17 +225,12 @@ def _stream_dirs(store: StateStore) -> dict[int, Path]:
     return {int(d.name[1:]): d for d in base.iterdir() if d.name.startswith("v") and d.name[1:].isdigit()}
 
 
-def _freshness(directory: Path) -> tuple[pd.Timestamp, float]:
-    """(ticked_at, mtime) of a stream's newest checkpoint; the oldest possible when it has none."""
-    best = (pd.Timestamp.min.tz_localize("UTC"), 0.0)
-    for p in directory.glob("ckpt-*.json"):
-        try:
-            ticked = pd.Timestamp(json.loads(p.read_text()).get("ticked_at") or pd.Timestamp.min)
-            ticked = ticked.tz_localize("UTC") if ticked.tzinfo is None else ticked
-            best = max(best, (ticked, p.stat().st_mtime))
-        except (OSError, ValueError):
-            continue
-    return best
+def _coverage(store: StateStore, version: int) -> tuple[int, int]:
+    """(series, sum of watermark steps) of a version's newest good checkpoint; (-1, 0) when it has none."""
+    state, _ = store.load_stream(version)
+    if state is None:
+        return (-1, 0)
+    return (len(state), int(state.step[state.step >= 0].sum()))
 
 
 def switch_live(store: StateStore, version: int, *, reason: str, now: dt.datetime) -> int | None:
@@ -255,9 +251,12 @@ def switch_live(store: StateStore, version: int, *, reason: str, now: dt.datetim
             raise ModelError(f"model v{version} cannot be made live: {exc}") from None
         streams = _stream_dirs(store)
         if streams:
-            freshest = max(streams, key=lambda v: _freshness(streams[v]))
+            # The one stream kept is the one the new model takes its watermarks from. Any stream's watermark
+            # for a series is at or behind the truth, so it can only cause a replay (upserts: harmless),
+            # while a series missing from it would lose its points: the most series first, then the freshest.
+            keep = max(streams, key=lambda v: (*_coverage(store, v), v == previous))
             for v, d in streams.items():
-                if v != freshest:
+                if v != keep:
                     shutil.rmtree(d, ignore_errors=True)
         store.set_live(version)
         history = live_history(store)

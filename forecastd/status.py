@@ -119,7 +119,7 @@ def _watermarks(store: StateStore, now: pd.Timestamp) -> list[dict[str, Any]]:
     # watermarks the new model will continue from.
     versions = [live] + sorted((v for v in store.versions() if v != live), reverse=True)
     for v in versions:
-        state, info = store.load_stream(v)
+        state, _ = store.load_stream(v)
         if state is not None:
             break
     else:

@@ -57,7 +57,8 @@ def _toml_value(v: Any) -> str:
 def write_config(directory: Path, **sections: dict[str, Any]) -> Path:
     """forecastd.toml in `directory`: SECTIONS with the given keys of each section replaced."""
     merged = {name: {**SECTIONS.get(name, {}), **sections.get(name, {})} for name in {*SECTIONS, *sections}}
-    text = "".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in keys.items()) + "\n"
+    # A None value drops the key.
+    text = "".join(f"[{name}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in keys.items() if v is not None) + "\n"
                    for name, keys in merged.items())
     path = directory / "forecastd.toml"
     path.write_text(text)
@@ -133,7 +134,7 @@ class NotifySocket:
         while not self._closed.is_set():
             try:
                 data = self.sock.recv(4096)
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 continue
             except OSError:
                 return
@@ -182,6 +183,12 @@ class Serve:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        """True while the process runs; raises with its log once it has exited."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        return True
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

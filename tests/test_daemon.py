@@ -58,6 +58,8 @@ def _get(url: str) -> tuple[int, str]:
 def test_ready_lock_http_and_sigterm(tmp_path, notify):
     port = free_port()
     config = clone(tmp_path, serve={"http_port": port})
+    with sqlite3.connect(tmp_path / "src.db") as con:  # guarantee 7: deferred, counted, never written
+        con.execute("INSERT INTO readings VALUES ('sine', '2100-01-01 00:00:00', 0.5)")
     serve = Serve(config, notify=notify)
     try:
         ready = notify.wait_for("READY", "1", proc=serve.proc)
@@ -75,9 +77,13 @@ def test_ready_lock_http_and_sigterm(tmp_path, notify):
         assert status == 200 and json.loads(body)["status"] == "ok"
         status, body = _get(f"http://127.0.0.1:{port}/metrics")
         assert status == 200
-        assert "forecastd_rows_read_total 72.0" in body  # 24 hours x 3 series
+        assert "forecastd_points_total 72.0" in body  # 24 hours x 3 series
+        rows_read = [line for line in body.splitlines() if line.startswith("forecastd_rows_read_total ")]
+        assert float(rows_read[0].split()[-1]) >= 72  # and the future row, again at every tick
         assert 'forecastd_rows_written_total{table="anomalies"} 72.0' in body
         assert "forecastd_live_model_version 1.0" in body
+        future = [line for line in body.splitlines() if line.startswith('forecastd_input_rows_total{kind="future"')]
+        assert future and float(future[0].split()[-1]) >= 1, body
 
         started = time.monotonic()
         serve.signal(signal.SIGTERM)
@@ -101,6 +107,7 @@ def _crash_run(tmp_path: Path, kills: int, max_delay: float, seed: int, retrain:
     serve = {"retrain_cron": "*/3 * * * * *", "promote_margin": 1e9} if retrain else {}
     config = clone(tmp_path, serve=serve)
     batches = pd.date_range(T0, END, periods=kills + 2)  # kills + 1 appends, the last one ends at END
+    mid_retrain = 0
     for i in range(kills):
         append_rows(tmp_path / "src.db", batches[i], batches[i + 1])
         notify = NotifySocket()
@@ -111,11 +118,14 @@ def _crash_run(tmp_path: Path, kills: int, max_delay: float, seed: int, retrain:
             else:  # the rest while it ticks (mid-read, mid-write, mid-checkpoint) or retrains
                 notify.wait_for("READY", "1", proc=daemon.proc)
                 time.sleep(rng.uniform(0.0, max_delay))
+            mid_retrain += bool(daemon.children())  # a retrain worker is running: it dies too
             daemon.kill()
         finally:
             notify.close()
         assert daemon.proc.returncode == -signal.SIGKILL
     append_rows(tmp_path / "src.db", batches[kills], batches[kills + 1])
+    if retrain:
+        assert mid_retrain >= 3, f"only {mid_retrain} kills landed during a retrain"
 
     # Guarantee 3 at the daemon level: a truncated newest checkpoint falls back to the one before (an
     # older watermark, so its rows are replayed: upserts, no duplicates); a crash's temp files are swept.
@@ -154,29 +164,39 @@ def test_sigkill_20_times_including_mid_retrain(tmp_path):
     _crash_run(tmp_path, kills=20, max_delay=12.0, seed=20, retrain=True)
 
 
-def test_sigterm_during_retrain_exits_0_and_leaves_nothing_half_written(tmp_path, notify):
+def test_retrain_promotes_then_sigterm_during_the_next_one_exits_0(tmp_path, notify):
+    """A retrain in the worker process promotes its challenger; ticks go on with no gap on the new model;
+    SIGTERM during the next retrain abandons it, exits 0 and leaves nothing half-written."""
     config = clone(tmp_path, serve={"retrain_cron": "* * * * * *", "always_promote": True})
     serve = Serve(config, notify=notify)
     try:
         notify.wait_for("READY", "1", proc=serve.proc)
-        notify.wait_for("STATUS", "retraining", timeout=30)
-        children = wait_until(serve.children, 10, "the retrain worker process")
-        time.sleep(1.0)  # let it get into its imports or training
+        notify.wait_for("STATUS", "retrain promoted: [serve] always_promote = true", timeout=120, proc=serve.proc)
+        append_rows(tmp_path / "src.db", T0, T0 + pd.Timedelta(hours=6))
+        wait_until(lambda: serve.running() and watermark(config) == T0 + pd.Timedelta(hours=6), 60,
+                   "the new model to tick the new rows")
+
+        children = wait_until(serve.children, 60, "the next retrain's worker process")
+        time.sleep(0.5)  # into its imports or its training
         serve.signal(signal.SIGTERM)
         assert serve.wait(STOP_TIMEOUT) == 0, serve.log()
     finally:
         serve.kill()
     for pid in children:  # the worker is gone with the daemon, not orphaned
-        wait_until(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(),
-                   5, f"retrain worker {pid} to exit")
-    assert "retrain abandoned" in serve.log()
+        wait_until(lambda pid=pid: _gone(pid), 5, f"retrain worker {pid} to exit")
+    log = serve.log()
+    assert "retrain promoted" in log and "retrain abandoned" in log
     from forecastd.config import load_config
     from forecastd.pipeline import state_store
 
     store = state_store(load_config(config))
-    assert store.live_version() == 1
-    for v in store.versions():
+    for v in store.versions():  # every version that counts (has a manifest) loads
         store.load_model(v)
+    assert store.live_version() >= 2
+    anomalies = outputs(config)["anomalies"]
+    new = anomalies[anomalies["ts"] > T0]
+    assert len(new) == 6 * 3 and not new.duplicated(["series_id", "ts"]).any()  # no gap across the switch
+    assert (new["model_version"] >= 2).all()
 
 
 def test_locked_sqlite_source_fails_ticks_then_catches_up(tmp_path):
@@ -186,7 +206,8 @@ def test_locked_sqlite_source_fails_ticks_then_catches_up(tmp_path):
     serve = Serve(config)
     healthz = f"http://127.0.0.1:{port}/healthz"
     try:
-        wait_until(lambda: _up(healthz) and _get(healthz)[0] == 200, 60, "the daemon to tick and be healthy")
+        wait_until(lambda: serve.running() and _up(healthz) and _get(healthz)[0] == 200, 60,
+                   "the daemon to tick and be healthy")
         con = sqlite3.connect(tmp_path / "src.db", isolation_level=None, timeout=30)
         con.execute("ATTACH DATABASE ? AS sample", (str(SAMPLE_DB),))
         con.execute("BEGIN EXCLUSIVE")  # readers now get "database is locked"
@@ -214,6 +235,13 @@ def test_locked_sqlite_source_fails_ticks_then_catches_up(tmp_path):
         serve.kill()
     assert "tick failed (1 in a row)" in serve.log()
     assert_same_outputs(outputs(config), reference(DAY))
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
 
 
 def _up(url: str) -> bool:
@@ -253,7 +281,8 @@ def test_postgresql_outage_fails_ticks_then_catches_up(tmp_path, pg_server):
         serve = Serve(config)
         healthz = f"http://127.0.0.1:{port}/healthz"
         try:
-            wait_until(lambda: _up(healthz) and _get(healthz)[0] == 200, 60, "the daemon to tick and be healthy")
+            wait_until(lambda: serve.running() and _up(healthz) and _get(healthz)[0] == 200, 60,
+                   "the daemon to tick and be healthy")
             admin.execute(f'REVOKE CONNECT ON DATABASE "{name}" FROM "{name}"')
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,))
             _copy_rows(db, T0, DAY)  # rows keep arriving while the daemon cannot read them

@@ -1,0 +1,157 @@
+"""Retraining: the verdict, the tail comparison, switching the live model without a gap, rollback."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from forecastd import retrain as retrain_module
+from forecastd.config import cron_fields, load_config
+from forecastd.errors import ModelError
+from forecastd.pipeline import TrainSummary, run_once, state_store
+from forecastd.retrain import decide, live_history, retrain, rollback_target, switch_live, tail_losses
+
+from serve_support import T0, append_rows, clone, outputs
+
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+@pytest.mark.parametrize("live, challenger, margin, always, promote", [
+    (1.0, 0.9, 0.0, False, True),
+    (1.0, 1.0, 0.0, False, False),  # a tie keeps the live model
+    (1.0, 0.97, 0.05, False, False),  # better, but not by the margin
+    (1.0, 0.94, 0.05, False, True),
+    (-2.0, -2.2, 0.05, False, True),  # losses with a log-likelihood can be negative
+    (-2.0, -2.05, 0.05, False, False),
+    (1.0, 5.0, 0.0, True, True),  # always_promote
+    (1.0, math.nan, 0.0, True, False),  # never a non-finite challenger, even with always_promote
+    (1.0, math.inf, 0.0, False, False),
+    (math.nan, 1.0, 0.0, False, True),
+])
+def test_decide(live, challenger, margin, always, promote):
+    assert decide(live, challenger, margin, always)[0] is promote
+
+
+@pytest.mark.parametrize("expr, weekday", [
+    ("0 3 * * *", "*"),
+    ("0 3 * * 0", "sun"),  # crontab's Sunday, which APScheduler 3 would read as Monday
+    ("0 3 * * 7", "sun"),
+    ("0 3 * * 1-5", "mon,tue,wed,thu,fri"),
+    ("0 3 * * */2", "sun,tue,thu,sat"),
+    ("0 3 * * mon-fri", "mon-fri"),
+])
+def test_cron_weekdays_follow_crontab(expr, weekday):
+    assert cron_fields(expr)["day_of_week"] == weekday
+
+
+def test_cron_with_seconds():
+    assert cron_fields("*/5 * * * * *") == {"second": "*/5", "minute": "*", "hour": "*", "day": "*", "month": "*",
+                                            "day_of_week": "*"}
+    with pytest.raises(ValueError):
+        cron_fields("0 3 * *")
+
+
+def test_the_live_model_against_itself_scores_its_own_validation_loss(tmp_path):
+    config = load_config(clone(tmp_path))
+    store = state_store(config)
+    mv = store.load_model(1)
+    live, challenger = tail_losses(config, mv, mv, NOW)
+    assert live == challenger
+    # In its own units on its own tail this is the loss training reported (same data, same mask).
+    assert challenger == pytest.approx(mv.manifest["metrics"]["val_loss"], rel=1e-4)
+
+
+def test_retrain_promotes_and_the_switch_leaves_no_gap(tmp_path):
+    """A promoted challenger warms up from the old model's watermarks: every new point gets its row."""
+    config = load_config(clone(tmp_path, serve={"always_promote": True}))
+    store = state_store(config)
+    append_rows(tmp_path / "src.db", T0, T0 + pd.Timedelta(days=2))
+    result = retrain(config, NOW)
+    assert result.outcome == "promote" and result.challenger == 2 and result.live == 1, result
+    assert math.isfinite(result.live_loss) and math.isfinite(result.challenger_loss)
+    assert store.live_version() == 1  # retrain judges; the caller switches
+    assert switch_live(store, 2, reason="test", now=NOW) == 1
+    assert live_history(store)[-1]["version"] == 2
+
+    append_rows(tmp_path / "src.db", T0 + pd.Timedelta(days=2), T0 + pd.Timedelta(days=3))
+    report = run_once(config, NOW)
+    assert report.model_version == 2
+    anomalies = outputs(tmp_path / "forecastd.toml")["anomalies"]
+    new = anomalies[anomalies["ts"] > T0]
+    assert len(new) == 3 * 24 * 3  # three days of three hourly series, none missing
+    assert not new.duplicated(["series_id", "ts"]).any()
+    # The days before the switch were written by v1 (nothing ticked them in between, so v2 did), the
+    # model only ever ran from its own warmed-up state.
+    assert set(new["model_version"]) == {2}
+    assert store.load_stream(2)[0] is not None
+
+
+def test_a_failed_training_leaves_the_live_model(tmp_path):
+    config = load_config(clone(tmp_path, source={"table": "no_such_table"}, serve={"always_promote": True}))
+    result = retrain(config, NOW)
+    assert result.outcome == "failed" and "training failed" in result.reason and "no_such_table" in result.reason
+    assert state_store(config).live_version() == 1
+
+
+def test_a_non_finite_challenger_is_never_promoted(tmp_path, monkeypatch):
+    config = load_config(clone(tmp_path, serve={"always_promote": True}))
+    monkeypatch.setattr(retrain_module, "train", lambda c, now, make_live: TrainSummary(
+        2, 3, 100, "h", {"val_loss": math.nan}, [], {}))
+    result = retrain(config, NOW)
+    assert result.outcome == "failed" and "non-finite" in result.reason
+    assert state_store(config).live_version() == 1
+
+
+def _add_version(store, seed: int) -> int:
+    mv = store.load_model(1)
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(mv.model.head.weight, std=0.01)
+    return store.save_model(mv.model, {k: v for k, v in mv.manifest.items()
+                                       if k not in ("version", "weights_sha256", "format", "libraries")}, keep=10)
+
+
+def test_switches_keep_only_the_freshest_stream_and_rollback_returns(tmp_path):
+    config = load_config(clone(tmp_path))
+    store = state_store(config)
+    _add_version(store, 2)  # never served: rollback must skip it
+    v3 = _add_version(store, 3)
+    # v3 carries a stale stream (say, from an earlier time it served); v1's is the fresh one.
+    state, _ = store.load_stream(1)
+    stale = state.take(range(len(state)))
+    stale.step -= 5
+    store.save_stream(v3, stale, {"ticked_at": "2020-01-01T00:00:00+00:00"}, keep=3)
+    with pytest.raises(ModelError, match="nothing to roll back"):
+        rollback_target(store)
+
+    switch_live(store, v3, reason="test", now=NOW)
+    assert (store.root / "streams" / "v000001").exists()
+    assert not (store.root / "streams" / "v000003").exists()  # v3 warms up from v1's watermarks instead
+    append_rows(tmp_path / "src.db", T0, T0 + pd.Timedelta(hours=2))
+    assert run_once(config, NOW).anomalies_written == 2 * 3  # from v1's watermarks: no gap
+    grid = store.load_model(v3).grid
+    assert set(store.load_stream(v3)[0].watermarks(grid).values()) == {T0 + pd.Timedelta(hours=2)}
+
+    # v2 never served: rollback skips it and returns to v1, which continues from v3's fresher stream.
+    assert rollback_target(store) == 1
+    switch_live(store, rollback_target(store), reason="rollback", now=NOW)
+    assert store.live_version() == 1
+    assert sorted(p.name for p in (store.root / "streams").iterdir()) == ["v000003"]
+    assert [e["version"] for e in json.loads((store.root / "history.json").read_text())] == [3, 1]
+
+
+def test_a_corrupt_version_is_never_made_live(tmp_path):
+    config = load_config(clone(tmp_path))
+    store = state_store(config)
+    v2 = _add_version(store, 2)
+    weights = store.root / "models" / f"v{v2:06d}" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ModelError, match="cannot be made live"):
+        switch_live(store, v2, reason="test", now=NOW)
+    with pytest.raises(ModelError, match="does not exist"):
+        switch_live(store, 99, reason="test", now=NOW)
+    assert store.live_version() == 1 and (store.root / "streams" / "v000001").exists()

@@ -1,0 +1,88 @@
+"""`forecastd status` and `forecastd models`: the library function and the commands over it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from forecastd.cli import app
+from forecastd.config import load_config
+from forecastd.daemon import StateLock
+from forecastd.errors import LockError
+from forecastd.pipeline import run_once, state_store
+from forecastd.status import running_pid, status, write_daemon_info
+
+from serve_support import T0, append_rows, clone
+
+runner = CliRunner()
+NOW = dt.datetime(2024, 2, 16, 12, 0, tzinfo=dt.timezone.utc)  # 13 hours after the data ends at T0
+
+
+def test_status_reports_versions_watermarks_daemon_and_anomalies(tmp_path):
+    config = load_config(clone(tmp_path))
+    append_rows(tmp_path / "src.db", T0, T0 + pd.Timedelta(hours=6))
+    run_once(config, NOW)
+    store = state_store(config)
+    write_daemon_info(store, {"pid": 1, "state": "running", "last_tick": {"at": NOW.isoformat(), "outcome": "ok",
+                                                                          "duration_seconds": 0.25}})
+    s = status(config, NOW)
+    assert s["live_version"] == 1
+    [model] = s["models"]
+    assert model["live"] and model["val_loss"] == pytest.approx(store.manifest(1)["metrics"]["val_loss"])
+    assert {r["series_id"] for r in s["series"]} == {"price-1", "sensor-temp-1", "sine"}
+    for r in s["series"]:
+        assert pd.Timestamp(r["watermark"]) == T0 + pd.Timedelta(hours=6)
+        assert r["lag_steps"] == pytest.approx(7.0) and r["lag_seconds"] == 7 * 3600
+    assert not s["daemon"]["running"] and s["daemon"]["last_tick"]["duration_seconds"] == 0.25  # pid 1 holds no lock
+    a = s["anomalies"]
+    # The day before NOW holds the template's first tick (the last point at T0 of each series) and the six
+    # hours after it.
+    assert a["scored"] == 3 * (1 + 6)
+    assert a["flagged"] == sum(a["by_series"].values()) and len(a["top"]) == min(a["flagged"], 10)
+    json.dumps(s)  # plain data, for --json
+
+
+def test_running_pid_comes_from_the_lock(tmp_path):
+    assert running_pid(state_store(load_config(clone(tmp_path)))) is None
+    store = state_store(load_config(tmp_path / "forecastd.toml"))
+    with StateLock(store.root):
+        assert running_pid(store) == os.getpid()
+        with pytest.raises(LockError, match=f"in use by forecastd pid {os.getpid()}"):
+            StateLock(store.root).acquire()
+    assert running_pid(store) is None
+
+
+def test_status_and_models_commands(tmp_path):
+    config = clone(tmp_path)
+    result = runner.invoke(app, ["status", "--config", str(config), "--now", "2024-02-16T12:00"])
+    assert result.exit_code == 0, result.output
+    assert "not running" in result.output and "sensor-temp-1" in result.output and "v1" in result.output
+    result = runner.invoke(app, ["status", "--config", str(config), "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["live_version"] == 1
+
+    result = runner.invoke(app, ["models", "list", "--config", str(config), "--json"])
+    assert [m["version"] for m in json.loads(result.output)] == [1]
+    result = runner.invoke(app, ["models", "promote", "1", "--config", str(config)])
+    assert result.exit_code == 0 and "already live" in result.output
+    result = runner.invoke(app, ["models", "promote", "7", "--config", str(config)])
+    assert result.exit_code == 6 and "does not exist" in result.output
+    result = runner.invoke(app, ["models", "rollback", "--config", str(config)])
+    assert result.exit_code == 6 and "nothing to roll back" in result.output
+
+
+def test_serve_commands_share_the_cli_options():
+    """cli_serve declares --config and --now itself (importing cli there would be circular): same as cli's."""
+    import typing
+
+    from forecastd import cli, cli_serve
+
+    for name in ("ConfigOption", "NowOption"):
+        ours, theirs = (typing.get_args(getattr(m, name)) for m in (cli_serve, cli))
+        assert ours[0] == theirs[0], name
+        assert vars(ours[1]) == vars(theirs[1]), name
+    assert cli_serve.DEFAULT_CONFIG == cli.DEFAULT_CONFIG
