@@ -129,13 +129,20 @@ def evaluate(
     batch: int = 256,
     chunk: int = 1024,
 ) -> dict[str, float]:
-    """Masked MSE, NLL and persistence MSE (a zero change) over whole sequences, state carried throughout."""
+    """Validation figures over whole sequences, the state carried throughout.
+
+    `loss` (what early stopping and retraining compare) is the mean over sequences of each one's MSE
+    relative to persistence (a zero change): 1.0 is as good as repeating the last value. Averaging
+    ratios gives every series one vote, so a series with a regime break in its validation tail cannot
+    outvote all the others. `mse`, `nll` and `persistence_mse` are pooled over every target.
+    """
     model.eval()
-    sums = np.zeros(4)  # n-weighted mse, nll, persistence mse; and n
+    per_seq = np.zeros((len(sequences), 4))  # sum sq. error, sum nll, sum persistence sq. error, n
     order = sorted(range(len(sequences)), key=lambda i: sequences[i][0].shape[0])
     with torch.no_grad():
         for lo in range(0, len(order), batch):
-            group = [sequences[i] for i in order[lo : lo + batch]]
+            idx = order[lo : lo + batch]
+            group = [sequences[i] for i in idx]
             T = max(s[0].shape[0] for s in group)
             x = np.zeros((len(group), T, group[0][0].shape[1]), dtype=np.float32)
             y = np.zeros((len(group), T, group[0][1].shape[1]), dtype=np.float32)
@@ -145,17 +152,28 @@ def evaluate(
             hidden = model.initial_state(len(group))
             for c in range(0, T, chunk):
                 xb = torch.from_numpy(x[:, c : c + chunk]).to(device)
-                yb = torch.from_numpy(y[:, c : c + chunk]).to(device)
-                mb = torch.from_numpy(m[:, c : c + chunk]).to(device)
+                yb = torch.from_numpy(y[:, c : c + chunk]).to(device)  # B, t, K
+                mb = torch.from_numpy(m[:, c : c + chunk]).to(device).float()
                 mean, scale, hidden = model(xb, hidden)
-                mse, nll, n = _loss(mean.float(), scale.float(), yb, mb)
-                pers = ((yb**2) * mb).sum() / n
-                sums += np.array([mse.item(), nll.item(), pers.item(), 1.0]) * n.item()
-    n = sums[3]
+                mean, scale = mean.float(), scale.float()
+                sums = torch.stack([
+                    (((mean - yb) ** 2) * mb).sum((1, 2)),
+                    ((0.5 * ((yb - mean) / scale) ** 2 + torch.log(scale)) * mb).sum((1, 2)),
+                    ((yb**2) * mb).sum((1, 2)),
+                    mb.sum((1, 2)),
+                ], dim=1)  # B, 4
+                per_seq[idx] += sums.double().cpu().numpy()
+    n = per_seq[:, 3].sum()
     if n == 0:
         return {"mse": math.nan, "nll": math.nan, "persistence_mse": math.nan, "loss": math.nan}
-    mse, nll, pers = sums[0] / n, sums[1] / n, sums[2] / n
-    return {"mse": mse, "nll": nll, "persistence_mse": pers, "loss": mse + nll}
+    scored = (per_seq[:, 3] > 0) & (per_seq[:, 2] > 0)
+    relative = per_seq[scored, 0] / per_seq[scored, 2]
+    return {
+        "mse": per_seq[:, 0].sum() / n,
+        "nll": per_seq[:, 1].sum() / n,
+        "persistence_mse": per_seq[:, 2].sum() / n,
+        "loss": float(relative.mean()) if relative.size else math.nan,
+    }
 
 
 def train_rows(
