@@ -8,9 +8,17 @@
    surprise is compared with the long-run distribution of that same average; the result is the tail
    probability of the recent average. A noisy series has a high long-run average and does not alarm
    all day; a quiet series that suddenly surprises does.
-3. `final`: the smaller of the likelihood's and the point's own rarity, on a log scale in [0, 1]: 0.5
-   is a one-in-100,000 event, 1 is one in 10^10 or rarer. One threshold then means the same rarity on
-   every series, and only points that are themselves surprising are flagged.
+   The surprise fed to it may be capped (`raw_cap`): a bounded raw score, as HTM's is, keeps one
+   extreme point from dominating the long-run distribution and makes a run of moderately surprising
+   points (a changed pattern) count as much as one wild point.
+3. `final`: the likelihood's rarity (optionally gated by the point's own rarity: the smaller of the
+   two) on a log scale in [0, 1]: 0.5 is a one-in-100,000 event. `linear` reaches 1 at one in 10^10
+   and saturates there; `soft` (1 - 2^(-x/5)) keeps ranking rarer events above each other, which
+   matters when one threshold is chosen across many series.
+4. `novel`: a value beyond the range the series has shown so far (running min/max carried in the
+   track, widened by `tolerance` of the range) scores 1, whatever the forecaster thought, as NAB's HTM
+   detector does ("spatial anomaly"): the forecaster learns changes and may find a new extreme
+   unremarkable; an operator rarely does.
 
 Pure functions over numpy arrays; state between calls is an `AnomalyTrack`, carried in the stream state.
 """
@@ -22,28 +30,34 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["AnomalyTrack", "surprise", "likelihood", "final", "score"]
+__all__ = ["AnomalyTrack", "surprise", "likelihood", "final", "novel", "score"]
 
 _LN10 = float(np.log(10.0))
 # Below this many scored points the long-run distribution is too thin to judge by; no alarms.
 MIN_HISTORY = 20
 # Floor under the long-run spread: a perfectly steady surprise history must not make any wobble infinite.
 MIN_SPREAD = 0.05
+# A new extreme counts only if the forecast found it at least this surprising (-log10 p; 2 = 1 in 100).
+NOVELTY_MIN_SURPRISE = 2.0
 
 
 @dataclass
 class AnomalyTrack:
-    """Per series [B]: short moving average of surprise, long-run mean and variance of its cube root, count."""
+    """Per series [B]: short moving average of surprise, long-run mean and variance of its cube root, count;
+    lowest and highest value seen (NaN before the first)."""
 
     short: np.ndarray
     mean: np.ndarray
     var: np.ndarray
     count: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
 
     @classmethod
     def fresh(cls, batch: int) -> AnomalyTrack:
         z = np.zeros(batch)
-        return cls(z.copy(), z.copy(), z.copy(), np.zeros(batch, dtype=np.int64))
+        nan = np.full(batch, np.nan)
+        return cls(z.copy(), z.copy(), z.copy(), np.zeros(batch, dtype=np.int64), nan.copy(), nan.copy())
 
 
 def _log10_normal_tail(z: np.ndarray) -> np.ndarray:
@@ -86,22 +100,78 @@ def likelihood(
         var = np.where(seen, (1.0 - alpha) * (var + alpha * delta**2), var)
         count = count + seen
     log_tail = np.where(np.isnan(zs), np.nan, _log10_normal_tail(np.nan_to_num(zs, nan=0.0, neginf=-40.0)))
-    return log_tail, AnomalyTrack(short, mean, var, count)
+    return log_tail, AnomalyTrack(short, mean, var, count, track.lo, track.hi)
 
 
-def final(log_tail: np.ndarray, raw: np.ndarray) -> np.ndarray:
-    """Score in [0, 1]: the rarer of the recent average and the point itself, as -log10(p) / 10.
+def final(log_tail: np.ndarray, raw: np.ndarray, *, gate: bool = True, scale: str = "linear") -> np.ndarray:
+    """Score in [0, 1] from the likelihood's log10 tail (-inf where it may not alarm) and the point's surprise.
 
-    The likelihood alone stays high for the ~short_window points after a spike (their average still
-    holds it); taking the smaller of the two flags the surprising points, not their calm neighbours,
-    while a noisy series' routine surprises stay unflagged because the likelihood is low.
+    gate: take the rarer of the recent average and the point itself. The likelihood alone stays high
+    for the ~short_window points after a spike (their average still holds it); the gate flags the
+    surprising points, not their calm neighbours.
+    scale: "linear" is -log10(p) / 10, clipped at 1 (one in 10^10); "soft" is 1 - 2^(-x/5), equal at
+    0.5 (one in 100,000) and never saturating, so rarer stays above less rare on every series.
     """
-    return np.clip(np.minimum(-log_tail, raw) / 10.0, 0.0, 1.0)
+    x = -log_tail
+    if gate:
+        x = np.minimum(x, raw)
+    if scale == "soft":
+        return 1.0 - np.exp2(-np.maximum(x, 0.0) / 5.0)
+    return np.clip(x / 10.0, 0.0, 1.0)
+
+
+def novel(values: np.ndarray, track: AnomalyTrack, tolerance: float) -> tuple[np.ndarray, AnomalyTrack]:
+    """Flags [B, T]: the value lies beyond the lowest/highest value seen before it, widened by
+    `tolerance` × (highest − lowest). Needs MIN_HISTORY scored points and a range first. Updates lo/hi.
+
+    The count is the likelihood's (points scored before the block), advanced here by the block's values,
+    so the rule needs the same history as the likelihood and stays identical in blocks or at once.
+    """
+    B, T = values.shape
+    lo, hi = track.lo.copy(), track.hi.copy()
+    count = track.count.copy()
+    flags = np.zeros((B, T), dtype=bool)
+    for t in range(T):
+        v = values[:, t]
+        seen = np.isfinite(v)
+        width = np.nan_to_num(hi - lo)
+        slack = tolerance * width
+        with np.errstate(invalid="ignore"):
+            beyond = (v > hi + slack) | (v < lo - slack)
+        flags[:, t] = seen & beyond & (width > 0) & (count >= MIN_HISTORY)
+        lo = np.where(seen, np.fmin(lo, v), lo)
+        hi = np.where(seen, np.fmax(hi, v), hi)
+        count = count + seen
+    return flags, AnomalyTrack(track.short, track.mean, track.var, track.count, lo, hi)
 
 
 def score(
-    raw: np.ndarray, track: AnomalyTrack, short_window: int, long_window: int
+    raw: np.ndarray,
+    track: AnomalyTrack,
+    short_window: int,
+    long_window: int,
+    *,
+    values: np.ndarray | None = None,
+    use_likelihood: bool = True,
+    raw_cap: float = 0.0,
+    gate: bool = True,
+    scale: str = "linear",
+    novelty_tolerance: float | None = None,
 ) -> tuple[np.ndarray, AnomalyTrack]:
-    """Surprise [B, T] (from `surprise`; NaN where unscored) -> scores [B, T] in [0, 1] and the new track."""
-    log_tail, track = likelihood(raw, track, short_window, long_window)
-    return final(log_tail, raw), track
+    """Surprise [B, T] (from `surprise`; NaN where unscored) -> scores [B, T] in [0, 1] and the new track.
+
+    The keyword arguments switch the steps (the defaults are the plain pipeline: likelihood, gate, linear
+    scale; [anomaly] in the config chooses what the product runs). values [B, T] are needed for novelty.
+    """
+    fed = np.minimum(raw, raw_cap) if raw_cap > 0 else raw
+    log_tail, new = likelihood(fed, track, short_window, long_window)
+    if not use_likelihood:  # the point's own rarity only (the ablation's "no likelihood")
+        log_tail = -raw
+    out = final(log_tail, raw, gate=gate, scale=scale)
+    if novelty_tolerance is not None and values is not None:
+        flags, nt = novel(values, track, novelty_tolerance)
+        new = AnomalyTrack(new.short, new.mean, new.var, new.count, nt.lo, nt.hi)
+        # A new extreme the forecaster saw coming (a drifting sensor, a trending price) is not news.
+        with np.errstate(invalid="ignore"):
+            out = np.where(flags & (raw >= NOVELTY_MIN_SURPRISE), 1.0, out)
+    return out, new

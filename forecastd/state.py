@@ -89,13 +89,19 @@ class StreamState:
             "pending_mean": self.pending_mean, "pending_std": self.pending_std,
             "a_short": self.anomaly.short, "a_mean": self.anomaly.mean,
             "a_var": self.anomaly.var, "a_count": self.anomaly.count,
+            "a_lo": self.anomaly.lo, "a_hi": self.anomaly.hi,
         }
 
     @classmethod
     def from_arrays(cls, series_ids: list[str], a: dict[str, np.ndarray]) -> StreamState:
+        # Checkpoints written before the novelty range existed lack a_lo/a_hi: the range restarts
+        # empty (NaN), so novelty waits for new history rather than the checkpoint being refused.
+        unknown = np.full(len(series_ids), np.nan)
         return cls(
             list(series_ids), a["step"], a["age"], a["scale"], Track(a["last"], a["levels"]), a["hidden"],
-            a["pending_mean"], a["pending_std"], AnomalyTrack(a["a_short"], a["a_mean"], a["a_var"], a["a_count"]),
+            a["pending_mean"], a["pending_std"],
+            AnomalyTrack(a["a_short"], a["a_mean"], a["a_var"], a["a_count"],
+                         a.get("a_lo", unknown), a.get("a_hi", unknown.copy())),
         )
 
     def take(self, index: np.ndarray) -> StreamState:

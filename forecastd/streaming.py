@@ -152,7 +152,11 @@ def advance(
         s_j = anomaly.surprise(values, ext_mean[:, m - j : m - j + T, j - 1], ext_std[:, m - j : m - j + T, j - 1])
         raw = np.fmin(raw, s_j)  # the least surprised judge; NaN only where none could judge
     expected, expected_sd = ext_mean[:, m - 1 : m - 1 + T, 0], ext_std[:, m - 1 : m - 1 + T, 0]
-    scores, atrack = anomaly.score(raw, state.anomaly, ac.short_window, ac.long_window)
+    scores, atrack = anomaly.score(
+        raw, state.anomaly, ac.short_window, ac.long_window, values=values, use_likelihood=ac.likelihood,
+        raw_cap=ac.raw_cap, gate=ac.point_gate, scale=ac.scale,
+        novelty_tolerance=ac.novelty_tolerance if ac.novelty_tolerance >= 0 else None,
+    )
 
     rows = np.arange(B)[:, None]
     tail = lengths[:, None] + np.arange(m)[None, :]  # the last m origins of each series, in ext

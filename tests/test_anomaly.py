@@ -67,3 +67,23 @@ def test_only_the_spike_is_flagged_not_its_calm_neighbours():
     v[700] = 15.0
     s, _ = _run(v, np.zeros(800), np.ones(800))
     assert np.flatnonzero(s[0, 100:] >= 0.5).tolist() == [600]
+
+
+def test_a_new_extreme_scores_one_and_blocks_equal_at_once():
+    rng = np.random.default_rng(4)
+    v = rng.uniform(-1.0, 1.0, size=(1, 400))
+    v[0, 300] = 1.5  # beyond the range seen so far, far beyond 5 % of it
+    raw = surprise(v, np.zeros_like(v), np.full_like(v, 100.0))  # a forecaster that is surprised by nothing
+    kw = dict(values=v, raw_cap=3.0, gate=False, scale="soft", novelty_tolerance=0.05)
+    s, t = score(raw, AnomalyTrack.fresh(1), 10, 2000, **kw)
+    assert s[0, 300] == 1.0 and (s[0, 100:300] < 0.5).all() and (s[0, 301:] < 0.5).all()
+    a, ta = score(raw[:, :150], AnomalyTrack.fresh(1), 10, 2000, **{**kw, "values": v[:, :150]})
+    b, tb = score(raw[:, 150:], ta, 10, 2000, **{**kw, "values": v[:, 150:]})
+    np.testing.assert_allclose(np.concatenate([a, b], 1), s)
+    np.testing.assert_allclose([tb.lo[0], tb.hi[0]], [t.lo[0], t.hi[0]])
+
+
+def test_soft_scale_keeps_ranking_past_one_in_ten_billion():
+    f = final(np.array([0.0, -5.0, -10.0, -50.0]), np.full(4, 99.0), scale="soft")
+    np.testing.assert_allclose(f[:2], [0.0, 0.5])
+    assert f[1] < f[2] < f[3] < 1.0
