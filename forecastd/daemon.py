@@ -3,8 +3,10 @@
 Shape of a running daemon:
 
 - The main thread takes the lock, recovers state, starts the HTTP endpoint and the scheduler, says
-  READY=1, then only waits for SIGTERM/SIGINT (blocked in every thread and taken with sigtimedwait,
-  so no handler ever runs inside a lock another frame of the same thread holds).
+  READY=1, then only waits for SIGTERM/SIGINT. Their handlers just record the signal (no locks: a
+  handler runs between two bytecodes of the main thread, whatever that thread holds) and a wakeup fd
+  wakes the wait. (Blocking the signals instead is not enough: threads that numpy's BLAS starts at
+  import have them unblocked, and the kernel may hand SIGTERM to one of those, killing the process.)
 - A BackgroundScheduler in UTC, jobs built from the config at start in a MemoryJobStore:
   `tick` (every [serve] interval, one at a time, missed runs coalesced) on a one-thread pool;
   `retrain` ([serve] retrain_cron) on a pool of its own, so a retrain never holds up a tick;
@@ -22,12 +24,14 @@ Shape of a running daemon:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import json
 import logging
 import math
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -57,7 +61,7 @@ __all__ = ["Daemon", "StateLock", "serve"]
 
 log = logging.getLogger(__name__)
 
-_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def utc_now() -> dt.datetime:
@@ -164,6 +168,13 @@ class RetrainWorker:
             how = f"ran past [serve] retrain_timeout = {self.config.serve.retrain_timeout:g} s and was killed"
         return RetrainResult("failed", f"the retrain worker {how} without a result")
 
+    def abandon_now(self) -> None:
+        """From a signal handler: kill the worker without taking a lock."""
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                os.kill(proc.pid, signal.SIGKILL)
+
     def abandon(self) -> None:
         """Stop a running retrain now; later `run` calls return at once."""
         with self._lock:
@@ -172,7 +183,7 @@ class RetrainWorker:
         if proc is None or proc.poll() is not None:
             return
         # SIGKILL straight away: the child has nothing to clean up (a version counts only once its
-        # manifest is written), and it inherited our blocked SIGTERM anyway.
+        # manifest is written).
         log.info("abandoning the running retrain (pid %d)", proc.pid)
         proc.kill()
 
@@ -213,6 +224,8 @@ class Daemon:
         self.stopping = threading.Event()
         self.swap = threading.Lock()  # held by a tick and by a model switch
         self._next_attempt = 0.0  # monotonic time before which ticks are skipped (backoff)
+        self._signal: int | None = None  # set by the signal handler, nothing else
+        self._wake: socket.socket | None = None
         self._info_lock = threading.Lock()
         self.info: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(),
                                      "started_at": clock().isoformat(), "state": "starting",
@@ -220,19 +233,34 @@ class Daemon:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self) -> int:
-        # Block the stop signals in this thread before any other starts, so every thread inherits the
-        # mask and the signals wait, pending, for the sigtimedwait below.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             # One line per tick: APScheduler says "Running job"/"executed" for each, and the pipeline's own
             # tick line repeats figures the daemon's line has (with rows read, repairs and duration).
             logging.getLogger("apscheduler").setLevel(logging.WARNING)
             logging.getLogger("forecastd.pipeline").setLevel(logging.WARNING)
+        # Handlers first: a SIGTERM during recovery then stops the daemon right after it, cleanly.
+        wake_r, wake_w = socket.socketpair()
+        wake_w.setblocking(False)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in _SIGNALS}
+        previous_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        self._wake = wake_r
         try:
             with StateLock(self.store.root):
                 return self._run_locked()
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            wake_r.close()
+            wake_w.close()
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        """Record the signal; a second one exits at once (the last checkpoint is consistent anyway)."""
+        if self._signal is not None:
+            os.write(2, f"forecastd: second {signal.Signals(signum).name}, exiting without waiting\n".encode())
+            self.worker.abandon_now()
+            os._exit(1)
+        self._signal = signum
 
     def _run_locked(self) -> int:
         self.notifier.status("recovering state")
@@ -246,8 +274,9 @@ class Daemon:
                                    self.health).start()
         scheduler = self._scheduler()
         try:
-            scheduler.start()
+            # Before the scheduler starts: _set_info waits for a running tick, and READY must not.
             self._set_info(state="running")
+            scheduler.start()
             log.info("serving: %s; tick every %g s, retrain %s", recovered, self.config.serve.interval,
                      f"on cron {self.config.serve.retrain_cron!r} (UTC)" if self.config.serve.retrain_cron.strip()
                      else "disabled")
@@ -281,10 +310,10 @@ class Daemon:
         return what
 
     def _wait_for_signal(self) -> int:
-        while True:
-            info = signal.sigtimedwait(_SIGNALS, 1.0)
-            if info is not None and info.si_signo in _SIGNALS:
-                return info.si_signo
+        while self._signal is None:
+            if select.select([self._wake], [], [], 1.0)[0]:
+                self._wake.recv(64)
+        return self._signal
 
     def _shutdown(self, scheduler: BackgroundScheduler) -> None:
         """Stop taking work, abandon a retrain, let a running tick finish (it checkpoints at its end).
@@ -299,13 +328,10 @@ class Daemon:
             scheduler.shutdown(wait=True)
             done.set()
 
+        # In a thread, so the main thread stays free to run the handler of a second signal.
         threading.Thread(target=stop, name="forecastd-stop", daemon=True).start()
-        while not done.is_set():
-            info = signal.sigtimedwait(_SIGNALS, 0.1)
-            if info is not None and info.si_signo in _SIGNALS:
-                log.warning("second %s: exiting without waiting for the running tick", signal.Signals(info.si_signo).name)
-                self.worker.abandon()
-                os._exit(1)
+        while not done.wait(0.2):
+            pass
 
     def _scheduler(self) -> BackgroundScheduler:
         serve = self.config.serve

@@ -2,12 +2,11 @@
 
 The judgement: both models are run over the challenger's held-back validation tail (the last
 `validation_fraction` of each series in the data the challenger was trained on), each with its own
-per-series scales and grid, exactly as each would run in production. Losses (the training objective:
-squared error of the mean plus the Gaussian NLL of the spread) are then expressed in one unit, the
-challenger's scale of each series, so a model is not rewarded for a larger scale. The live model may
-have trained on the start of that tail, which favours it: a challenger must win despite that, which is
-the safe direction. It is promoted if its loss is lower by `[serve] promote_margin` of the live loss
-(or always, with `always_promote`).
+per-series scales, exactly as each would run in production, and scored with training's validation loss
+(each series' MSE relative to persistence, averaged over series: unit-free, so the two compare directly).
+The live model may have trained on the start of that tail, which favours it: a challenger must win
+despite that, which is the safe direction. It is promoted if its loss is lower by `[serve]
+promote_margin` of the live loss (or always, with `always_promote`).
 
 Switching the live model is `switch_live`: the new live model never continues another model's hidden
 states. Every stream but one is removed (the one covering the most series, the freshest among those),
@@ -36,19 +35,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
 
 from forecastd.config import Config, config_from_dict, config_to_dict
 from forecastd.errors import CheckpointError, ForecastdError, ModelError
 from forecastd.files import atomic_write_bytes
 from forecastd.frames import validate
-from forecastd.models import Forecaster
 from forecastd.pipeline import state_store, train
 from forecastd.sources import open_source
 from forecastd.state import ModelVersion, StateStore
-from forecastd.training import prepare, resolve_device
+from forecastd.training import evaluate, prepare, resolve_device
 from forecastd.windowing import robust_scale, series_steps
 
 __all__ = ["RetrainResult", "retrain", "tail_losses", "decide", "switch_live", "rollback_target", "live_history"]
@@ -87,10 +83,7 @@ class RetrainResult:
 
 
 def decide(live_loss: float, challenger_loss: float, margin: float, always: bool) -> tuple[bool, str]:
-    """Promote? The challenger must be finite and beat the live loss by `margin` of its magnitude.
-
-    The loss includes a log-likelihood and can be negative, hence `abs` in the margin.
-    """
+    """Promote? The challenger must be finite and beat the live loss by `margin` of its magnitude."""
     if not math.isfinite(challenger_loss):
         return False, f"challenger validation loss is {challenger_loss}; the live model stays"
     if always:
@@ -139,9 +132,11 @@ def retrain(config: Config, now: dt.datetime) -> RetrainResult:
 
 
 def tail_losses(config: Config, live: ModelVersion, challenger: ModelVersion, now: dt.datetime) -> tuple[float, float]:
-    """(live loss, challenger loss) on the challenger's validation tail, in the challenger's units.
+    """(live loss, challenger loss) on the challenger's validation tail, each model with its own scales.
 
-    Raises ModelError when the two cannot be compared (another grid or horizon).
+    The loss is training's validation loss (each series' MSE relative to persistence, averaged), which
+    has no unit, so two models with different per-series scales compare directly. Raises ModelError when
+    the two cannot be compared (another grid or horizon).
     """
     if live.grid.freq != challenger.grid.freq or live.model_config.horizon != challenger.model_config.horizon:
         raise ModelError(f"live v{live.version} ({live.grid.freq}, horizon {live.model_config.horizon}) and "
@@ -153,50 +148,15 @@ def tail_losses(config: Config, live: ModelVersion, challenger: ModelVersion, no
     raw = open_source(config).read(until=until)
     frame, _ = validate(raw, grid=grid, timezone=config.source.timezone, duplicates=config.data.duplicates, now=now)
     fraction = config_from_dict(challenger.manifest["config"]).training.validation_fraction
-    common = challenger.scales
+    values = {sid: v for sid, (_, v) in series_steps(frame, grid).items()}
     losses = []
     for mv in (live, challenger):
-        rows = []
-        for sid, part in frame.groupby("series_id", sort=False):
-            unit = float(common.get(sid) or robust_scale(series_steps(part, grid)[sid][1]))
-            own = float(mv.scales.get(sid) or unit)  # a series new to the model: the scale it would take
-            prepared = prepare(part, grid, {sid: own}, mv.model_config, config.data, fraction)
-            rows += [(x, y, m, own / unit) for x, y, _, m in prepared.segments if m.any()]
-        losses.append(_loss(mv.model, rows))
+        # A series new to a model gets the scale it would take when it starts streaming.
+        scales = {sid: float(mv.scales.get(sid) or robust_scale(v)) for sid, v in values.items()}
+        prepared = prepare(frame, grid, scales, mv.model_config, config.data, fraction)
+        device = next(mv.model.parameters()).device
+        losses.append(evaluate(mv.model, prepared.val, device)["loss"] if prepared.val else math.nan)
     return losses[0], losses[1]
-
-
-def _loss(model: Forecaster, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]], *,
-          batch: int = 256, chunk: int = 1024) -> float:
-    """training.evaluate's loss (mse + nll over masked targets, state carried through each sequence), with
-    each row converted to the common unit: outputs and targets times r, so mse * r^2 and nll + log r."""
-    if not rows:
-        return math.nan
-    device = next(model.parameters()).device
-    model.eval()
-    total, count = 0.0, 0.0
-    rows = sorted(rows, key=lambda r: r[0].shape[0])
-    with torch.no_grad():
-        for lo in range(0, len(rows), batch):
-            group = rows[lo : lo + batch]
-            T = max(r[0].shape[0] for r in group)
-            x = np.zeros((len(group), T, group[0][0].shape[1]), dtype=np.float32)  # B, T, F
-            y = np.zeros((len(group), T, group[0][1].shape[1]), dtype=np.float32)  # B, T, K
-            m = np.zeros((len(group), T, group[0][2].shape[1]), dtype=bool)  # B, T, K
-            for i, (xs, ys, ms, _) in enumerate(group):
-                x[i, : len(xs)], y[i, : len(ys)], m[i, : len(ms)] = xs, ys, ms
-            r = torch.tensor([g[3] for g in group], dtype=torch.float64, device=device).view(-1, 1, 1)  # B, 1, 1
-            hidden = model.initial_state(len(group))
-            for c in range(0, T, chunk):
-                mean, scale, hidden = model(torch.from_numpy(x[:, c : c + chunk]).to(device), hidden)  # B, t, K
-                yb = torch.from_numpy(y[:, c : c + chunk]).to(device).double()
-                mb = torch.from_numpy(m[:, c : c + chunk]).to(device).double()
-                mean, scale = mean.double(), scale.double()
-                mse = (mean - yb) ** 2 * r**2
-                nll = 0.5 * ((yb - mean) / scale) ** 2 + torch.log(scale) + torch.log(r)
-                total += float(((mse + nll) * mb).sum())
-                count += float(mb.sum())
-    return total / count if count else math.nan
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -307,12 +267,12 @@ class _JsonLines(logging.Handler):
 def _child_main() -> int:
     import signal
 
-    # The daemon blocks SIGTERM/SIGINT in all its threads (daemon.py); a child inherits the mask.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+    # Ctrl-C in a terminal reaches the whole process group; the daemon decides this child's fate.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     request = json.loads(sys.stdin.read())
     _die_with_parent(int(request["parent"]))
     with contextlib.suppress(OSError):
-        os.nice(10)  # training yields the CPU to ticks
+        os.nice(5)  # a busy training gets about a third of a tick's CPU share: ticks stay on time
     root = logging.getLogger()
     root.handlers[:] = [_JsonLines()]
     root.setLevel(request.get("level", logging.INFO))

@@ -173,7 +173,8 @@ class Serve:
             full_env["NOTIFY_SOCKET"] = notify.path
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "forecastd", "--log-level", "info", "serve", "--config", str(config)],
+            [sys.executable, "-X", "faulthandler", "-m", "forecastd", "--log-level", "info", "serve", "--config",
+             str(config)],
             cwd=config.parent, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
@@ -189,6 +190,13 @@ class Serve:
         if self.proc.poll() is not None:
             raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
         return True
+
+    def stacks(self) -> str:
+        """Every thread's Python stack (faulthandler on SIGABRT), for a daemon that seems stuck; ends it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGABRT)
+            self.wait(10)
+        return self.log()[-6000:]
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

@@ -98,6 +98,24 @@ def test_ready_lock_http_and_sigterm(tmp_path, notify):
     assert_same_outputs(outputs(config), reference(DAY))
 
 
+def test_sigterm_during_a_tick_lets_it_finish_and_exits_0(tmp_path, notify):
+    """Guarantee 5: a month of new rows makes a long first tick; SIGTERM lands in it; the tick completes
+    (outputs and checkpoint), then the daemon exits 0."""
+    config = clone(tmp_path)
+    append_rows(tmp_path / "src.db", T0, END)
+    serve = Serve(config, notify=notify)
+    try:
+        notify.wait_for("READY", "1", proc=serve.proc)  # the first tick starts with the scheduler
+        assert watermark(config) == T0, "the tick finished before SIGTERM; nothing was tested"
+        serve.signal(signal.SIGTERM)
+        assert serve.wait(STOP_TIMEOUT + 30) == 0, serve.log()
+    finally:
+        serve.kill()
+    assert "3240 rows read" in serve.log() and "stopped" in serve.log()
+    assert watermark(config) == END
+    assert_same_outputs(outputs(config), reference(END))
+
+
 def _crash_run(tmp_path: Path, kills: int, max_delay: float, seed: int, retrain: bool) -> None:
     """Grow the source, start serve, SIGKILL it at a random moment; repeat; corrupt the newest checkpoint
     and leave a temp file behind; finish; compare with one uninterrupted tick over the same rows."""
@@ -106,7 +124,7 @@ def _crash_run(tmp_path: Path, kills: int, max_delay: float, seed: int, retrain:
     # and with it the values the uninterrupted run is compared with.
     serve = {"retrain_cron": "*/3 * * * * *", "promote_margin": 1e9} if retrain else {}
     config = clone(tmp_path, serve=serve)
-    batches = pd.date_range(T0, END, periods=kills + 2)  # kills + 1 appends, the last one ends at END
+    batches = pd.date_range(T0, END, periods=kills + 2).floor("h")  # kills + 1 appends, the last ending at END
     mid_retrain = 0
     for i in range(kills):
         append_rows(tmp_path / "src.db", batches[i], batches[i + 1])
@@ -117,6 +135,8 @@ def _crash_run(tmp_path: Path, kills: int, max_delay: float, seed: int, retrain:
                 time.sleep(rng.uniform(0.0, 2.0))
             else:  # the rest while it ticks (mid-read, mid-write, mid-checkpoint) or retrains
                 notify.wait_for("READY", "1", proc=daemon.proc)
+                if i == 0:  # one checkpoint past the template's, so the one corrupted below has a fallback
+                    wait_until(lambda: daemon.running() and watermark(config) == batches[1], 60, "the first tick")
                 time.sleep(rng.uniform(0.0, max_delay))
             mid_retrain += bool(daemon.children())  # a retrain worker is running: it dies too
             daemon.kill()
@@ -137,7 +157,11 @@ def _crash_run(tmp_path: Path, kills: int, max_delay: float, seed: int, retrain:
 
     final = Serve(config)
     try:
-        wait_until(lambda: watermark(config) == END, 120, "the daemon to catch up to the end of the data")
+        try:
+            wait_until(lambda: final.running() and watermark(config) == END, 180,
+                       "the daemon to catch up to the end of the data")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the daemon's log and stacks:\n{final.stacks()}") from None
         final.signal(signal.SIGTERM)
         assert final.wait(STOP_TIMEOUT) == 0, final.log()
     finally:
@@ -171,12 +195,12 @@ def test_retrain_promotes_then_sigterm_during_the_next_one_exits_0(tmp_path, not
     serve = Serve(config, notify=notify)
     try:
         notify.wait_for("READY", "1", proc=serve.proc)
-        notify.wait_for("STATUS", "retrain promoted: [serve] always_promote = true", timeout=120, proc=serve.proc)
+        notify.wait_for("STATUS", "retrain promoted: [serve] always_promote = true", timeout=300, proc=serve.proc)
         append_rows(tmp_path / "src.db", T0, T0 + pd.Timedelta(hours=6))
         wait_until(lambda: serve.running() and watermark(config) == T0 + pd.Timedelta(hours=6), 60,
                    "the new model to tick the new rows")
 
-        children = wait_until(serve.children, 60, "the next retrain's worker process")
+        children = wait_until(serve.children, 300, "the next retrain's worker process")
         time.sleep(0.5)  # into its imports or its training
         serve.signal(signal.SIGTERM)
         assert serve.wait(STOP_TIMEOUT) == 0, serve.log()
