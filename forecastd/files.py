@@ -12,12 +12,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "atomic_write_bytes", "sha256_file", "sha256_bytes", "sweep_temp_files"]
+__all__ = ["TMP_SUFFIX", "atomic_write", "fsync_dir", "atomic_write_bytes", "sha256_file", "sha256_bytes", "sweep_temp_files"]
 
 TMP_SUFFIX = ".forecastd-tmp"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in `directory` durable."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:  # some platforms cannot open directories; rename is still atomic there
@@ -45,7 +46,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -31,7 +31,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from forecastd.errors import SinkError
-from forecastd.files import atomic_write
+from forecastd.files import atomic_write, fsync_dir
 from forecastd.sinks.schema import SPECS, TableName, TableSpec, conform, empty, spec_for
 from forecastd.sources.mapping import utc_bound
 
@@ -175,7 +175,7 @@ class ParquetSink:
         for f in stale:
             f.unlink(missing_ok=True)
         if stale:
-            _fsync_dir(directory)
+            fsync_dir(directory)
 
     # -- layout ------------------------------------------------------------------------------------
 
@@ -225,15 +225,4 @@ def _make_dirs(directory: Path) -> None:
         p = p.parent
     directory.mkdir(parents=True, exist_ok=True)
     for d in reversed(missing):
-        _fsync_dir(d.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(d.parent)
