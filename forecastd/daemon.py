@@ -461,8 +461,7 @@ class Daemon:
         self.notifier.watchdog()
 
     def _set_info(self, **fields: Any) -> None:
-        # Under the tick lock: run_once sweeps temp files in the state directory at its start, and would
-        # delete this write's temp file if the two overlapped (see docs/operations.md).
+        # Under the tick lock so daemon.json is written in step with the ticks it describes.
         with self.swap, self._info_lock:
             self.info.update(fields)
             try:

@@ -180,13 +180,13 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     """
     clock = _Clock()
     store = state_store(config)
-    store.sweep()
+    # No sweep of temp files here: another writer (a retrain, `models promote`) may be mid-write. The
+    # daemon sweeps once at start; leftovers are ignored by every loader until then.
     device = resolve_device(config.training.device)
     mv = store.load_live(device)
     grid = mv.grid
     state, _ = store.load_stream(mv.version)
     state = _fit_judges(state, config.anomaly.forecasts) if state is not None else _empty_state(mv, config)
-    prior = {} if len(state) else _prior_watermarks(store, mv.version)
     report = TickReport(mv.version)
     clock.lap("load")
 
@@ -194,6 +194,9 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     known = set(state.series_ids)
     all_ids = source.series_ids()
     new_ids = [s for s in all_ids if s not in known]
+    # Series the live model has no state for continue from the newest other version's watermark, so
+    # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
+    prior = _prior_watermarks(store, mv.version) if new_ids else {}
     watermarks = state.watermarks(grid)
     frames = []
     if known:

@@ -127,7 +127,7 @@ def _watermarks(store: StateStore, now: pd.Timestamp) -> list[dict[str, Any]]:
     grid = Grid(freq)
     step = pd.tseries.frequencies.to_offset(freq)
     out = []
-    for sid, st, age in zip(state.series_ids, state.step, state.age):
+    for sid, st, age in zip(state.series_ids, state.step, state.age, strict=True):
         row: dict[str, Any] = {"series_id": sid, "watermark": None, "lag_seconds": None, "lag_steps": None,
                                "model_version": v, "warm": bool(age > 0)}
         if st >= 0:

@@ -68,7 +68,10 @@ def test_ready_lock_http_and_sigterm(tmp_path, notify):
 
         # Guarantee 4: a second daemon on the same state directory is refused, naming the first one's pid.
         second = Serve(config, log_name="second.log")
-        assert second.wait(60) != 0
+        try:
+            assert second.wait(60) == 7  # StateError's exit code
+        finally:
+            second.kill()
         assert f"in use by forecastd pid {serve.pid}" in second.log()
 
         append_rows(tmp_path / "src.db", T0, DAY)
@@ -136,11 +139,11 @@ def _crash_run(tmp_path: Path, kills: int, max_delay: float, seed: int, retrain:
             else:  # the rest while it ticks (mid-read, mid-write, mid-checkpoint) or retrains
                 notify.wait_for("READY", "1", proc=daemon.proc)
                 if i == 0:  # one checkpoint past the template's, so the one corrupted below has a fallback
-                    wait_until(lambda: daemon.running() and watermark(config) == batches[1], 60, "the first tick")
+                    wait_until(lambda d=daemon: d.running() and watermark(config) == batches[1], 60, "the first tick")
                 time.sleep(rng.uniform(0.0, max_delay))
             mid_retrain += bool(daemon.children())  # a retrain worker is running: it dies too
-            daemon.kill()
         finally:
+            daemon.kill()
             notify.close()
         assert daemon.proc.returncode == -signal.SIGKILL
     append_rows(tmp_path / "src.db", batches[kills], batches[kills + 1])
