@@ -87,6 +87,10 @@ class ModelConfig:
     # Scaled changes beyond this are clipped before the model sees them, so a spike moves the state
     # no more than a 6-sigma move would (see anomaly handling in README).
     input_clip: float = 6.0
+    # Recent changes carried in the state and read by a linear head (models.py): the recent shape of
+    # the series, one week of hourly data by default. 0 = none (the recurrent state alone). Costs
+    # 4 bytes a series per step of window.
+    lookback: int = 168
     distribution: Literal["gaussian"] = "gaussian"
     # Refused if true: a bidirectional encoder reads the future.
     bidirectional: bool = False
@@ -424,6 +428,7 @@ def _validate(c: Config) -> None:
     _require(len(m.level_alphas) >= 1 and all(0 < a <= 1 for a in m.level_alphas),
              f"[model] level_alphas = {list(m.level_alphas)} must be a non-empty list of numbers in (0, 1]")
     _require(m.input_clip > 0, f"[model] input_clip = {m.input_clip} must be positive")
+    _require(m.lookback >= 0, f"[model] lookback = {m.lookback} must be 0 (none) or a number of steps")
 
     t = c.training
     _require(t.bptt >= 1, f"[training] bptt = {t.bptt} must be at least 1")
@@ -514,6 +519,7 @@ hidden_size = 64
 num_layers = 1
 dropout = 0.0
 horizon = 24                     # steps ahead forecast at every point
+lookback = 168                   # recent steps the state carries for the model to read (0 = none)
 
 [training]
 bptt = 32                        # truncated-BPTT chunk length

@@ -44,7 +44,7 @@ __all__ = ["StreamState", "Segment", "plan", "StateStore", "ModelVersion", "FORM
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the layout of a checkpoint or manifest changes; loaders refuse what they don't know
+FORMAT = 2  # bump when the layout of a checkpoint or manifest changes; loaders refuse what they don't know
 
 
 @dataclass
@@ -57,6 +57,7 @@ class StreamState:
     scale: np.ndarray  # B float64: the series' unit of change
     track: Track  # last observed value, running levels
     hidden: np.ndarray  # B, L', H float32: recurrent state (LSTM: h then c along L')
+    window: np.ndarray  # B, W float32: the last W scaled changes, oldest first ([model] lookback)
     # B, m, m float64: the forecasts the last m origins (oldest first) issued for their next m steps;
     # they judge the next points (m = [anomaly] forecasts).
     pending_mean: np.ndarray
@@ -68,7 +69,7 @@ class StreamState:
 
     @classmethod
     def fresh(cls, series_ids: list[str], scale: np.ndarray, n_levels: int, hidden_shape: tuple[int, int],
-              judges: int = 2) -> StreamState:
+              judges: int = 2, lookback: int = 0) -> StreamState:
         B = len(series_ids)
         return cls(
             list(series_ids),
@@ -77,6 +78,7 @@ class StreamState:
             np.asarray(scale, dtype=np.float64),
             Track.fresh(B, n_levels),
             np.zeros((B, *hidden_shape), dtype=np.float32),
+            np.zeros((B, lookback), dtype=np.float32),
             np.full((B, judges, judges), np.nan),
             np.full((B, judges, judges), np.nan),
             AnomalyTrack.fresh(B),
@@ -86,6 +88,7 @@ class StreamState:
         return {
             "step": self.step, "age": self.age, "scale": self.scale,
             "last": self.track.last, "levels": self.track.levels, "hidden": self.hidden,
+            "window": self.window,
             "pending_mean": self.pending_mean, "pending_std": self.pending_std,
             "a_short": self.anomaly.short, "a_mean": self.anomaly.mean,
             "a_var": self.anomaly.var, "a_count": self.anomaly.count,
@@ -99,7 +102,7 @@ class StreamState:
         unknown = np.full(len(series_ids), np.nan)
         return cls(
             list(series_ids), a["step"], a["age"], a["scale"], Track(a["last"], a["levels"]), a["hidden"],
-            a["pending_mean"], a["pending_std"],
+            a["window"], a["pending_mean"], a["pending_std"],
             AnomalyTrack(a["a_short"], a["a_mean"], a["a_var"], a["a_count"],
                          a.get("a_lo", unknown), a.get("a_hi", unknown.copy())),
         )

@@ -16,12 +16,11 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
 
 from forecastd import anomaly
 from forecastd.config import AnomalyConfig, ModelConfig
 from forecastd.frames import ANOMALY_COLUMNS, FORECAST_COLUMNS, Grid
-from forecastd.models import Forecaster, pack_hidden, unpack_hidden
+from forecastd.models import Forecaster, State, pack_hidden, unpack_hidden
 from forecastd.state import Segment, StreamState
 from forecastd.windowing import encode
 
@@ -127,17 +126,17 @@ def advance(
     x, origin, track = encode(values, grid.ns(steps.ravel()).reshape(B, T), state.track,
                               state.scale, mc.level_alphas, mc.input_clip)
 
-    hidden = unpack_hidden(torch.from_numpy(state.hidden).to(device).transpose(0, 1).contiguous(), mc.cell)
+    carried = State(
+        unpack_hidden(torch.from_numpy(state.hidden).to(device).transpose(0, 1).contiguous(), mc.cell),
+        torch.from_numpy(state.window).to(device),
+    )
     with torch.no_grad():
         inputs = torch.from_numpy(x).to(device)  # B, T, F
-        if (lengths != T).any():  # ragged blocks: packing stops each series' state at its own last step
-            inputs = pack_padded_sequence(inputs, torch.from_numpy(lengths), batch_first=True, enforce_sorted=False)
-        mean, spread, hidden = model(inputs, hidden)  # B, T', K each
+        # Ragged blocks: each series' state stops at its own last step.
+        ragged = torch.from_numpy(lengths) if (lengths != T).any() else None
+        mean, spread, carried = model(inputs, carried, ragged)  # B, T, K each
     mean = mean.double().cpu().numpy()
     spread = spread.double().cpu().numpy()
-    if mean.shape[1] < T:  # pad_packed_sequence trims to the longest length
-        fill = np.full((B, T - mean.shape[1], K), np.nan)
-        mean, spread = np.concatenate([mean, fill], 1), np.concatenate([spread, fill], 1)
     s = state.scale[:, None, None]
     fc_mean = origin[:, :, None] + mean * s  # B, T, K in the series' own units
     fc_std = spread * s
@@ -166,7 +165,8 @@ def advance(
         state.age + lengths,
         state.scale,
         track,
-        pack_hidden(hidden).transpose(0, 1).float().cpu().numpy().copy(),
+        pack_hidden(carried.rnn).transpose(0, 1).float().cpu().numpy().copy(),
+        carried.window.float().cpu().numpy().copy(),
         ext_mean[rows, tail],
         ext_std[rows, tail],
         atrack,
@@ -256,7 +256,7 @@ def run_segments(
         if fresh:
             ids = [g.series_id for g in fresh]
             scale = np.array([fresh_scale[i] for i in ids])
-            st = StreamState.fresh(ids, scale, len(mc.level_alphas), hidden_shape, ac.forecasts)
+            st = StreamState.fresh(ids, scale, len(mc.level_alphas), hidden_shape, ac.forecasts, mc.lookback)
             st.step[:] = np.array([g.start - 1 for g in fresh])
             st.age[:] = np.array([g.age for g in fresh])
             sub_parts.append(st)

@@ -26,10 +26,10 @@ import torch
 from forecastd.config import DataConfig, ModelConfig, TrainingConfig
 from forecastd.errors import DataError, ModelError
 from forecastd.frames import Grid
-from forecastd.models import Forecaster, Hidden
+from forecastd.models import Forecaster, State, detach_state
 from forecastd.windowing import Track, encode, series_steps, split_at_gaps, targets, training_rows
 
-__all__ = ["Prepared", "TrainResult", "prepare", "fit", "train_rows", "evaluate", "resolve_device", "detach"]
+__all__ = ["Prepared", "TrainResult", "prepare", "fit", "train_rows", "evaluate", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ModelError('[training] device = "cuda" but no CUDA device is visible; use "auto" or "cpu"')
     return torch.device(name)
-
-
-def detach(hidden: Hidden) -> Hidden:
-    """Cut the graph at a chunk boundary; the values carry on."""
-    return tuple(h.detach() for h in hidden) if isinstance(hidden, tuple) else hidden.detach()
 
 
 @dataclass
@@ -185,15 +180,19 @@ def train_rows(
     bptt: int,
     clip: float,
     autocast: torch.autocast,
+    window: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """One batch of rows through truncated BPTT: chunk, detach at each chunk start, clip, step.
 
-    x [B, S, F], y [B, S, K], m [B, S, K]. Returns (loss summed over targets, number of targets).
+    x [B, S, F], y [B, S, K], m [B, S, K], window [B, W] the changes before each row (zeros if None).
+    Returns (loss summed over targets, number of targets).
     """
     total, count = 0.0, 0.0
     hidden = model.initial_state(x.shape[0])
+    if window is not None:
+        hidden = State(hidden.rnn, window)
     for c in range(0, x.shape[1], bptt):
-        hidden = detach(hidden)  # the state carries on; its gradient history stops here
+        hidden = detach_state(hidden)  # the state carries on; its gradient history stops here
         mc = m[:, c : c + bptt]
         if not mc.any():  # all burn-in or padding: advance the state, nothing to learn
             with torch.no_grad(), autocast:
@@ -245,14 +244,16 @@ def fit(
         while first or steps < config.min_epoch_steps:
             offset = 0 if first and epoch == 1 else int(rng.integers(config.segment_length))
             first = False
-            x, y, m = training_rows(train, config.segment_length, config.burn_in, offset)  # R, S, *
+            x, y, m, w = training_rows(train, config.segment_length, config.burn_in, offset,
+                                       model.lookback)  # R, S, * and R, W
             perm = rng.permutation(x.shape[0])
             for lo in range(0, len(perm), config.batch_size):
                 rows = perm[lo : lo + config.batch_size]
                 xb = torch.from_numpy(x[rows]).to(device)  # B, S, F
                 yb = torch.from_numpy(y[rows]).to(device)  # B, S, K
                 mb = torch.from_numpy(m[rows]).to(device)  # B, S, K
-                t, n = train_rows(model, opt, xb, yb, mb, config.bptt, config.clip, autocast)
+                wb = torch.from_numpy(w[rows]).to(device)  # B, W
+                t, n = train_rows(model, opt, xb, yb, mb, config.bptt, config.clip, autocast, wb)
                 total, count = total + t, count + n
                 steps += -(-x.shape[1] // config.bptt)
         sched.step()

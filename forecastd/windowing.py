@@ -200,16 +200,19 @@ def training_rows(
     segment_length: int,
     burn_in: int,
     offset: int = 0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lookback: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Cut series into parallel rows of `segment_length` steps, as word_language_model batchifies.
 
     arrays: per series (x [T, F], y [T, K], mask [T, K]). Each series is front-padded by `offset`
     masked steps (a different offset each epoch moves the row boundaries), then cut; the first
-    `burn_in` steps of every row are masked because its state starts cold there.
-    Returns x [R, S, F], y [R, S, K], mask [R, S, K].
+    `burn_in` steps of every row are masked because its recurrent state starts cold there. The window
+    of recent changes the model carries does not start cold: each row comes with the `lookback` scaled
+    changes (feature 0) before its first step, zeros before the series began, as in streaming.
+    Returns x [R, S, F], y [R, S, K], mask [R, S, K], window [R, lookback].
     """
     S = segment_length
-    xs, ys, ms = [], [], []
+    xs, ys, ms, ws = [], [], [], []
     for x, y, m in arrays:
         T = x.shape[0]
         pad = offset % S
@@ -221,11 +224,15 @@ def training_rows(
         fx[pad : pad + T], fy[pad : pad + T], fm[pad : pad + T] = x, y, m
         fm = fm.reshape(n_rows, S, -1)
         fm[:, :burn_in] = False
+        changes = np.concatenate([np.zeros(lookback, np.float32), fx[:, 0]])  # lookback + total
+        starts = np.arange(n_rows) * S  # row r's window is changes[start, start + lookback) in this frame
+        ws.append(changes[starts[:, None] + np.arange(lookback)[None, :]])
         xs.append(fx.reshape(n_rows, S, -1))
         ys.append(fy.reshape(n_rows, S, -1))
         ms.append(fm)
     x = np.concatenate(xs)
     y = np.concatenate(ys)
     m = np.concatenate(ms)
+    w = np.concatenate(ws).reshape(len(x), lookback)
     keep = m.any(axis=(1, 2))
-    return x[keep], y[keep], m[keep]
+    return x[keep], y[keep], m[keep], w[keep]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from forecastd.config import ModelConfig, TrainingConfig
-from forecastd.models import Forecaster, pack_hidden, unpack_hidden
+from forecastd.models import Forecaster, State, pack_hidden, unpack_hidden
 from forecastd.training import train_rows
 
 
@@ -15,12 +15,14 @@ def test_forward_shapes_and_hidden_roundtrip(cell):
     mean, scale, h = m(x, m.initial_state(3))
     assert mean.shape == scale.shape == (3, 7, 5)
     assert (scale > 0).all()
-    packed = pack_hidden(h)
+    packed = pack_hidden(h.rnn)
     assert packed.shape == ((4 if cell == "lstm" else 2), 3, 8)
-    h2 = unpack_hidden(packed, cell)
+    assert h.window.shape == (3, mc.lookback)
+    h2 = State(unpack_hidden(packed, cell), h.window.clone())
     _, _, a = m(x, h)
     _, _, b = m(x, h2)
-    torch.testing.assert_close(pack_hidden(a), pack_hidden(b))
+    torch.testing.assert_close(pack_hidden(a.rnn), pack_hidden(b.rnn))
+    torch.testing.assert_close(a.window, b.window)
 
 
 def test_untrained_model_is_persistence_with_growing_spread():
@@ -42,7 +44,8 @@ def test_state_after_chunks_equals_state_after_one_call(cell):
         mean, _, h = m(x[:, c : c + 16], h)
         means.append(mean)
     torch.testing.assert_close(torch.cat(means, 1), mean_all, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(pack_hidden(h), pack_hidden(h_all), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pack_hidden(h.rnn), pack_hidden(h_all.rnn), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.window, h_all.window)
 
 
 def test_tbptt_detaches_the_carried_state_at_every_chunk():
@@ -62,9 +65,10 @@ def test_tbptt_detaches_the_carried_state_at_every_chunk():
     mask = torch.ones(2, 40, 2, dtype=torch.bool)
     total, n = train_rows(m, opt, x, y, mask, bptt=10, clip=1.0, autocast=torch.autocast("cpu", enabled=False))
     assert len(seen) == 4 and n == 160 and np.isfinite(total)
-    assert all(h.grad_fn is None and not h.requires_grad for h in seen)
+    assert all(h.rnn.grad_fn is None and not h.rnn.requires_grad for h in seen)
     # The state is carried, not reset: chunks after the first start from a non-zero state.
-    assert all(h.abs().sum() > 0 for h in seen[1:])
+    assert all(h.rnn.abs().sum() > 0 for h in seen[1:])
+    assert all(h.window.abs().sum() > 0 for h in seen[1:])
 
 
 def test_gradient_of_a_chunk_does_not_reach_the_previous_chunk():
@@ -73,7 +77,7 @@ def test_gradient_of_a_chunk_does_not_reach_the_previous_chunk():
     torch.nn.init.normal_(m.head.weight)  # the zero init would hide every input gradient
     x = torch.randn(1, 20, 11, requires_grad=True)
     _, _, h = m(x[:, :10])
-    from forecastd.training import detach
+    from forecastd.models import detach_state as detach
     mean, _, _ = m(x[:, 10:], detach(h))
     mean.sum().backward()
     assert torch.all(x.grad[:, :10] == 0)
@@ -83,3 +87,48 @@ def test_gradient_of_a_chunk_does_not_reach_the_previous_chunk():
 def test_training_config_defaults_are_consistent():
     t = TrainingConfig()
     assert t.segment_length % t.bptt == 0
+
+
+def test_path_head_reads_the_recent_path_relative_to_the_last_value():
+    """path[k, j-1] weighs (value j steps ago - last value), in scaled units, across call boundaries."""
+    torch.manual_seed(0)
+    W, K = 5, 2
+    m = Forecaster(11, ModelConfig(hidden_size=4, horizon=K, lookback=W)).eval()
+    with torch.no_grad():
+        m.path.zero_()
+        m.path[0, 2] = 1.0  # step 1 looks 3 steps back
+        m.path[1, 4] = -0.5  # step 2 looks 5 steps back
+    x = torch.randn(2, 30, 11)
+    changes = torch.cat([torch.zeros(2, W), x[:, :, 0]], 1)  # a fresh state means a flat past
+    level = changes.cumsum(1)
+    expected0 = level[:, W - 3 : W - 3 + 30] - level[:, W:]
+    expected1 = -0.5 * (level[:, 0:30] - level[:, W:])
+    state = m.initial_state(2)
+    means = []
+    for c in range(0, 30, 7):  # in chunks: the window is carried between calls
+        mean, _, state = m(x[:, c : c + 7], state)
+        means.append(mean)
+    mean = torch.cat(means, 1)
+    unit = m.unit
+    torch.testing.assert_close(mean[:, :, 0] / unit[0], expected0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean[:, :, 1] / unit[1], expected1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state.window, x[:, -W:, 0])
+
+
+def test_ragged_rows_keep_the_window_of_their_own_last_step():
+    torch.manual_seed(0)
+    m = Forecaster(11, ModelConfig(hidden_size=4, horizon=2, lookback=6)).eval()
+    x = torch.randn(3, 9, 11)
+    lengths = torch.tensor([9, 4, 1])
+    _, _, ragged = m(x, None, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        _, _, alone = m(x[b : b + 1, :n])
+        torch.testing.assert_close(ragged.window[b : b + 1], alone.window)
+        torch.testing.assert_close(ragged.rnn[:, b : b + 1], alone.rnn, atol=1e-6, rtol=1e-5)
+
+
+def test_lookback_zero_is_the_recurrent_state_alone():
+    m = Forecaster(11, ModelConfig(hidden_size=4, horizon=2, lookback=0))
+    assert m.path is None
+    _, _, state = m(torch.randn(2, 5, 11))
+    assert state.window.shape == (2, 0)

@@ -93,7 +93,7 @@ def test_training_rows_mask_burn_in_and_cover_every_target():
     x = np.ones((T, 4), np.float32)
     y = np.ones((T, 2), np.float32)
     m = np.ones((T, 2), bool)
-    rx, ry, rm = training_rows([(x, y, m)], S, burn_in=4, offset=5)
+    rx, ry, rm, rw = training_rows([(x, y, m)], S, burn_in=4, offset=5)
     assert rx.shape[1] == S
     assert not rm[:, :4].any()
     # Padded to 105 steps -> 4 rows; real steps unmasked: 27 + 28 + 28 + 5 (the last row holds 9).
@@ -112,3 +112,19 @@ def test_series_steps_groups_and_orders():
     assert list(s) == ["a", "b"]
     assert s["a"][1].tolist() == [1.0, 2.0]
     assert s["a"][0][1] - s["a"][0][0] == 1
+
+
+def test_training_rows_carry_the_changes_before_each_row():
+    T, S, W = 50, 16, 5
+    x = np.zeros((T, 3), np.float32)
+    x[:, 0] = np.arange(1, T + 1)  # feature 0: the scaled change
+    y = np.ones((T, 2), np.float32)
+    m = np.ones((T, 2), bool)
+    rx, _, _, rw = training_rows([(x, y, m)], S, burn_in=2, offset=3, lookback=W)
+    assert rw.shape == (rx.shape[0], W)
+    # The series is front-padded by 3: row 0 starts before the series (a flat, all-zero past), row 1
+    # starts at the series' step 13 and carries the changes of steps 8..12.
+    np.testing.assert_array_equal(rw[0], np.zeros(W))
+    np.testing.assert_array_equal(rw[1], [9, 10, 11, 12, 13])
+    for r in range(1, rx.shape[0]):
+        np.testing.assert_array_equal(rw[r], rx[r - 1, -W:, 0])
