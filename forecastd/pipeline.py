@@ -28,7 +28,8 @@ from forecastd.frames import FrameReport, Grid, infer_freq, validate
 from forecastd.models import Forecaster
 from forecastd.sinks import Sink, open_sink
 from forecastd.sources import Source, open_source
-from forecastd.state import ModelVersion, Segment, StateStore, StreamState, plan
+from forecastd.planning import plan_backfill, plan_tick
+from forecastd.state import ModelVersion, StateStore, StreamState
 from forecastd.streaming import Emit, Outputs, run_segments
 from forecastd.training import fit, prepare, resolve_device
 from forecastd.windowing import n_features, robust_scale, series_steps
@@ -137,29 +138,6 @@ def train(
                         report.by_reason())
 
 
-def _fresh_scale(mv: ModelVersion, sid: str, values: np.ndarray, state: StreamState | None) -> float:
-    """Known to the model: its training scale; carried: the old scale; else the warm-up window's own."""
-    if sid in mv.scales:
-        return float(mv.scales[sid])
-    if state is not None and sid in state.series_ids:
-        return float(state.scale[state.series_ids.index(sid)])
-    return robust_scale(values)
-
-
-def _warm_segments(sid: str, steps: np.ndarray, values: np.ndarray, anchor: int, warmup: int,
-                   max_gap: int) -> list[Segment]:
-    """Fresh segments for a series without state: from the first point at or after anchor - warmup."""
-    keep = steps >= anchor - warmup
-    steps, values = steps[keep], values[keep]
-    if steps.size == 0:
-        return []
-    segs = plan(sid, steps, values, None, max_gap)
-    first = segs[0]
-    credited = max(0, warmup - (anchor - first.start)) if first.start <= anchor else 0
-    segs[0] = Segment(sid, True, first.start, first.values, age=credited)
-    return segs
-
-
 def _prior_watermarks(store: StateStore, live: int) -> dict[str, int]:
     """Watermarks (grid steps) from the newest other version's stream, so a new model picks up where
     the old one stopped."""
@@ -216,32 +194,19 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     report.repairs = frame_report.by_reason()
     clock.lap("validate")
 
-    segments, fresh_scale = [], {}
-    pos = {s: i for i, s in enumerate(state.series_ids)}
-    for sid, (steps, values) in series_steps(frame, grid).items():
-        if sid in pos:
-            segs = plan(sid, steps, values, int(state.step[pos[sid]]), config.data.max_gap)
-            if any(g.fresh for g in segs):
-                fresh_scale[sid] = _fresh_scale(mv, sid, values, state)
-        else:
-            after = steps[steps > prior[sid]] if sid in prior else steps[-1:]
-            if after.size == 0:
-                continue
-            anchor = int(after[0])
-            segs = _warm_segments(sid, steps, values, anchor, config.data.warmup, config.data.max_gap)
-            fresh_scale[sid] = _fresh_scale(mv, sid, values[steps <= anchor], None)
-        segments.extend(segs)
-    report.series = len({g.series_id for g in segments})
-    report.points = int(sum(np.isfinite(g.values).sum() for g in segments))
+    planned = plan_tick(frame, grid, state.series_ids, state.step, state.scale, mv.scales, prior,
+                        config.data.warmup, config.data.max_gap)
+    report.series = planned.series
+    report.points = planned.points
     clock.lap("plan")
 
-    outputs, state = run_segments(mv.model, state, segments, fresh_scale, grid, mv.model_config,
+    outputs, state = run_segments(mv.model, state, planned.segments, planned.fresh_scale, grid, mv.model_config,
                                   config.anomaly, mv.version, Emit(config.data.warmup))
     clock.lap("model")
     (sink or open_sink(config)).write(outputs.forecasts, outputs.anomalies)
     clock.lap("write")
     # Only now, with the outputs durable, may the watermarks move (DESIGN.md guarantee 1).
-    if segments:
+    if planned.segments:
         store.save_stream(mv.version, state, {"ticked_at": pd.Timestamp(now).isoformat()},
                           keep=config.state.keep_checkpoints)
     clock.lap("checkpoint")
@@ -279,17 +244,12 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
     frame_report.log()
     report.repairs = frame_report.by_reason()
     clock.lap("read")
-    segments, fresh_scale = [], {}
-    for sid, (steps, values) in series_steps(frame, grid).items():
-        segs = _warm_segments(sid, steps, values, lo, warmup, config.data.max_gap)
-        if segs:
-            fresh_scale[sid] = _fresh_scale(mv, sid, values[steps <= max(lo, int(steps[0]))], None)
-            segments.extend(segs)
-    report.series = len(fresh_scale)
-    report.points = int(sum(np.isfinite(g.values).sum() for g in segments))
+    planned = plan_backfill(frame, grid, lo, mv.scales, warmup, config.data.max_gap)
+    report.series = planned.series
+    report.points = planned.points
     empty = _empty_state(mv, config)
-    outputs, _ = run_segments(mv.model, empty, segments, fresh_scale, grid, mv.model_config, config.anomaly,
-                              mv.version, Emit(warmup, lo, hi))
+    outputs, _ = run_segments(mv.model, empty, planned.segments, planned.fresh_scale, grid, mv.model_config,
+                              config.anomaly, mv.version, Emit(warmup, lo, hi))
     clock.lap("model")
     if write:
         open_sink(config).write(outputs.forecasts, outputs.anomalies)
