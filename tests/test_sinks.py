@@ -343,6 +343,9 @@ def test_sql_write_is_one_transaction(backend, tmp_path, request, make_forecasts
 
 @pytest.mark.parametrize("backend", _backends())
 def test_sql_batches(backend, tmp_path, request, make_forecasts, make_anomalies, monkeypatch):
+    """SQLite: one upsert run by executemany over BATCH_ROWS rows at a time. PostgreSQL: the rows are
+    COPYed into a temporary table (on the driver's cursor, unseen by these events), then one
+    INSERT ... SELECT ... ON CONFLICT per table."""
     monkeypatch.setattr(sql_module, "BATCH_ROWS", 7)
     sink = sql_sink(backend, tmp_path, request)
     statements = []
@@ -350,10 +353,61 @@ def test_sql_batches(backend, tmp_path, request, make_forecasts, make_anomalies,
                     lambda conn, cursor, statement, params, context, many: statements.append((statement, many)))
     fc = make_forecasts(issued=pd.date_range(START, periods=10, freq="h"))
     sink.write(fc, make_anomalies())
-    upserts = [s for s, many in statements if many and "ON CONFLICT" in s]
-    assert len(upserts) == -(-len(fc) // 7) + -(-len(make_anomalies()) // 7)
+    upserts = [(s, many) for s, many in statements if "ON CONFLICT" in s]
+    if backend == "sqlite":
+        assert all(many for _, many in upserts)
+        assert len(upserts) == -(-len(fc) // 7) + -(-len(make_anomalies()) // 7)
+    else:
+        assert len(upserts) == 2 and all(not many and "SELECT" in s for s, many in upserts)
     assert all(NASTY_ID not in s for s, _ in statements)
     pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc, "forecasts"))
+    sink.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_sql_large_batch_round_trip_and_overwrite(backend, tmp_path, request, make_forecasts, make_anomalies):
+    """A tick-sized write (many batches), read back exactly; a replay changes nothing; new values for
+    the same keys replace the old ones, NaN stays NULL, and no key is duplicated."""
+    sink = sql_sink(backend, tmp_path, request)
+    series = [f"s{i:04d}" for i in range(400)] + [NASTY_ID]
+    fc = make_forecasts(series=series, issued=pd.date_range(START, periods=3, freq="h"), horizon=24)
+    an = make_anomalies(series=series, ts=pd.date_range(START, periods=3, freq="h"))
+    fc.loc[::97, "lower"] = float("nan")
+    an.loc[::13, "expected"] = float("nan")
+    assert len(fc) > 2 * sql_module.BATCH_ROWS
+    sink.write(fc, an)
+    sink.write(fc, an)
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc, "forecasts"))
+    pd.testing.assert_frame_equal(sink.read("anomalies"), canonical(an, "anomalies"))
+    with sink.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM forecasts WHERE lower IS NULL")).scalar() == \
+            fc["lower"].isna().sum()
+
+    newer_fc = make_forecasts(series=series, issued=pd.date_range(START + H, periods=3, freq="h"), horizon=24,
+                              offset=0.5, version=2)
+    newer_an = make_anomalies(series=series, ts=pd.date_range(START + H, periods=3, freq="h"), offset=0.5, version=2)
+    sink.write(newer_fc, newer_an)
+    want_fc = pd.concat([fc, newer_fc]).drop_duplicates(list(FORECAST_KEY), keep="last")
+    want_an = pd.concat([an, newer_an]).drop_duplicates(list(ANOMALY_KEY), keep="last")
+    got_fc, got_an = sink.read("forecasts"), sink.read("anomalies")
+    pd.testing.assert_frame_equal(got_fc, canonical(want_fc, "forecasts"))
+    pd.testing.assert_frame_equal(got_an, canonical(want_an, "anomalies"))
+    assert set(got_fc["model_version"]) == {1, 2} and not got_fc.duplicated(list(FORECAST_KEY)).any()
+    sink.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgresql_session_time_zone_does_not_shift_instants(pg_url, make_forecasts, make_anomalies):
+    """Rows are staged as UTC wall time; the session's TimeZone must not reinterpret them."""
+    sink = SqlSink(f"{pg_url}%20-cTimeZone%3DAsia/Kolkata")
+    fc, an = make_forecasts(), make_anomalies()
+    sink.write(fc, an)
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc, "forecasts"))
+    pd.testing.assert_frame_equal(sink.read("anomalies"), canonical(an, "anomalies"))
+    with sink.engine.connect() as conn:
+        assert conn.execute(sa.text("SHOW TimeZone")).scalar() == "Asia/Kolkata"
+        first = conn.execute(sa.text("SELECT min(ts) AT TIME ZONE 'UTC' FROM anomalies")).scalar()
+    assert pd.Timestamp(first, tz="UTC") == an["ts"].min()
     sink.engine.dispose()
 
 
@@ -364,6 +418,22 @@ def test_sqlite_stores_utc_text(tmp_path, make_forecasts, make_anomalies):
     with sqlite3.connect(tmp_path / "out.db") as conn:
         stored = {r[0] for r in conn.execute("SELECT issued_at FROM forecasts")}
     assert stored == {"2024-03-30 18:00:00.000000"}
+    sink.engine.dispose()
+
+
+def test_sqlite_keys_written_through_sqlalchemy_binding_are_replaced(tmp_path, make_forecasts, make_anomalies):
+    """Tables written by SQLAlchemy's own DateTime binding (older forecastd) hold the same key text."""
+    sink = SqlSink(f"sqlite:///{tmp_path / 'out.db'}")
+    issued = pd.DatetimeIndex([START, START + pd.Timedelta(microseconds=1234567)])
+    an = make_anomalies(ts=issued)
+    sink.write(make_forecasts().iloc[:0], an.iloc[:1])  # creates the tables
+    table = sa.Table("anomalies", sa.MetaData(), autoload_with=sink.engine)
+    with sink.engine.begin() as conn:
+        conn.execute(sa.delete(table))
+        conn.execute(sa.insert(table), [{**r, "ts": r["ts"].tz_localize(None).to_pydatetime()}
+                                        for r in an.to_dict("records")])
+    sink.write(make_forecasts().iloc[:0], an.assign(value=an["value"] + 1))
+    pd.testing.assert_frame_equal(sink.read("anomalies"), canonical(an.assign(value=an["value"] + 1), "anomalies"))
     sink.engine.dispose()
 
 
