@@ -67,6 +67,9 @@ class ParquetSource:
         if series is not None:
             where = _and(where, self._series_filter(dataset, series))
         table = self._scan(dataset, [cm.series_column, cm.time_column, cm.value_column], where)
+        ids = table.column(0)
+        if pa.types.is_dictionary(ids.type):  # only the rows kept are decoded
+            table = table.set_column(0, cm.series_column, ids.cast(ids.type.value_type))
         frame = table.rename_columns(list(COLUMNS)).to_pandas()
         log.debug("read %d rows from %s", len(frame), self.path)
         return frame
@@ -78,7 +81,12 @@ class ParquetSource:
         if cm.layout == "wide":
             return cm.wide_columns(self._numeric(dataset), None)
         column = self._scan(dataset, [cm.series_column], None).column(0)
-        return sorted({str(v) for v in pc.unique(column).to_pylist() if v is not None})
+        if pa.types.is_dictionary(column.type):
+            # Each chunk's distinct codes, looked up in its dictionary: no string of the column is decoded.
+            values = [v for c in column.chunks for v in c.dictionary.take(pc.unique(c.indices.drop_null())).to_pylist()]
+        else:
+            values = pc.unique(column).to_pylist()
+        return sorted({str(v) for v in values if v is not None})
 
     # -- discovery ---------------------------------------------------------------------------------
 
@@ -96,16 +104,23 @@ class ParquetSource:
                         "resolve against the config file's directory)"
                     )
                 # Hive keys in the directories below the glob's fixed prefix still become columns.
-                return ds.dataset(files, format="parquet", partitioning="hive", partition_base_dir=_fixed_prefix(path))
+                return ds.dataset(files, format=self._format(), partitioning="hive",
+                                  partition_base_dir=_fixed_prefix(path))
             if not os.path.exists(path):
                 raise SourceError(
                     f"parquet source {path!r} does not exist; set [source] path to a Parquet file, a directory "
                     "dataset or a glob such as \"data/*.parquet\" (relative paths resolve against the config "
                     "file's directory)"
                 )
-            return ds.dataset(path, format="parquet", partitioning="hive")
+            return ds.dataset(path, format=self._format(), partitioning="hive")
         except (pa.ArrowException, OSError) as exc:
             raise SourceError(f"cannot open parquet source {path!r}: {exc}; check that it holds Parquet files") from exc
+
+    def _format(self) -> ds.ParquetFileFormat:
+        # Series ids are read as dictionary codes (text columns only; Parquet stores them that way):
+        # listing the ids of 2M rows and filtering them then touch 10k strings, not 2M.
+        series = [self.columns.series_column] if self.columns.layout == "long" else []
+        return ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=series))
 
     def _scan(self, dataset: ds.Dataset, columns: list[str], where: ds.Expression | None) -> pa.Table:
         try:
@@ -129,6 +144,8 @@ class ParquetSource:
     def _series_filter(self, dataset: ds.Dataset, series: Sequence[str]) -> ds.Expression:
         field = ds.field(self.columns.series_column)
         kind = dataset.schema.field(self.columns.series_column).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
         if pa.types.is_string(kind) or pa.types.is_large_string(kind):
             return field.isin(pa.array([str(s) for s in series], type=kind))
         # Integer (or other) ids: compare as text, the way validation turns them into series ids.
