@@ -1,6 +1,7 @@
 """Speed of the carried state against recomputing a window, measured in one run on synthetic series.
 
     python benchmarks/speed.py [--sizes 1 100 10000 100000] [--e2e 10000] [--device cpu|cuda]
+                               [--pg-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
 
 Prints:
 1. streaming throughput (series-steps/s) of one tick advancing N series by one point with the carried
@@ -10,13 +11,15 @@ Prints:
 2. single-series tick latency p50/p99 in process;
 3. training throughput (target-steps/s) of the TBPTT loop;
 4. an end-to-end `run_once` tick over N series on Parquet and on SQLite (read, step, write H=24
-   forecasts and anomaly rows, checkpoint), split by stage;
+   forecasts and anomaly rows, checkpoint), split by stage; with --pg-url also Parquet in, PostgreSQL
+   out (into tables named speed_*_<pid>, dropped afterwards);
 5. peak memory and streaming-state bytes per series; threads used.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import tempfile
@@ -132,11 +135,11 @@ def training(mc: ModelConfig, device: torch.device) -> None:
           f"{B * S / t:,.0f} sample-steps/s")
 
 
-def end_to_end(n: int, mc: ModelConfig) -> None:
-    """run_once over n series that each got one new point, on Parquet and on SQLite."""
+def end_to_end(n: int, mc: ModelConfig, pg_url: str | None = None) -> None:
+    """run_once over n series that each got one new point, on Parquet and on SQLite (and PostgreSQL)."""
     import sqlite3
 
-    from forecastd.pipeline import run_once, state_store
+    from forecastd.pipeline import run_once
     from forecastd.state import ModelVersion  # noqa: F401
 
     print(f"\n4. End-to-end tick, {n} series, one new point each, H={mc.horizon}")
@@ -146,13 +149,17 @@ def end_to_end(n: int, mc: ModelConfig) -> None:
     ids = np.array([f"s{i:06d}" for i in range(n)], dtype=object)
     values = 100 + np.cumsum(rng.normal(size=(n, T + 1)), axis=1)
     frame = pd.DataFrame({"series_id": np.repeat(ids, T + 1), "ts": np.tile(ts, n), "value": values.ravel()})
-    for kind in ("parquet", "sqlite"):
+    pg_tables = (f"speed_forecasts_{os.getpid()}", f"speed_anomalies_{os.getpid()}")
+    for kind in ("parquet", "sqlite") + (("postgresql",) if pg_url else ()):
         with tempfile.TemporaryDirectory() as d:
             d = Path(d)
-            if kind == "parquet":
+            if kind in ("parquet", "postgresql"):
                 frame[frame["ts"] < ts[T]].to_parquet(d / "data.parquet")
                 src = f'kind = "parquet"\npath = "{d / "data.parquet"}"'
                 sink = f'kind = "parquet"\npath = "{d / "out"}"\npartition = "hour"'
+                if kind == "postgresql":
+                    sink = (f'kind = "sql"\nurl = "{pg_url}"\nforecasts_table = "{pg_tables[0]}"\n'
+                            f'anomalies_table = "{pg_tables[1]}"')
             else:
                 con = sqlite3.connect(d / "data.db")
                 f = frame[frame["ts"] < ts[T]].assign(ts=lambda x: x["ts"].dt.strftime("%Y-%m-%d %H:%M:%S"))
@@ -164,22 +171,39 @@ def end_to_end(n: int, mc: ModelConfig) -> None:
             (d / "c.toml").write_text(
                 f"[source]\n{src}\n[sink]\n{sink}\n[model]\nhidden_size = {mc.hidden_size}\nhorizon = {mc.horizon}\n"
                 f"[data]\nwarmup = 48\n[training]\ndevice = \"cpu\"\n[state]\ndir = \"{d / 'state'}\"\n")
-            config = load_config(d / "c.toml")
-            _save_untrained(config, mc, ids)
-            run_once(config, ts[T - 1])  # first tick: warm-up of every series
-            if kind == "parquet":
-                frame.to_parquet(d / "data.parquet")
-            else:
-                con.executemany("INSERT INTO readings VALUES (?, ?, ?)",
-                                [(i, ts[T].strftime("%Y-%m-%d %H:%M:%S"), float(v)) for i, v in zip(ids, values[:, T])])
-                con.commit()
-            t0 = time.perf_counter()
-            r = run_once(config, ts[T])
-            total = time.perf_counter() - t0
-            stages = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r.seconds.items())
-            print(f"  {kind:8}: {total * 1e3:,.0f} ms for {r.points} points, {r.forecasts_written:,} forecast + "
-                  f"{r.anomalies_written:,} anomaly rows ({stages})")
-            state_store(config)
+            try:
+                config = load_config(d / "c.toml")
+                _save_untrained(config, mc, ids)
+                run_once(config, ts[T - 1])  # first tick: warm-up of every series
+                if kind != "sqlite":
+                    frame.to_parquet(d / "data.parquet")
+                else:
+                    stamp = ts[T].strftime("%Y-%m-%d %H:%M:%S")
+                    con.executemany("INSERT INTO readings VALUES (?, ?, ?)",
+                                    [(i, stamp, float(v)) for i, v in zip(ids, values[:, T])])
+                    con.commit()
+                t0 = time.perf_counter()
+                r = run_once(config, ts[T])
+                total = time.perf_counter() - t0
+                stages = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r.seconds.items())
+                label = "parquet -> postgresql" if kind == "postgresql" else kind
+                print(f"  {label:8}: {total * 1e3:,.0f} ms for {r.points} points, {r.forecasts_written:,} forecast + "
+                      f"{r.anomalies_written:,} anomaly rows ({stages})")
+            finally:
+                if kind == "postgresql":
+                    _drop_tables(pg_url, pg_tables)
+
+
+def _drop_tables(url: str, names: tuple[str, ...]) -> None:
+    import sqlalchemy as sa
+
+    from forecastd.sources.sql import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for name in names:
+            sa.Table(name, sa.MetaData()).drop(conn, checkfirst=True)
+    engine.dispose()
 
 
 def _save_untrained(config, mc: ModelConfig, ids) -> None:
@@ -207,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 100, 10_000, 100_000])
     p.add_argument("--e2e", type=int, default=10_000, help="series in the end-to-end tick (0 skips it)")
+    p.add_argument("--pg-url", help="also run the end-to-end tick into this PostgreSQL database (SQLAlchemy URL)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -218,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     latency(mc, device)
     training(mc, device)
     if args.e2e:
-        end_to_end(args.e2e, mc)
+        end_to_end(args.e2e, mc, args.pg_url)
     memory(mc, max(args.sizes))
 
 
