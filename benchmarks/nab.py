@@ -23,7 +23,9 @@ trained models, so each step's worth is measured on its own.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -45,11 +47,13 @@ from benchmarks.nab_scoring import (  # noqa: E402
     score_corpus,
     write_results,
 )
+from forecastd.anomaly import AnomalyTrack  # noqa: E402
 from forecastd.config import AnomalyConfig, DataConfig, ModelConfig, TrainingConfig  # noqa: E402
 from forecastd.frames import Grid, infer_freq, validate  # noqa: E402
 from forecastd.models import Forecaster  # noqa: E402
 from forecastd.state import StreamState, plan  # noqa: E402
-from forecastd.streaming import Emit, run_segments  # noqa: E402
+from forecastd.retrain import decide, tail_loss  # noqa: E402
+from forecastd.streaming import Emit, Outputs, run_segments  # noqa: E402
 from forecastd.training import fit, prepare  # noqa: E402
 from forecastd.windowing import n_features, robust_scale, series_steps  # noqa: E402
 
@@ -79,43 +83,136 @@ ABLATION: list[tuple[str, dict]] = [
 
 
 @dataclasses.dataclass
+class Version:
+    """A model that streams from grid step `cut` + 1 on (the first one from the start of the file)."""
+
+    cut: int | None
+    model: Forecaster
+    scale: float
+
+
+@dataclasses.dataclass
 class Trained:
     grid: Grid
     frame: pd.DataFrame  # the validated long frame of the whole file
-    model: Forecaster
-    scale: float
+    versions: list[Version]  # the live model at each point in time, oldest first
     train_seconds: float
     repairs: dict
+    retrains: list[str]  # one line per retrain: row, verdict, losses
 
 
-def train_file(name: str, raw: pd.DataFrame, mc: ModelConfig, tc: TrainingConfig, data: DataConfig) -> Trained:
-    """Validate the file on its inferred grid and train on the probationary rows only."""
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When the benchmark retrains, as the daemon's `[serve] retrain_cron` would: after `rows` input rows.
+
+    rows: input-row counts at which a challenger is trained on every row seen so far (never a later one)
+    and promoted only if it beats the live model on its own validation tail (`retrain.decide`, margin 0).
+    warm: the challenger starts from the live weights (a warm start) rather than from fresh ones.
+    track: what a promoted model's stream keeps of the previous stream's anomaly track: "fresh" (the
+    pipeline's rule for a new version: start over from the warm-up window), "range" (the lowest/highest
+    value seen, for novelty) or "all" (also the likelihood's history of surprise).
+    """
+
+    rows: tuple[int, ...] = ()
+    warm: bool = True
+    track: str = "fresh"
+
+
+def retrain_rows(spec: str, n_rows: int) -> tuple[int, ...]:
+    """"none"; "doubling" (2, 4, 8, ... times the probationary period); or an integer N (every N rows)."""
+    n_prob = probation_length(n_rows)
+    if spec == "none" or n_prob == 0:
+        return ()
+    if spec == "doubling":
+        out, k = [], 2 * n_prob
+        while k < n_rows:
+            out.append(k)
+            k *= 2
+        return tuple(out)
+    every = int(spec)
+    return tuple(range(n_prob + every, n_rows, every))
+
+
+def _cutoff(raw: pd.DataFrame, rows: int) -> pd.Timestamp:
+    """The newest timestamp among the first `rows` input rows: what the daemon has seen by then."""
+    return pd.Timestamp(raw["timestamp"].iloc[:rows].max(), tz="UTC")
+
+
+def _fit(train: pd.DataFrame, grid: Grid, name: str, mc: ModelConfig, tc: TrainingConfig, data: DataConfig,
+         init: Forecaster | None) -> tuple[Forecaster, float]:
+    scale = robust_scale(train["value"].to_numpy())
+    prepared = prepare(train, grid, {name: scale}, mc, data, tc.validation_fraction)
+    torch.manual_seed(tc.seed)
+    model = copy.deepcopy(init) if init is not None else Forecaster(n_features(len(mc.level_alphas)), mc)
+    return fit(model, prepared, tc).model.cpu().eval(), scale
+
+
+def _validated(name: str, raw: pd.DataFrame, data: DataConfig):
     long = pd.DataFrame({"series_id": name, "ts": raw["timestamp"], "value": raw["value"]})
     grid = Grid(infer_freq(long))
     frame, report = validate(long, grid=grid, duplicates=data.duplicates)
-    n_prob = probation_length(len(raw))
-    cutoff = pd.Timestamp(raw["timestamp"].iloc[:n_prob].max(), tz="UTC")  # input rows in time order
-    train = frame[frame["ts"] <= cutoff]
-    scale = robust_scale(train["value"].to_numpy())
+    return grid, frame, report
+
+
+def train_file(name: str, raw: pd.DataFrame, mc: ModelConfig, tc: TrainingConfig, data: DataConfig,
+               schedule: Schedule) -> Trained:
+    """Validate the file on its inferred grid, train on the probationary rows, then retrain on schedule."""
+    grid, frame, report = _validated(name, raw, data)
     t0 = time.perf_counter()
-    prepared = prepare(train, grid, {name: scale}, mc, data, tc.validation_fraction)
-    torch.manual_seed(tc.seed)
-    model = Forecaster(n_features(len(mc.level_alphas)), mc)
-    model = fit(model, prepared, tc).model.cpu().eval()
-    return Trained(grid, frame, model, scale, time.perf_counter() - t0, report.by_reason())
+    model, scale = _fit(frame[frame["ts"] <= _cutoff(raw, probation_length(len(raw)))], grid, name, mc, tc, data, None)
+    versions, lines = [Version(None, model, scale)], []
+    for rows in schedule.rows:
+        cutoff = _cutoff(raw, rows)
+        seen = frame[frame["ts"] <= cutoff]
+        live = versions[-1]
+        challenger, c_scale = _fit(seen, grid, name, mc, tc, data, live.model if schedule.warm else None)
+        # The daemon's verdict: both models on the challenger's validation tail, each with its own scale.
+        losses = [tail_loss(m, mc, {name: s}, seen, grid, data, tc.validation_fraction)
+                  for m, s in ((live.model, live.scale), (challenger, c_scale))]
+        promote, _ = decide(losses[0], losses[1], 0.0, False)
+        lines.append(f"row {rows}: live {losses[0]:.3f} challenger {losses[1]:.3f} "
+                     f"{'promoted' if promote else 'kept'}")
+        if promote:
+            versions.append(Version(int(grid.index(pd.DatetimeIndex([cutoff]))[0]), challenger, c_scale))
+    return Trained(grid, frame, versions, time.perf_counter() - t0, report.by_reason(), lines)
+
+
+def _empty(mc: ModelConfig, ac: AnomalyConfig) -> StreamState:
+    rows = mc.num_layers * (2 if mc.cell == "lstm" else 1)
+    return StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (rows, mc.hidden_size), ac.forecasts,
+                             mc.lookback)
 
 
 def stream_file(name: str, raw: pd.DataFrame, t: Trained, mc: ModelConfig, ac: AnomalyConfig,
-                data: DataConfig) -> tuple[np.ndarray, int]:
-    """Every point through the streaming step from a fresh state; scores per input row, and how many are 0."""
+                data: DataConfig, track: str = "fresh") -> tuple[np.ndarray, int]:
+    """Every point through the streaming step, each by the model live at its time; scores per input
+    row, and how many are 0.
+
+    A promoted model takes over as the pipeline has it do: a fresh state run over the last `warmup`
+    points up to the switch (outputs discarded: the old model wrote them), then streaming on from there.
+    """
     steps, values = series_steps(t.frame, t.grid)[name]
-    segments = plan(name, steps, values, None, data.max_gap)
-    rows = mc.num_layers * (2 if mc.cell == "lstm" else 1)
-    empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (rows, mc.hidden_size), ac.forecasts)
-    # Emit from the first point: NAB wants a score on every row; the likelihood itself withholds alarms
-    # until it has history, which is far inside the probationary period.
-    out, _ = run_segments(t.model, empty, segments, {name: t.scale}, t.grid, mc, ac, 0, Emit(0))
-    a = out.anomalies
+    state, parts = _empty(mc, ac), []
+    for i, v in enumerate(t.versions):
+        lo = -1 if v.cut is None else v.cut
+        hi = t.versions[i + 1].cut if i + 1 < len(t.versions) else np.iinfo(np.int64).max
+        if v.cut is not None:
+            old = state.anomaly if len(state) else None
+            warm = (steps > v.cut - data.warmup) & (steps <= v.cut)
+            segs = plan(name, steps[warm], values[warm], None, data.max_gap)
+            _, state = run_segments(v.model, _empty(mc, ac), segs, {name: v.scale}, t.grid, mc, ac, i, Emit(0))
+            if len(state) and old is not None and track != "fresh":
+                a = state.anomaly
+                kept = old if track == "all" else AnomalyTrack(a.short, a.mean, a.var, a.count, old.lo, old.hi)
+                state = dataclasses.replace(state, anomaly=kept)
+        sel = (steps > lo) & (steps <= hi)
+        at = int(state.step[0]) if len(state) else None
+        segs = plan(name, steps[sel], values[sel], at, data.max_gap)
+        # Emit from the first point: NAB wants a score on every row; the likelihood itself withholds
+        # alarms until it has history, which is far inside the probationary period.
+        out, state = run_segments(v.model, state, segs, {name: v.scale}, t.grid, mc, ac, i, Emit(0))
+        parts.append(out)
+    a = Outputs.concat(parts).anomalies
     by_step = dict(zip(t.grid.index(a["ts"]).tolist(), a["score"].to_numpy().tolist()))
     # Map back by timestamp. Of several input rows on one grid point only the one whose value the
     # duplicates rule kept is scored ("last": the last of them in input order); the others get 0.
@@ -124,6 +221,81 @@ def stream_file(name: str, raw: pd.DataFrame, t: Trained, mc: ModelConfig, ac: A
     scores = np.array([by_step.get(s, 0.0) if k else 0.0 for s, k in zip(in_steps.tolist(), keep)])
     unscored = int((~keep).sum() + sum(1 for s, k in zip(in_steps.tolist(), keep) if k and s not in by_step))
     return scores, unscored
+
+
+@dataclasses.dataclass
+class FileRun:
+    scores: dict[str, np.ndarray]  # ablation label -> anomaly score per input row
+    unscored: int
+    train_seconds: float
+    stream_seconds: float
+    freq: str
+    repairs: dict
+    retrains: list[str]
+
+
+def run_file(job: tuple) -> FileRun:
+    """Train (and retrain) one file, then stream it under every anomaly variant; one process per file."""
+    relpath, raw, mc, tc, data, schedule, variants, threads, cache = job
+    torch.set_num_threads(threads)
+    t = _cached(cache, relpath, raw, mc, tc, data, schedule) if cache else train_file(relpath, raw, mc, tc, data, schedule)
+    t0 = time.perf_counter()
+    scores = {label: stream_file(relpath, raw, t, mc, ac, data, schedule.track)[0] for label, ac in variants}
+    _, unscored = stream_file(relpath, raw, t, mc, variants[0][1], data, schedule.track)
+    return FileRun(scores, unscored, t.train_seconds, time.perf_counter() - t0, t.grid.freq, t.repairs, t.retrains)
+
+
+def _cached(cache: Path, relpath: str, raw: pd.DataFrame, mc: ModelConfig, tc: TrainingConfig, data: DataConfig,
+            schedule: Schedule) -> Trained:
+    """Trained models from an earlier run with the same settings, else train and store them: iterating
+    on the anomaly pipeline need not retrain. Weights only (torch.load(weights_only=True))."""
+    key = repr((mc, tc, data, schedule.rows, schedule.warm))
+    path = cache / (relpath.replace("/", "__") + ".pt")
+    if path.exists():
+        blob = torch.load(path, weights_only=True)
+        if blob["key"] == key:
+            grid, frame, report = _validated(relpath, raw, data)
+            versions = []
+            for cut, scale, weights in zip(blob["cuts"], blob["scales"], blob["weights"]):
+                model = Forecaster(n_features(len(mc.level_alphas)), mc)
+                model.load_state_dict(weights)
+                versions.append(Version(None if cut < 0 else cut, model.eval(), scale))
+            return Trained(grid, frame, versions, blob["seconds"], report.by_reason(), blob["retrains"])
+    t = train_file(relpath, raw, mc, tc, data, schedule)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "cuts": [-1 if v.cut is None else v.cut for v in t.versions],
+                "scales": [v.scale for v in t.versions], "weights": [v.model.state_dict() for v in t.versions],
+                "seconds": t.train_seconds, "retrains": t.retrains}, path)
+    return t
+
+
+def per_file_table(results: dict[str, pd.DataFrame], windows, threshold: float) -> list[str]:
+    """Windows found, first-detection delay, false positives (rows, and separate alarms) per file."""
+    lines = [f"{'file':<52} {'found':>6} {'FP rows':>7} {'FP alarms':>9}  first detection (rows into window)"]
+    for relpath in sorted(results):
+        frame = results[relpath]
+        n_prob = probation_length(len(frame))
+        ts = pd.to_datetime(frame["timestamp"]).to_numpy()
+        hit = frame["anomaly_score"].to_numpy() >= threshold
+        hit[:n_prob] = False
+        inside = np.zeros(len(frame), dtype=bool)
+        found, delays, total = 0, [], 0
+        for start, end in windows[relpath]:
+            w = (ts >= np.datetime64(start)) & (ts <= np.datetime64(end))
+            inside |= w
+            if np.flatnonzero(w).size == 0 or np.flatnonzero(w)[-1] < n_prob:
+                continue
+            total += 1
+            idx = np.flatnonzero(w & hit)
+            if idx.size:
+                found += 1
+                delays.append(f"{idx[0] - np.flatnonzero(w)[0]}/{w.sum()}")
+            else:
+                delays.append("-")
+        fp = hit & ~inside
+        alarms = int(np.sum(fp & ~np.concatenate([[False], fp[:-1]])))
+        lines.append(f"{relpath:<52} {f'{found}/{total}':>6} {int(fp.sum()):>7} {alarms:>9}  {' '.join(delays)}")
+    return lines
 
 
 def _cells(results: dict[str, pd.DataFrame], windows) -> list:
@@ -136,7 +308,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="results files go to OUT/<detector>/<category>/")
     p.add_argument("--detector", default="forecastd", help="detector name in the results files (no underscore)")
     p.add_argument("--no-ablation", action="store_true", help="score the full pipeline only")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (the benchmark machine has 2 cores)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the windowed Gaussian and null detectors")
+    p.add_argument("--retrain", default="doubling",
+                   help='"doubling" (at 2, 4, 8, ... x the probationary rows), an integer N (every N rows), or "none"')
+    p.add_argument("--cold", action="store_true", help="retrain from fresh weights instead of the live ones")
+    p.add_argument("--track", choices=("fresh", "range", "all"), default="fresh",
+                   help="what a promoted model keeps of the previous anomaly track (see Schedule)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an [anomaly] setting for this run (the ablation is relative to it)")
+    p.add_argument("--models", type=Path, help="cache of trained models: reused when the settings match")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (the benchmark machine has 2 cores)")
+    p.add_argument("--jobs", type=int, default=1, help="files processed in parallel (results do not depend on it)")
     args = p.parse_args(argv)
     if "_" in args.detector:
         p.error("--detector must not contain '_': NAB splits results file names on it")
@@ -147,34 +329,44 @@ def main(argv: list[str] | None = None) -> None:
     data = DataConfig()
     mc, tc = MODEL, TRAINING
     ac = AnomalyConfig()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        kind = type(getattr(ac, key))
+        ac = dataclasses.replace(ac, **{key: value.lower() == "true" if kind is bool else kind(value)})
+    variants = [(label, dataclasses.replace(ac, **o)) for label, o in (ABLATION if not args.no_ablation else ABLATION[:1])]
+    print(f"[anomaly] {ac}")
     print(f"NAB corpus {args.data}: {len(corpus)} files; forecastd {mc.cell} hidden {mc.hidden_size} horizon "
-          f"{mc.horizon}, {tc.epochs} epochs max, seed {tc.seed}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s)")
-    print(f"{'file':<52} {'rows':>6} {'freq':>6} {'unscored':>8} {'train s':>7} {'stream s':>8}  repairs")
-    trained, results = {}, {}
+          f"{mc.horizon}, {tc.epochs} epochs max, seed {tc.seed}; retrain {args.retrain} "
+          f"({'cold' if args.cold else 'warm'} start, anomaly track on a switch: {args.track}); "
+          f"torch {torch.__version__}, {args.threads} thread(s) x {args.jobs} job(s)")
+    print(f"{'file':<52} {'rows':>6} {'freq':>6} {'unscored':>8} {'train s':>7} {'stream s':>8}  repairs; retrains")
+    jobs = [(relpath, raw, mc, tc, data,
+             Schedule(retrain_rows(args.retrain, len(raw)), not args.cold, args.track), variants, args.threads, args.models)
+            for relpath, raw in corpus.items()]
+    if args.jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            runs = dict(zip(corpus, pool.map(run_file, jobs, chunksize=1)))
+    else:
+        runs = {job[0]: run_file(job) for job in jobs}
+    results = {}
     for relpath, raw in corpus.items():
-        t0 = time.perf_counter()
-        t = train_file(relpath, raw, mc, tc, data)
-        t1 = time.perf_counter()
-        scores, unscored = stream_file(relpath, raw, t, mc, ac, data)
-        t2 = time.perf_counter()
-        trained[relpath] = t
-        frame = pd.DataFrame({"timestamp": raw["timestamp"], "value": raw["value"], "anomaly_score": scores,
+        r = runs[relpath]
+        frame = pd.DataFrame({"timestamp": raw["timestamp"], "value": raw["value"],
+                              "anomaly_score": r.scores[variants[0][0]],
                               "label": label_rows(raw["timestamp"], windows[relpath])})
         results[relpath] = frame
         write_results(args.out, args.detector, relpath, frame)
-        repairs = ", ".join(f"{k}: {v}" for k, v in t.repairs.items()) or "-"
-        print(f"{relpath:<52} {len(raw):>6} {t.grid.freq:>6} {unscored:>8} {t1 - t0:>7.1f} {t2 - t1:>8.1f}  {repairs}",
-              flush=True)
+        repairs = ", ".join(f"{k}: {v}" for k, v in r.repairs.items()) or "-"
+        print(f"{relpath:<52} {len(raw):>6} {r.freq:>6} {r.unscored:>8} {r.train_seconds:>7.1f} "
+              f"{r.stream_seconds:>8.1f}  {repairs}; {'; '.join(r.retrains) or '-'}")
     stream_total = time.perf_counter() - started
 
-    gaussian = run_detector(corpus, lambda _, v: windowed_gaussian(v))
-    null = run_detector(corpus, lambda _, v: null_scores(len(v)))
-    table = {
-        args.detector: _cells(results, windows),
-        "windowed Gaussian (same run)": _cells(gaussian, windows),
-        "null (same run)": _cells(null, windows),
-    }
+    table = {args.detector: _cells(results, windows)}
+    if not args.no_baselines:
+        gaussian = run_detector(corpus, lambda _, v: windowed_gaussian(v))
+        null = run_detector(corpus, lambda _, v: null_scores(len(v)))
+        table["windowed Gaussian (same run)"] = _cells(gaussian, windows)
+        table["null (same run)"] = _cells(null, windows)
     print()
     head = "".join(f"{PROFILE_NAMES[p]:>10}" for p in PROFILES)
     print(f"{'detector':<34}{head}   threshold (standard), windows found")
@@ -184,16 +376,19 @@ def main(argv: list[str] | None = None) -> None:
     for name, anchor in ANCHORS.items():
         print(f"{name + ' (NAB scorer, anchor)':<34}" + "".join(f"{a:>10.1f}" for a in anchor))
 
+    standard = table[args.detector][0]
+    print(f"\nPer file at the standard threshold {standard.threshold:.4g} (after the probationary period):")
+    print("\n".join(per_file_table(results, windows, standard.threshold)))
+
     if not args.no_ablation:
         print("\nAblation: each step of the anomaly pipeline switched off alone (same trained models)")
-        print(f"{'pipeline':<34}{head}")
-        for label, overrides in ABLATION:
-            acx = dataclasses.replace(ac, **overrides)
-            res = {}
-            for relpath, raw in corpus.items():
-                scores, _ = stream_file(relpath, raw, trained[relpath], mc, acx, data)
-                res[relpath] = pd.DataFrame({"timestamp": raw["timestamp"], "anomaly_score": scores})
-            print(f"{label:<34}" + "".join(f"{c.score:>10.1f}" for c in _cells(res, windows)), flush=True)
+        print(f"{'pipeline':<34}{head}   threshold (standard), windows found")
+        for label, _ in variants:
+            res = {relpath: pd.DataFrame({"timestamp": raw["timestamp"], "anomaly_score": runs[relpath].scores[label]})
+                   for relpath, raw in corpus.items()}
+            cells = _cells(res, windows)
+            print(f"{label:<34}" + "".join(f"{c.score:>10.1f}" for c in cells)
+                  + f"   t={cells[0].threshold:.4g}, {cells[0].windows_detected}/{cells[0].windows}")
     print(f"\nwall time: forecastd train + stream {stream_total:.1f} s, total {time.perf_counter() - started:.1f} s")
 
 

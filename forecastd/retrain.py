@@ -37,17 +37,18 @@ from typing import Any
 
 import pandas as pd
 
-from forecastd.config import Config, config_from_dict, config_to_dict
+from forecastd.config import Config, DataConfig, ModelConfig, config_from_dict, config_to_dict
 from forecastd.errors import CheckpointError, ForecastdError, ModelError
 from forecastd.files import atomic_write_bytes
-from forecastd.frames import validate
+from forecastd.frames import Grid, validate
 from forecastd.pipeline import state_store, train
 from forecastd.sources import open_source
 from forecastd.state import ModelVersion, StateStore
+from forecastd.models import Forecaster
 from forecastd.training import evaluate, prepare, resolve_device
 from forecastd.windowing import robust_scale, series_steps
 
-__all__ = ["RetrainResult", "retrain", "tail_losses", "decide", "switch_live", "rollback_target", "live_history"]
+__all__ = ["RetrainResult", "retrain", "tail_losses", "decide", "tail_loss", "switch_live", "rollback_target", "live_history"]
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +149,19 @@ def tail_losses(config: Config, live: ModelVersion, challenger: ModelVersion, no
     raw = open_source(config).read(until=until)
     frame, _ = validate(raw, grid=grid, timezone=config.source.timezone, duplicates=config.data.duplicates, now=now)
     fraction = config_from_dict(challenger.manifest["config"]).training.validation_fraction
-    values = {sid: v for sid, (_, v) in series_steps(frame, grid).items()}
-    losses = []
-    for mv in (live, challenger):
-        # A series new to a model gets the scale it would take when it starts streaming.
-        scales = {sid: float(mv.scales.get(sid) or robust_scale(v)) for sid, v in values.items()}
-        prepared = prepare(frame, grid, scales, mv.model_config, config.data, fraction)
-        device = next(mv.model.parameters()).device
-        losses.append(evaluate(mv.model, prepared.val, device)["loss"] if prepared.val else math.nan)
-    return losses[0], losses[1]
+    return tuple(tail_loss(mv.model, mv.model_config, mv.scales, frame, grid, config.data, fraction)
+                 for mv in (live, challenger))
+
+
+def tail_loss(model: Forecaster, mc: ModelConfig, scales: dict[str, float], frame: pd.DataFrame, grid: Grid,
+              data: DataConfig, fraction: float) -> float:
+    """One model's validation loss on the last `fraction` of each series of a validated frame, with its own
+    per-series scales; NaN when no series has a tail. The pure half of `tail_losses` (benchmarks use it)."""
+    # A series new to a model gets the scale it would take when it starts streaming.
+    own = {sid: float(scales.get(sid) or robust_scale(v)) for sid, (_, v) in series_steps(frame, grid).items()}
+    prepared = prepare(frame, grid, own, mc, data, fraction)
+    device = next(model.parameters()).device
+    return evaluate(model, prepared.val, device)["loss"] if prepared.val else math.nan
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
