@@ -60,6 +60,12 @@ def _arrow_schema(spec: TableSpec) -> pa.Schema:
     return pa.schema([(c, _ARROW[d]) for c, d in spec.columns.items()])
 
 
+def _dictionary(spec: TableSpec) -> list[str]:
+    """Columns worth dictionary encoding: ids, times, steps and versions repeat; forecast values rarely
+    do, and trying a dictionary on them first doubled the time to write a tick's partition."""
+    return [c for c, d in spec.columns.items() if d != "float64"]
+
+
 def partition_dirs(times: pd.Series, grain: Grain) -> tuple[list[str], np.ndarray]:
     """The partition directories `times` fall in, and for each row the index of its directory.
 
@@ -166,7 +172,8 @@ class ParquetSink:
         table = pa.Table.from_pandas(rows, schema=_arrow_schema(spec), preserve_index=False)
         _make_dirs(directory)
         try:
-            atomic_write(directory / PART_FILE, lambda tmp: pq.write_table(table, tmp))
+            dictionary = _dictionary(spec)
+            atomic_write(directory / PART_FILE, lambda tmp: pq.write_table(table, tmp, use_dictionary=dictionary))
         except (pa.ArrowException, OSError) as exc:
             raise SinkError(
                 f"cannot write partition {str(directory)!r}: {exc}; check free space and permissions"
