@@ -116,7 +116,7 @@ def plan_backfill(frame: pd.DataFrame, grid: Grid, lo: int, model_scales: Mappin
     if G == 0:
         return Plan([], {}, 0, 0)
     anchor = np.full(G, lo, dtype=np.int64)
-    # A series that starts after lo takes its unit from its first point, as a tick would.
+    # A unit computed from the data uses the points up to lo, or the first point of a series that starts later.
     scale_until = np.maximum(lo, rows.steps[rows.first])
     keep = rows.steps >= lo - warmup
     return _plan(rows, keep, np.full(G, -1, dtype=np.int64), np.ones(G, dtype=bool), anchor, scale_until, np.zeros(0),
