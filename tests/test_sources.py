@@ -286,12 +286,15 @@ def test_sqlite_text_shapes_that_plain_text_comparison_gets_wrong(tmp_path):
         ("s", "2024-03-31 00:30", 4.0),  # included, though '2024-03-31 00:30' < '2024-03-31T...'
         ("s", "2024-03-31T02:30:00+02:00", 5.0),  # 00:30 UTC: included
         ("s", "2024-03-30 23:59:59.999", 6.0),  # excluded
+        ("s", "2024-03-30 09:31:00-14:59", 7.0),  # 00:30 UTC, written 15 hours behind: included
+        ("s", "2024-03-30 09:00:00-14:59", 8.0),  # 23:59 UTC the day before: excluded
+        ("s", "2024-03-31 14:30:00+14:30", 9.0),  # 00:00 UTC exactly: excluded
     ]
     source = SqlSource(_sqlite_rows(tmp_path / "t.db", rows), "readings", series_column="sensor",
                        time_column="stamp", value_column="reading")
     got = source.read(since=since)
-    assert sorted(got["value"]) == [3.0, 4.0, 5.0]
-    assert sorted(source.read(until=since)["value"]) == [1.0, 2.0, 6.0]
+    assert sorted(got["value"]) == [3.0, 4.0, 5.0, 7.0]
+    assert sorted(source.read(until=since)["value"]) == [1.0, 2.0, 6.0, 8.0, 9.0]
 
 
 def test_sqlite_numeric_timestamps_are_refused(tmp_path):

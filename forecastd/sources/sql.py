@@ -12,7 +12,8 @@ Time filters follow the stored type of the time column:
   strftime('%Y-%m-%d %H:%M:%f', ts), which reads all those shapes (and converts offset-bearing ones to
   UTC), and is compared with the bound in that normalised shape. Normalisation keeps milliseconds, so
   text timestamps are compared at millisecond resolution. A coarse test on the raw column against the
-  date one day either side comes first, so an index on the column still narrows the scan.
+  date-hour 15 hours before (the date two days after, for `until`) comes first, so an index on the
+  column still narrows the scan.
 - text columns on other databases are compared with the bound rendered in the shape of a stored value.
 """
 
@@ -52,6 +53,11 @@ SERIES_CHUNK = 500
 
 # strftime format that SQLite's date functions normalise ISO-8601 text to.
 _SQLITE_NORMAL = "%Y-%m-%d %H:%M:%f"
+# SQLite reads offsets up to ±14:59, so stored text is at most this far behind the instant it names.
+# The coarse lower bound is that much before `since`, cut to the hour: "2024-01-31 05" is at or below
+# every shape of a later time (' ' with a later hour, 'T' on the same date, or a later date), and it
+# leaves a tick's scan 15 hours of rows rather than the day and more a date bound left.
+_SQLITE_MAX_OFFSET = timedelta(hours=15)
 
 
 def resolve_url(
@@ -318,7 +324,7 @@ class SqlSource:
         if since is not None:
             b = local_naive(since, zone)
             out += [
-                raw >= sa.bindparam("since_day", f"{b - timedelta(days=1):%Y-%m-%d}", type_=sa.String),
+                raw >= sa.bindparam("since_hour", f"{b - _SQLITE_MAX_OFFSET:%Y-%m-%d %H}", type_=sa.String),
                 normal > sa.bindparam("since", _sqlite_normal(b), type_=sa.String),
             ]
         if until is not None:
