@@ -10,6 +10,14 @@ every row streams through the product's streaming step (`streaming.run_segments`
 which gives the same rows as ticking point by point: predict, then learn, so the score of a row uses
 rows up to it only). Nothing is tuned to a file and labels are read only by the scorer.
 
+Retraining (`--retrain`, default "doubling"), as the daemon retrains on a schedule: when 2, 4, 8, ...
+times the probationary rows have been seen, a challenger is trained on every row seen so far (warm
+started from the live weights unless --cold), judged as `retrain.retrain` judges (`retrain.tail_loss`
+of both models on the challenger's validation tail, `retrain.decide`, margin 0) and, if promoted, takes
+over as the pipeline switches versions: a fresh state run over the last `[data] warmup` points up to the
+switch, then streaming on. A doubling schedule keeps the cost at a few trainings per file where the
+daemon's daily cron would retrain dozens of times on the longest files; it never uses a row not yet seen.
+
 The score of each grid point is mapped back to the input rows by timestamp; rows the product does not
 score (a duplicate whose value the rule discarded, a row before the likelihood has history) get 0 and
 are counted. One NAB results file per data file is written under --out, then the corpus is scored on
@@ -76,7 +84,7 @@ ABLATION: list[tuple[str, dict]] = [
     ("- raw cap", {"raw_cap": 0.0}),
     ("- novelty", {"novelty_tolerance": -1.0}),
     ("- soft scale (linear, saturating)", {"scale": "linear"}),
-    ("+ point gate", {"point_gate": True}),
+    ("- point gate", {"point_gate": False}),
     ("previous pipeline (none of the above)", {"raw_cap": 0.0, "novelty_tolerance": -1.0, "scale": "linear",
                                                "point_gate": True}),
 ]

@@ -153,3 +153,18 @@ def test_a_corrupt_version_is_never_made_live(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         switch_live(store, 99, reason="test", now=NOW)
     assert store.live_version() == 1 and (store.root / "streams" / "v000001").exists()
+
+
+def test_tail_loss_is_the_pure_half_of_tail_losses(tmp_path):
+    """Benchmarks judge challengers with `tail_loss` on a frame they hold; it must agree with the daemon's path."""
+    from forecastd.frames import validate
+    from forecastd.retrain import tail_loss
+    from forecastd.sources import open_source
+
+    config = load_config(clone(tmp_path))
+    mv = state_store(config).load_model(1)
+    frame, _ = validate(open_source(config).read(until=pd.Timestamp(mv.manifest["data_end"])), grid=mv.grid,
+                        timezone=config.source.timezone, duplicates=config.data.duplicates, now=NOW)
+    own = tail_loss(mv.model, mv.model_config, mv.scales, frame, mv.grid, config.data,
+                    config.training.validation_fraction)
+    assert own == tail_losses(config, mv, mv, NOW)[0]
