@@ -4,6 +4,9 @@ Series (long ones cut into parallel segments) form the rows of a batch; each row
 chunks of `bptt` steps; the hidden state is carried from chunk to chunk and detached at each chunk
 start, so gradients stop at the chunk boundary while the state still remembers; gradients are clipped.
 The tail of every series is held out for validation and early stopping; the best weights are kept.
+Validation, early stopping and the saved model use an exponential moving average of the weights
+(Polyak averaging): the raw weights of a small recurrent model jump between optimiser steps enough to
+move the validation loss by half from one epoch to the next, and the average does not.
 
 The loss trains the mean by squared error (what forecasts are judged by) and the scale by Gaussian
 negative log-likelihood against the detached mean, so the spread is calibrated without the NLL's
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from forecastd.config import DataConfig, ModelConfig, TrainingConfig
 from forecastd.errors import DataError, ModelError
@@ -181,11 +185,13 @@ def train_rows(
     clip: float,
     autocast: torch.autocast,
     window: torch.Tensor | None = None,
+    average: AveragedModel | None = None,
 ) -> tuple[float, float]:
     """One batch of rows through truncated BPTT: chunk, detach at each chunk start, clip, step.
 
     x [B, S, F], y [B, S, K], m [B, S, K], window [B, W] the changes before each row (zeros if None).
-    Returns (loss summed over targets, number of targets).
+    `average`, if given, is updated after every optimiser step. Returns (loss summed over targets,
+    number of targets).
     """
     total, count = 0.0, 0.0
     hidden = model.initial_state(x.shape[0])
@@ -206,6 +212,8 @@ def train_rows(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+        if average is not None:
+            average.update_parameters(model)
         total += loss.item() * n.item()
         count += n.item()
     return total, count
@@ -233,7 +241,15 @@ def fit(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs, eta_min=config.learning_rate / 10)
 
     result = TrainResult(model)
-    best = (math.inf, copy.deepcopy(model.state_dict()), 0)
+    average = None
+    if config.weight_average:
+        average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.weight_average), use_buffers=True)
+    judged = model if average is None else average.module  # the weights validated, kept and saved
+    judged.rnn.flatten_parameters()  # the copy's weights must be one cuDNN block again (a no-op on the CPU)
+    # The starting weights are the first candidate: persistence for a new model, the live weights for
+    # a warm start, so training never hands back something worse on validation than what it began with.
+    start = evaluate(model, val, device)["loss"] if val else math.inf
+    best = (start if math.isfinite(start) else math.inf, copy.deepcopy(model.state_dict()), 0)
     started = time.monotonic()
     bad_epochs = 0
     for epoch in range(1, config.epochs + 1):
@@ -253,7 +269,7 @@ def fit(
                 yb = torch.from_numpy(y[rows]).to(device)  # B, S, K
                 mb = torch.from_numpy(m[rows]).to(device)  # B, S, K
                 wb = torch.from_numpy(w[rows]).to(device)  # B, W
-                t, n = train_rows(model, opt, xb, yb, mb, config.bptt, config.clip, autocast, wb)
+                t, n = train_rows(model, opt, xb, yb, mb, config.bptt, config.clip, autocast, wb, average)
                 total, count = total + t, count + n
                 steps += -(-x.shape[1] // config.bptt)
         sched.step()
@@ -261,14 +277,14 @@ def fit(
         if not math.isfinite(train_loss):
             raise ModelError(f"training diverged at epoch {epoch} (loss {train_loss}); lower [training] "
                              "learning_rate or check the data for extreme values")
-        val_metrics = evaluate(model, val, device) if val else {"loss": train_loss}
+        val_metrics = evaluate(judged, val, device) if val else {"loss": train_loss}
         val_loss = val_metrics["loss"]
         result.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         log.info("epoch %d/%d train loss %.4f val loss %.4f", epoch, config.epochs, train_loss, val_loss)
         if progress:
             progress(epoch, config.epochs, train_loss, val_loss)
         if val_loss < best[0] - 1e-6:
-            best = (val_loss, copy.deepcopy(model.state_dict()), epoch)
+            best = (val_loss, copy.deepcopy(judged.state_dict()), epoch)
             bad_epochs = 0
         else:
             bad_epochs += 1
