@@ -35,7 +35,7 @@ from forecastd.models import Forecaster  # noqa: E402
 from forecastd.state import Segment, StreamState  # noqa: E402
 from forecastd.streaming import Emit, run_segments  # noqa: E402
 from forecastd.training import fit, prepare, resolve_device  # noqa: E402
-from forecastd.windowing import n_features, robust_scale  # noqa: E402
+from forecastd.windowing import n_features, resolve_lookback, robust_scale  # noqa: E402
 
 TRAIN_END, VAL_END, TEST_END = 8640, 11520, 14400
 LOOKBACK = 96
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=TrainingConfig.epochs)
     p.add_argument("--hidden", type=int, default=ModelConfig.hidden_size)
     p.add_argument("--cell", default=ModelConfig.cell)
-    p.add_argument("--lookback", type=int, default=ModelConfig.lookback,
+    p.add_argument("--lookback", type=lambda v: v if v == "auto" else int(v), default=ModelConfig.lookback,
                    help="steps of recent changes the model carries (the product default; 0 = none)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     p.add_argument("--jobs", type=int, default=1,
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = 1 if args.jobs > 1 else max(1, torch.get_num_threads())
 
     settings = [("S", ("OT",), h) for h in args.horizons] + [("M", ETT_COLUMNS, h) for h in args.multivariate_horizons]
-    print(f"ETT {args.data.name}: forecastd {mc.cell} hidden {mc.hidden_size} lookback {mc.lookback}, "
+    print(f"ETT {args.data.name}: forecastd {mc.cell} hidden {mc.hidden_size} lookback {resolve_lookback(mc.lookback)}, "
           f"{args.seeds} seeds; torch {torch.__version__}, training on {resolve_device(args.device)}, "
           f"{args.jobs} job(s) x {threads} thread(s)")
     print(f"{'set':3} {'H':>4} | {'forecastd MSE':>16} {'forecastd MAE':>16} | {'persist MSE':>11} {'MAE':>6} | "

@@ -63,7 +63,7 @@ from forecastd.state import StreamState, plan  # noqa: E402
 from forecastd.retrain import decide, tail_loss  # noqa: E402
 from forecastd.streaming import Emit, Outputs, run_segments  # noqa: E402
 from forecastd.training import fit, prepare  # noqa: E402
-from forecastd.windowing import n_features, robust_scale, series_steps  # noqa: E402
+from forecastd.windowing import n_features, resolve_lookback, robust_scale, series_steps  # noqa: E402
 
 # NAB's own scorer on these 18 files (data README): standard, reward_low_FP, reward_low_FN.
 ANCHORS = {
@@ -246,6 +246,9 @@ def run_file(job: tuple) -> FileRun:
     """Train (and retrain) one file, then stream it under every anomaly variant; one process per file."""
     relpath, raw, mc, tc, data, schedule, variants, threads, cache = job
     torch.set_num_threads(threads)
+    # As pipeline.train does: "auto" lookback becomes a number of steps for the file's grid.
+    grid = _validated(relpath, raw, data)[0]
+    mc = dataclasses.replace(mc, lookback=resolve_lookback(mc.lookback, grid.step_ns))
     t = _cached(cache, relpath, raw, mc, tc, data, schedule) if cache else train_file(relpath, raw, mc, tc, data, schedule)
     t0 = time.perf_counter()
     scores = {label: stream_file(relpath, raw, t, mc, ac, data, schedule.track)[0] for label, ac in variants}

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numba import njit
 
 __all__ = ["AnomalyTrack", "surprise", "likelihood", "final", "novel", "score"]
 
@@ -77,30 +78,39 @@ def likelihood(
 ) -> tuple[np.ndarray, AnomalyTrack]:
     """Log10 tail probability of the short average of `raw` [B, T] under its long-run distribution.
 
-    Sequential in T, vectorised over B; NaN steps (missing points) leave the track untouched and score NaN.
+    Sequential in T (compiled); NaN steps (missing points) leave the track untouched and score NaN.
     """
-    B, T = raw.shape
-    a_short = 2.0 / (short_window + 1.0)
-    short, mean, var, count = track.short.copy(), track.mean.copy(), track.var.copy(), track.count.copy()
-    zs = np.full((B, T), np.nan)
-    for t in range(T):
-        r = raw[:, t]
-        seen = np.isfinite(r)
-        new_short = np.where(count == 0, r, short + a_short * (r - short))
-        short = np.where(seen, new_short, short)
-        # The average of surprises is gamma-like (right-skewed); its cube root is close to normal
-        # (Wilson-Hilferty), so a Gaussian tail on the cube root is honest rather than ~10x too alarmed.
-        u = np.cbrt(short)
-        sd = np.maximum(np.sqrt(var), MIN_SPREAD)
-        zs[:, t] = np.where(seen & (count >= MIN_HISTORY), (u - mean) / sd, np.where(seen, -np.inf, np.nan))
-        # Running moments: exact mean/variance until long_window points, then exponentially forgetting.
-        alpha = np.maximum(1.0 / (count + 1.0), 1.0 / long_window)
-        delta = u - mean
-        mean = np.where(seen, mean + alpha * delta, mean)
-        var = np.where(seen, (1.0 - alpha) * (var + alpha * delta**2), var)
-        count = count + seen
+    short, mean, var = track.short.astype(np.float64), track.mean.astype(np.float64), track.var.astype(np.float64)
+    count = track.count.astype(np.int64)  # copies: the caller's track is left as it was
+    zs = _likelihood_steps(np.ascontiguousarray(raw, dtype=np.float64), short, mean, var, count,
+                           2.0 / (short_window + 1.0), float(long_window))
     log_tail = np.where(np.isnan(zs), np.nan, _log10_normal_tail(np.nan_to_num(zs, nan=0.0, neginf=-40.0)))
     return log_tail, AnomalyTrack(short, mean, var, count, track.lo, track.hi)
+
+
+@njit(cache=True, nogil=True)
+def _likelihood_steps(raw, short, mean, var, count, a_short, long_window):  # pragma: no cover - compiled
+    """The sequential part of `likelihood`, compiled; updates short, mean, var, count [B] in place."""
+    B, T = raw.shape
+    zs = np.full((B, T), np.nan)
+    for b in range(B):
+        for t in range(T):
+            r = raw[b, t]
+            if not np.isfinite(r):
+                continue
+            short[b] = r if count[b] == 0 else short[b] + a_short * (r - short[b])
+            # The average of surprises is gamma-like (right-skewed); its cube root is close to normal
+            # (Wilson-Hilferty), so a Gaussian tail on the cube root is honest rather than ~10x too alarmed.
+            u = np.cbrt(short[b])
+            sd = max(np.sqrt(var[b]), MIN_SPREAD)
+            zs[b, t] = (u - mean[b]) / sd if count[b] >= MIN_HISTORY else -np.inf
+            # Running moments: exact mean/variance until long_window points, then exponentially forgetting.
+            alpha = max(1.0 / (count[b] + 1.0), 1.0 / long_window)
+            delta = u - mean[b]
+            mean[b] += alpha * delta
+            var[b] = (1.0 - alpha) * (var[b] + alpha * delta * delta)
+            count[b] += 1
+    return zs
 
 
 def final(log_tail: np.ndarray, raw: np.ndarray, *, gate: bool = True, scale: str = "linear") -> np.ndarray:
@@ -127,22 +137,30 @@ def novel(values: np.ndarray, track: AnomalyTrack, tolerance: float) -> tuple[np
     The count is the likelihood's (points scored before the block), advanced here by the block's values,
     so the rule needs the same history as the likelihood and stays identical in blocks or at once.
     """
-    B, T = values.shape
-    lo, hi = track.lo.copy(), track.hi.copy()
-    count = track.count.copy()
-    flags = np.zeros((B, T), dtype=bool)
-    for t in range(T):
-        v = values[:, t]
-        seen = np.isfinite(v)
-        width = np.nan_to_num(hi - lo)
-        slack = tolerance * width
-        with np.errstate(invalid="ignore"):
-            beyond = (v > hi + slack) | (v < lo - slack)
-        flags[:, t] = seen & beyond & (width > 0) & (count >= MIN_HISTORY)
-        lo = np.where(seen, np.fmin(lo, v), lo)
-        hi = np.where(seen, np.fmax(hi, v), hi)
-        count = count + seen
+    lo, hi = track.lo.astype(np.float64), track.hi.astype(np.float64)
+    flags = _novel_steps(np.ascontiguousarray(values, dtype=np.float64), lo, hi, track.count.astype(np.int64),
+                         float(tolerance))
     return flags, AnomalyTrack(track.short, track.mean, track.var, track.count, lo, hi)
+
+
+@njit(cache=True, nogil=True)
+def _novel_steps(values, lo, hi, count, tolerance):  # pragma: no cover - compiled
+    """The sequential part of `novel`, compiled; updates lo, hi and count [B] in place."""
+    B, T = values.shape
+    flags = np.zeros((B, T), dtype=np.bool_)
+    for b in range(B):
+        for t in range(T):
+            v = values[b, t]
+            if not np.isfinite(v):
+                continue
+            width = hi[b] - lo[b] if np.isfinite(hi[b] - lo[b]) else 0.0
+            slack = tolerance * width
+            beyond = v > hi[b] + slack or v < lo[b] - slack
+            flags[b, t] = beyond and width > 0 and count[b] >= MIN_HISTORY
+            lo[b] = v if not np.isfinite(lo[b]) else min(lo[b], v)
+            hi[b] = v if not np.isfinite(hi[b]) else max(hi[b], v)
+            count[b] += 1
+    return flags
 
 
 def score(

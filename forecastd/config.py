@@ -88,9 +88,10 @@ class ModelConfig:
     # no more than a 6-sigma move would (see anomaly handling in README).
     input_clip: float = 6.0
     # Recent changes carried in the state and read by a linear head (models.py): the recent shape of
-    # the series, one week of hourly data by default. 0 = none (the recurrent state alone). Costs
+    # the series. "auto" = one week of steps, at least 24 and at most 336 (hourly: 168; 5-minute: 336,
+    # a day and more), fixed when the model is trained. 0 = none (the recurrent state alone). Costs
     # 4 bytes a series per step of window.
-    lookback: int = 168
+    lookback: int | Literal["auto"] = "auto"
     distribution: Literal["gaussian"] = "gaussian"
     # Refused if true: a bidirectional encoder reads the future.
     bidirectional: bool = False
@@ -268,7 +269,14 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(section, key, value, inner[0])
+        if len(inner) == 1:
+            return _coerce(section, key, value, inner[0])
+        for a in inner:  # e.g. int | Literal["auto"]: the first that takes the value
+            try:
+                return _coerce(section, key, value, a)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where} = {value!r} is not allowed; use {' or '.join(_describe(a) for a in inner)}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} = {value!r} must be a list, e.g. {key} = [..]")
@@ -290,6 +298,12 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f'{where} = {value!r} must be a string in quotes, e.g. {key} = "..."')
         return value
     raise AssertionError(f"unhandled config type {annotation!r} for {where}")
+
+
+def _describe(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " or ".join(repr(a) for a in get_args(annotation))
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}.get(annotation, "a list")
 
 
 def _build_section(name: str, raw: Any) -> Any:
@@ -433,7 +447,8 @@ def _validate(c: Config) -> None:
     _require(len(m.level_alphas) >= 1 and all(0 < a <= 1 for a in m.level_alphas),
              f"[model] level_alphas = {list(m.level_alphas)} must be a non-empty list of numbers in (0, 1]")
     _require(m.input_clip > 0, f"[model] input_clip = {m.input_clip} must be positive")
-    _require(m.lookback >= 0, f"[model] lookback = {m.lookback} must be 0 (none) or a number of steps")
+    _require(m.lookback == "auto" or m.lookback >= 0,
+             f'[model] lookback = {m.lookback} must be "auto", 0 (none) or a number of steps')
 
     t = c.training
     _require(t.bptt >= 1, f"[training] bptt = {t.bptt} must be at least 1")
@@ -525,7 +540,7 @@ hidden_size = 64
 num_layers = 1
 dropout = 0.0
 horizon = 24                     # steps ahead forecast at every point
-lookback = 168                   # recent steps the state carries for the model to read (0 = none)
+lookback = "auto"                # recent steps carried for the model to read: a week, 24..336 (0 = none)
 
 [training]
 bptt = 32                        # truncated-BPTT chunk length

@@ -127,7 +127,8 @@ class Grid:
 
     def __post_init__(self) -> None:
         offset = pd.tseries.frequencies.to_offset(self.freq)
-        if not (isinstance(offset, pd.offsets.Tick) or isinstance(offset, pd.offsets.MonthBegin)):
+        # pandas 3 made Day a calendar offset rather than a Tick; on a UTC grid a day is 24 hours.
+        if not isinstance(offset, (pd.offsets.Tick, pd.offsets.Day, pd.offsets.MonthBegin)):
             raise DataError(
                 f"frequency {self.freq!r} is not supported; use a fixed step such as '5min', '1h', '1D' "
                 "or month starts 'MS'"

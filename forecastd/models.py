@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from forecastd.config import ModelConfig
+from forecastd.windowing import resolve_lookback
 
 __all__ = ["Forecaster", "Hidden", "State", "detach_state", "pack_hidden", "unpack_hidden"]
 
@@ -52,7 +53,7 @@ class Forecaster(nn.Module):
         super().__init__()
         self.cell = config.cell
         self.horizon = config.horizon
-        self.lookback = config.lookback
+        self.lookback = resolve_lookback(config.lookback)  # pipeline.train resolves "auto" for the data's grid
         self.rnn = _CELLS[config.cell](
             n_features,
             config.hidden_size,
@@ -67,7 +68,7 @@ class Forecaster(nn.Module):
             "unit", torch.sqrt(torch.arange(1, config.horizon + 1, dtype=torch.float32)), persistent=False
         )
         # Weights on the recent path: path[k, j-1] multiplies (value j steps ago - last value) / scale.
-        self.path = nn.Parameter(torch.zeros(config.horizon, config.lookback)) if config.lookback else None
+        self.path = nn.Parameter(torch.zeros(config.horizon, self.lookback)) if self.lookback else None
         # Start as persistence with a unit spread: mean change 0, scale softplus(0.5413) = 1.
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():

@@ -13,6 +13,7 @@ gap), or else its latest point; for a backfill it is the range start.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -32,7 +33,7 @@ from forecastd.planning import plan_backfill, plan_tick
 from forecastd.state import ModelVersion, StateStore, StreamState
 from forecastd.streaming import Emit, Outputs, run_segments
 from forecastd.training import fit, prepare, resolve_device
-from forecastd.windowing import n_features, robust_scale, series_steps
+from forecastd.windowing import n_features, resolve_lookback, robust_scale, series_steps
 
 __all__ = ["TrainSummary", "TickReport", "train", "run_once", "backfill", "state_store"]
 
@@ -111,7 +112,10 @@ def train(
         raise DataError("the source has no usable rows to train on; check [source] path/table and the column mapping")
     series = series_steps(frame, grid)
     scales = {sid: robust_scale(v) for sid, (_, v) in series.items()}
-    mc = config.model
+    # "auto" becomes a number of steps for this grid; the manifest keeps the number, so every later
+    # load builds the same model.
+    mc = dataclasses.replace(config.model, lookback=resolve_lookback(config.model.lookback, grid.step_ns))
+    config = dataclasses.replace(config, model=mc)
     prepared = prepare(frame, grid, scales, mc, config.data, config.training.validation_fraction)
     device = resolve_device(config.training.device)
     model = Forecaster(n_features(len(mc.level_alphas)), mc)

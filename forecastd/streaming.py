@@ -256,7 +256,7 @@ def run_segments(
         if fresh:
             ids = [g.series_id for g in fresh]
             scale = np.array([fresh_scale[i] for i in ids])
-            st = StreamState.fresh(ids, scale, len(mc.level_alphas), hidden_shape, ac.forecasts, mc.lookback)
+            st = StreamState.fresh(ids, scale, len(mc.level_alphas), hidden_shape, ac.forecasts, model.lookback)
             st.step[:] = np.array([g.start - 1 for g in fresh])
             st.age[:] = np.array([g.age for g in fresh])
             sub_parts.append(st)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from numba import njit
 
 from forecastd.frames import Grid
 
@@ -34,11 +35,24 @@ __all__ = [
     "targets",
     "split_at_gaps",
     "training_rows",
+    "resolve_lookback",
 ]
 
 _NS_HOUR = 3_600_000_000_000
 _NS_DAY = 24 * _NS_HOUR
 _YEAR_DAYS = 365.2425
+
+
+def resolve_lookback(lookback: int | str, step_ns: int = _NS_HOUR) -> int:
+    """Steps of the carried window: "auto" is one week of steps, at least 24 and at most 336.
+
+    A week holds the daily and weekly cycles of hourly data; 336 caps the state (1.3 KB a series) and
+    still spans more than a day of 5-minute data; 24 gives daily or monthly data two years or a month.
+    The hourly value (168) serves a model built without a grid (tests, benchmarks on synthetic data).
+    """
+    if lookback != "auto":
+        return int(lookback)
+    return int(np.clip(round(7 * _NS_DAY / step_ns), 24, 336))
 
 
 def n_features(n_levels: int) -> int:
@@ -113,34 +127,49 @@ def encode(
 
     values [B, T] float64, NaN = missing; ts_ns [B, T] int64; scale [B].
     Returns x [B, T, F] float32, origin [B, T] float64 (the last observed value at each step: the point
-    forecasts are changes from), and the track after the block. Sequential in T, vectorised over B.
+    forecasts are changes from), and the track after the block. Sequential in T (compiled, `_encode_steps`).
     """
     B, T = values.shape
     A = len(alphas)
-    alpha = np.asarray(alphas, dtype=np.float64)  # A
-    last = track.last.copy()  # B
-    levels = track.levels.copy()  # B, A
-    s = np.asarray(scale, dtype=np.float64)  # B
+    last = track.last.astype(np.float64)  # copies: the caller's track is left as it was
+    levels = track.levels.astype(np.float64)
     x = np.empty((B, T, n_features(A)), dtype=np.float32)
     origin = np.empty((B, T), dtype=np.float64)
-    for t in range(T):
-        y = values[:, t]  # B
-        seen = np.isfinite(y)
-        first = seen & ~np.isfinite(last)
-        last = np.where(first, y, last)
-        levels = np.where(first[:, None], y[:, None], levels)
-        change = np.where(seen, np.clip((y - last) / s, -clip, clip), 0.0)
-        # Clipped innovations keep a spike from dragging the levels (see module docstring).
-        innov = np.clip((y[:, None] - levels) / s[:, None], -clip, clip) * s[:, None]
-        levels = np.where(seen[:, None], levels + alpha * innov, levels)
-        last = np.where(seen, y, last)
-        rel = np.clip((last[:, None] - levels) / s[:, None], -clip, clip)
-        x[:, t, 0] = change
-        x[:, t, 1 : 1 + A] = np.nan_to_num(rel)
-        x[:, t, 1 + A] = ~seen
-        origin[:, t] = last
+    _encode_steps(np.ascontiguousarray(values, dtype=np.float64), last, levels,
+                  np.asarray(scale, dtype=np.float64), np.asarray(alphas, dtype=np.float64), float(clip), x, origin)
     x[:, :, 2 + A :] = calendar(ts_ns)
     return x, origin, Track(last, levels)
+
+
+@njit(cache=True, nogil=True)
+def _encode_steps(values, last, levels, scale, alpha, clip, x, origin):  # pragma: no cover - compiled
+    """The sequential part of `encode`, compiled: a step's levels depend on the clipped step before.
+
+    Fills x[:, :, :2 + A] and origin; updates last [B] and levels [B, A] in place.
+    """
+    B, T = values.shape
+    A = alpha.shape[0]
+    for b in range(B):
+        s = scale[b]
+        for t in range(T):
+            y = values[b, t]
+            seen = np.isfinite(y)
+            if seen and not np.isfinite(last[b]):  # the first observation starts the levels
+                last[b] = y
+                for a in range(A):
+                    levels[b, a] = y
+            x[b, t, 0] = min(max((y - last[b]) / s, -clip), clip) if seen else 0.0
+            if seen:
+                for a in range(A):
+                    # Clipped innovations keep a spike from dragging the levels (see module docstring).
+                    innov = min(max((y - levels[b, a]) / s, -clip), clip) * s
+                    levels[b, a] += alpha[a] * innov
+                last[b] = y
+            for a in range(A):
+                rel = (last[b] - levels[b, a]) / s
+                x[b, t, 1 + a] = min(max(rel, -clip), clip) if np.isfinite(rel) else 0.0
+            x[b, t, 1 + A] = 0.0 if seen else 1.0
+            origin[b, t] = last[b]
 
 
 def targets(

@@ -101,3 +101,13 @@ def test_monthly_grid_roundtrip():
 def test_unsupported_frequency_is_refused():
     with pytest.raises(DataError, match="not supported"):
         Grid("W")
+
+
+@pytest.mark.parametrize("freq", ["1D", "D", "2D"])
+def test_daily_grids_are_supported(freq):
+    g = Grid(freq)
+    ts = pd.DatetimeIndex(pd.date_range("2024-01-02", periods=5, freq=freq, tz="UTC"))  # on the epoch-anchored grid
+    steps = g.index(ts)
+    assert np.all(np.diff(steps) == 1)
+    assert (g.ts(steps) == ts).all()
+    assert g.step_ns == pd.tseries.frequencies.to_offset(freq).n * 86_400 * 10**9

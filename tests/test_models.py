@@ -17,7 +17,7 @@ def test_forward_shapes_and_hidden_roundtrip(cell):
     assert (scale > 0).all()
     packed = pack_hidden(h.rnn)
     assert packed.shape == ((4 if cell == "lstm" else 2), 3, 8)
-    assert h.window.shape == (3, mc.lookback)
+    assert h.window.shape == (3, m.lookback) == (3, 168)  # "auto" without a grid: the hourly week
     h2 = State(unpack_hidden(packed, cell), h.window.clone())
     _, _, a = m(x, h)
     _, _, b = m(x, h2)

@@ -116,6 +116,9 @@ def test_train_saves_a_live_version_with_metrics(trained):
     m = store.manifest(1)
     assert m["freq"] == "h" and set(m["scales"]) == {"sine", "walk", "drift"}
     assert np.isfinite(m["metrics"]["val_mse"]) and m["metrics"]["epochs_run"] >= 1
+    # lookback "auto" is fixed for the data's grid at training time, so every later load agrees.
+    assert m["config"]["model"]["lookback"] == 168
+    assert store.load_live().model.lookback == 168
 
 
 def test_backfill_equals_ticks_one_and_several_points_per_tick(trained, tmp_path):

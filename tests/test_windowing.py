@@ -128,3 +128,31 @@ def test_training_rows_carry_the_changes_before_each_row():
     np.testing.assert_array_equal(rw[1], [9, 10, 11, 12, 13])
     for r in range(1, rx.shape[0]):
         np.testing.assert_array_equal(rw[r], rx[r - 1, -W:, 0])
+
+
+def test_auto_lookback_is_a_week_of_steps_within_bounds():
+    from forecastd.frames import Grid
+    from forecastd.windowing import resolve_lookback
+
+    assert resolve_lookback("auto", Grid("1h").step_ns) == 168
+    assert resolve_lookback("auto", Grid("30min").step_ns) == 336
+    assert resolve_lookback("auto", Grid("5min").step_ns) == 336  # capped: the state stays small
+    assert resolve_lookback("auto", Grid("1D").step_ns) == 24
+    assert resolve_lookback("auto", Grid("MS").step_ns) == 24
+    assert resolve_lookback(0, Grid("1h").step_ns) == 0
+    assert resolve_lookback(50, Grid("5min").step_ns) == 50
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), (0, True), (96, True), ("week", False), (1.5, False),
+                                       (-1, False)])
+def test_lookback_config_takes_auto_or_steps(value, ok):
+    from forecastd.config import config_from_dict
+    from forecastd.errors import ConfigError
+
+    raw = {"source": {"kind": "parquet", "path": "x.parquet"}, "sink": {"kind": "parquet", "path": "out"},
+           "model": {"lookback": value}}
+    if ok:
+        assert config_from_dict(raw).model.lookback == value
+    else:
+        with pytest.raises(ConfigError, match=r"\[model\] lookback"):
+            config_from_dict(raw)
