@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an [anomaly] setting for this run (the ablation is relative to it)")
     p.add_argument("--models", type=Path, help="cache of trained models: reused when the settings match")
+    p.add_argument("--lookback", type=lambda v: v if v == "auto" else int(v), default=MODEL.lookback,
+                   help='[model] lookback: "auto" (the product default, by each file\'s grid) or steps')
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the benchmark machine has 2 cores)")
     p.add_argument("--jobs", type=int, default=1, help="files processed in parallel (results do not depend on it)")
     args = p.parse_args(argv)
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     corpus = load_corpus(args.data)
     windows = load_windows(args.data / "combined_windows.json")
     data = DataConfig()
-    mc, tc = MODEL, TRAINING
+    mc, tc = dataclasses.replace(MODEL, lookback=args.lookback), TRAINING
     ac = AnomalyConfig()
     for item in args.set:
         key, _, value = item.partition("=")
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = [(label, dataclasses.replace(ac, **o)) for label, o in (ABLATION if not args.no_ablation else ABLATION[:1])]
     print(f"[anomaly] {ac}")
     print(f"NAB corpus {args.data}: {len(corpus)} files; forecastd {mc.cell} hidden {mc.hidden_size} horizon "
-          f"{mc.horizon}, {tc.epochs} epochs max, seed {tc.seed}; retrain {args.retrain} "
+          f"{mc.horizon}, lookback {mc.lookback}, lr {tc.learning_rate}, {tc.epochs} epochs max, seed {tc.seed}; retrain {args.retrain} "
           f"({'cold' if args.cold else 'warm'} start, anomaly track on a switch: {args.track}); "
           f"torch {torch.__version__}, {args.threads} thread(s) x {args.jobs} job(s)")
     print(f"{'file':<52} {'rows':>6} {'freq':>6} {'unscored':>8} {'train s':>7} {'stream s':>8}  repairs; retrains")
