@@ -116,14 +116,14 @@ class Schedule:
     rows: input-row counts at which a challenger is trained on every row seen so far (never a later one)
     and promoted only if it beats the live model on its own validation tail (`retrain.decide`, margin 0).
     warm: the challenger starts from the live weights (a warm start) rather than from fresh ones.
-    track: what a promoted model's stream keeps of the previous stream's anomaly track: "fresh" (the
-    pipeline's rule for a new version: start over from the warm-up window), "range" (the lowest/highest
+    track: what a promoted model's stream keeps of the previous stream's anomaly track: "fresh" (start
+    over from the warm-up window), "range" (the pipeline's rule for a new version: the lowest/highest
     value seen, for novelty) or "all" (also the likelihood's history of surprise).
     """
 
     rows: tuple[int, ...] = ()
     warm: bool = True
-    track: str = "fresh"
+    track: str = "range"
 
 
 def retrain_rows(spec: str, n_rows: int) -> tuple[int, ...]:
@@ -192,7 +192,7 @@ def _empty(mc: ModelConfig, ac: AnomalyConfig) -> StreamState:
 
 
 def stream_file(name: str, raw: pd.DataFrame, t: Trained, mc: ModelConfig, ac: AnomalyConfig,
-                data: DataConfig, track: str = "fresh") -> tuple[np.ndarray, int]:
+                data: DataConfig, track: str = "range") -> tuple[np.ndarray, int]:
     """Every point through the streaming step, each by the model live at its time; scores per input
     row, and how many are 0.
 
@@ -323,8 +323,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retrain", default="doubling",
                    help='"doubling" (at 2, 4, 8, ... x the probationary rows), an integer N (every N rows), or "none"')
     p.add_argument("--cold", action="store_true", help="retrain from fresh weights instead of the live ones")
-    p.add_argument("--track", choices=("fresh", "range", "all"), default="fresh",
-                   help="what a promoted model keeps of the previous anomaly track (see Schedule)")
+    p.add_argument("--track", choices=("fresh", "range", "all"), default="range",
+                   help="what a promoted model keeps of the previous anomaly track (see Schedule); "
+                        "range is what the product does")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an [anomaly] setting for this run (the ablation is relative to it)")
     p.add_argument("--models", type=Path, help="cache of trained models: reused when the settings match")

@@ -142,14 +142,18 @@ def train(
                         report.by_reason())
 
 
-def _prior_watermarks(store: StateStore, live: int) -> dict[str, int]:
-    """Watermarks (grid steps) from the newest other version's stream, so a new model picks up where
-    the old one stopped."""
+def _prior(store: StateStore, live: int) -> tuple[dict[str, int], dict[str, tuple[float, float]]]:
+    """From the newest other version's stream: watermarks (grid steps), so a new model picks up where
+    the old one stopped, and each series' value range, so novelty does not start over from a warm-up's
+    few points (a value that is only beyond the last four days would be flagged as never seen)."""
     for v in sorted((v for v in store.versions() if v != live), reverse=True):
         state, _ = store.load_stream(v)
         if state is not None:
-            return {s: int(st) for s, st in zip(state.series_ids, state.step) if st >= 0}
-    return {}
+            a = state.anomaly
+            rows = [i for i, st in enumerate(state.step) if st >= 0]
+            return ({state.series_ids[i]: int(state.step[i]) for i in rows},
+                    {state.series_ids[i]: (float(a.lo[i]), float(a.hi[i])) for i in rows})
+    return {}, {}
 
 
 def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
@@ -178,7 +182,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     new_ids = [s for s in all_ids if s not in known]
     # Series the live model has no state for continue from the newest other version's watermark, so
     # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
-    prior = _prior_watermarks(store, mv.version) if new_ids else {}
+    prior, ranges = _prior(store, mv.version) if new_ids else ({}, {})
     watermarks = state.watermarks(grid)
     frames = []
     if known:
@@ -205,7 +209,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     clock.lap("plan")
 
     outputs, state = run_segments(mv.model, state, planned.segments, planned.fresh_scale, grid, mv.model_config,
-                                  config.anomaly, mv.version, Emit(config.data.warmup))
+                                  config.anomaly, mv.version, Emit(config.data.warmup), ranges=ranges)
     clock.lap("model")
     (sink or open_sink(config)).write(outputs.forecasts, outputs.anomalies)
     clock.lap("write")

@@ -9,7 +9,7 @@ so it gives the same rows as ticking through the same range.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -233,11 +233,14 @@ def run_segments(
     *,
     chunk: int = 1024,
     max_cells: int = 4_000_000,
+    ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[Outputs, StreamState]:
     """Process every series' segments in order, in batched rounds; returns outputs and the merged state.
 
     Round r takes each series' r-th segment, resetting the series first when the segment is fresh.
     Long blocks are cut into time chunks so memory stays bounded; chunking changes no result.
+    `ranges` gives a series that `state` does not hold yet the lowest and highest value seen before
+    (by the model version it takes over from); its fresh state starts from them.
     """
     by_series: dict[str, list[Segment]] = {}
     for seg in segments:
@@ -259,6 +262,9 @@ def run_segments(
             st = StreamState.fresh(ids, scale, len(mc.level_alphas), hidden_shape, ac.forecasts, model.lookback)
             st.step[:] = np.array([g.start - 1 for g in fresh])
             st.age[:] = np.array([g.age for g in fresh])
+            for i, g in enumerate(fresh):
+                if ranges and g.series_id in ranges and g.series_id not in pos:
+                    st.anomaly.lo[i], st.anomaly.hi[i] = ranges[g.series_id]
             sub_parts.append(st)
         sub = sub_parts[0] if len(sub_parts) == 1 else _stack(sub_parts)
         order = cont + fresh

@@ -76,9 +76,18 @@ def test_retrain_promotes_and_the_switch_leaves_no_gap(tmp_path):
     assert switch_live(store, 2, reason="test", now=NOW) == 1
     assert live_history(store)[-1]["version"] == 2
 
+    # The old stream once saw values far outside anything in the days the new one warms up on.
+    old = store.load_stream(1)[0]
+    old.anomaly.lo[:], old.anomaly.hi[:] = -1e6, 1e6
+    store.save_stream(1, old, {}, keep=2)
+
     append_rows(tmp_path / "src.db", T0 + pd.Timedelta(days=2), T0 + pd.Timedelta(days=3))
     report = run_once(config, NOW)
     assert report.model_version == 2
+    # The new stream warmed up over a few days, but knows every value the old one had seen.
+    new_state = store.load_stream(2)[0]
+    assert sorted(new_state.series_ids) == sorted(old.series_ids)
+    assert (new_state.anomaly.lo == -1e6).all() and (new_state.anomaly.hi == 1e6).all()
     anomalies = outputs(tmp_path / "forecastd.toml")["anomalies"]
     new = anomalies[anomalies["ts"] > T0]
     assert len(new) == 3 * 24 * 3  # three days of three hourly series, none missing
