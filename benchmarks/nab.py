@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", type=Path, help="cache of trained models: reused when the settings match")
     p.add_argument("--lookback", type=lambda v: v if v == "auto" else int(v), default=MODEL.lookback,
                    help='[model] lookback: "auto" (the product default, by each file\'s grid) or steps')
+    p.add_argument("--learning-rate", type=float, default=TRAINING.learning_rate, help="[training] learning_rate")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the benchmark machine has 2 cores)")
     p.add_argument("--jobs", type=int, default=1, help="files processed in parallel (results do not depend on it)")
     args = p.parse_args(argv)
@@ -341,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     corpus = load_corpus(args.data)
     windows = load_windows(args.data / "combined_windows.json")
     data = DataConfig()
-    mc, tc = dataclasses.replace(MODEL, lookback=args.lookback), TRAINING
+    mc = dataclasses.replace(MODEL, lookback=args.lookback)
+    tc = dataclasses.replace(TRAINING, learning_rate=args.learning_rate)
     ac = AnomalyConfig()
     for item in args.set:
         key, _, value = item.partition("=")
