@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", type=Path, help="cache of trained models: reused when the settings match")
     p.add_argument("--lookback", type=lambda v: v if v == "auto" else int(v), default=MODEL.lookback,
                    help='[model] lookback: "auto" (the product default, by each file\'s grid) or steps')
-    p.add_argument("--learning-rate", type=float, default=TRAINING.learning_rate, help="[training] learning_rate")
+    p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a [training] setting, e.g. learning_rate=0.003 or weight_average=0")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the benchmark machine has 2 cores)")
     p.add_argument("--jobs", type=int, default=1, help="files processed in parallel (results do not depend on it)")
     args = p.parse_args(argv)
@@ -343,7 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     windows = load_windows(args.data / "combined_windows.json")
     data = DataConfig()
     mc = dataclasses.replace(MODEL, lookback=args.lookback)
-    tc = dataclasses.replace(TRAINING, learning_rate=args.learning_rate)
+    tc = TRAINING
+    for item in args.train:
+        key, _, value = item.partition("=")
+        tc = dataclasses.replace(tc, **{key: type(getattr(tc, key))(value)})
     ac = AnomalyConfig()
     for item in args.set:
         key, _, value = item.partition("=")
@@ -352,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = [(label, dataclasses.replace(ac, **o)) for label, o in (ABLATION if not args.no_ablation else ABLATION[:1])]
     print(f"[anomaly] {ac}")
     print(f"NAB corpus {args.data}: {len(corpus)} files; forecastd {mc.cell} hidden {mc.hidden_size} horizon "
-          f"{mc.horizon}, lookback {mc.lookback}, lr {tc.learning_rate}, {tc.epochs} epochs max, seed {tc.seed}; retrain {args.retrain} "
+          f"{mc.horizon}, lookback {mc.lookback}, lr {tc.learning_rate}, weight average {tc.weight_average}, {tc.epochs} epochs max, seed {tc.seed}; retrain {args.retrain} "
           f"({'cold' if args.cold else 'warm'} start, anomaly track on a switch: {args.track}); "
           f"torch {torch.__version__}, {args.threads} thread(s) x {args.jobs} job(s)")
     print(f"{'file':<52} {'rows':>6} {'freq':>6} {'unscored':>8} {'train s':>7} {'stream s':>8}  repairs; retrains")

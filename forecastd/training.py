@@ -246,10 +246,10 @@ def fit(
         average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.weight_average), use_buffers=True)
     judged = model if average is None else average.module  # the weights validated, kept and saved
     judged.rnn.flatten_parameters()  # the copy's weights must be one cuDNN block again (a no-op on the CPU)
-    # The starting weights are the first candidate: persistence for a new model, the live weights for
-    # a warm start, so training never hands back something worse on validation than what it began with.
-    start = evaluate(model, val, device)["loss"] if val else math.inf
-    best = (start if math.isfinite(start) else math.inf, copy.deepcopy(model.state_dict()), 0)
+    # The starting weights are no candidate: validation judges the mean only, and an untrained model's
+    # persistence mean would win on a short noisy tail with a spread that was never fitted. (A retrain
+    # is judged against the live model by retrain.decide.)
+    best = (math.inf, copy.deepcopy(model.state_dict()), 0)
     started = time.monotonic()
     bad_epochs = 0
     for epoch in range(1, config.epochs + 1):

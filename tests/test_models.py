@@ -147,20 +147,17 @@ def _prepared(values: np.ndarray, horizon: int = 4):
     return mc, prepare(frame, Grid("1h"), {"a": 1.0}, mc, DataConfig(), 0.25)
 
 
-def test_training_never_returns_weights_worse_on_validation_than_its_start():
-    """A learning rate far too high wrecks the weights; fit must hand back the starting ones instead."""
-    from forecastd.training import evaluate, fit
+def test_training_keeps_a_trained_model_even_when_persistence_would_win_on_validation():
+    """The start (persistence mean, unfitted unit spread) is no candidate: a fitted spread is worth keeping."""
+    from forecastd.training import fit
 
     rng = np.random.default_rng(0)
-    mc, prepared = _prepared(np.cumsum(rng.normal(size=600)))
+    mc, prepared = _prepared(np.cumsum(rng.normal(size=600)))  # a random walk: persistence is optimal
     torch.manual_seed(0)
     model = Forecaster(prepared.segments[0][0].shape[1], mc)
-    start = evaluate(model, prepared.val, torch.device("cpu"))["loss"]
-    result = fit(model, prepared, TrainingConfig(learning_rate=1.0, epochs=2, min_epoch_steps=20, device="cpu"))
-    assert result.metrics["val_loss"] <= start + 1e-9
-    # Each epoch's weights were judged on validation and lost to the start (persistence, loss 1).
-    assert all(h["val_loss"] > start for h in result.history)
-    assert result.metrics["best_epoch"] == 0
+    result = fit(model, prepared, TrainingConfig(epochs=2, min_epoch_steps=20, device="cpu"))
+    assert result.metrics["best_epoch"] >= 1
+    assert not torch.all(result.model.head.weight == 0)
 
 
 def test_weight_average_is_what_gets_validated_and_kept():
