@@ -61,7 +61,9 @@ def forecastd_forecasts(
     """Train on [0, 8640) with validation on [8640, 11520), then forecasts at every test origin: (N, H, C)."""
     config = Config()
     grid = Grid("1h")
-    mc = dataclasses.replace(model_config, horizon=horizon)
+    # As pipeline.train does: "auto" lookback for the grid and the training history.
+    lookback = resolve_lookback(model_config.lookback, grid.step_ns, TRAIN_END)
+    mc = dataclasses.replace(model_config, horizon=horizon, lookback=lookback)
     tc = dataclasses.replace(training, seed=seed)
     history = frame[frame["ts"] < ts[VAL_END]]
     train_part = frame[frame["ts"] < ts[TRAIN_END]]
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = 1 if args.jobs > 1 else max(1, torch.get_num_threads())
 
     settings = [("S", ("OT",), h) for h in args.horizons] + [("M", ETT_COLUMNS, h) for h in args.multivariate_horizons]
-    print(f"ETT {args.data.name}: forecastd {mc.cell} hidden {mc.hidden_size} lookback {resolve_lookback(mc.lookback)}, "
+    print(f"ETT {args.data.name}: forecastd {mc.cell} hidden {mc.hidden_size} lookback {resolve_lookback(mc.lookback, Grid('1h').step_ns, TRAIN_END)}, "
           f"{args.seeds} seeds; torch {torch.__version__}, training on {resolve_device(args.device)}, "
           f"{args.jobs} job(s) x {threads} thread(s)")
     print(f"{'set':3} {'H':>4} | {'forecastd MSE':>16} {'forecastd MAE':>16} | {'persist MSE':>11} {'MAE':>6} | "

@@ -246,9 +246,10 @@ def run_file(job: tuple) -> FileRun:
     """Train (and retrain) one file, then stream it under every anomaly variant; one process per file."""
     relpath, raw, mc, tc, data, schedule, variants, threads, cache = job
     torch.set_num_threads(threads)
-    # As pipeline.train does: "auto" lookback becomes a number of steps for the file's grid.
+    # As pipeline.train does: "auto" lookback becomes a number of steps for the file's grid and the
+    # history the first model trains on (the probationary rows); retrains keep it (warm starts).
     grid = _validated(relpath, raw, data)[0]
-    mc = dataclasses.replace(mc, lookback=resolve_lookback(mc.lookback, grid.step_ns))
+    mc = dataclasses.replace(mc, lookback=resolve_lookback(mc.lookback, grid.step_ns, probation_length(len(raw))))
     t = _cached(cache, relpath, raw, mc, tc, data, schedule) if cache else train_file(relpath, raw, mc, tc, data, schedule)
     t0 = time.perf_counter()
     scores = {label: stream_file(relpath, raw, t, mc, ac, data, schedule.track)[0] for label, ac in variants}

@@ -114,7 +114,8 @@ def train(
     scales = {sid: robust_scale(v) for sid, (_, v) in series.items()}
     # "auto" becomes a number of steps for this grid; the manifest keeps the number, so every later
     # load builds the same model.
-    mc = dataclasses.replace(config.model, lookback=resolve_lookback(config.model.lookback, grid.step_ns))
+    longest = max(int(st[-1] - st[0]) + 1 for st, _ in series.values())
+    mc = dataclasses.replace(config.model, lookback=resolve_lookback(config.model.lookback, grid.step_ns, longest))
     config = dataclasses.replace(config, model=mc)
     prepared = prepare(frame, grid, scales, mc, config.data, config.training.validation_fraction)
     device = resolve_device(config.training.device)

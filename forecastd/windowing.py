@@ -43,16 +43,27 @@ _NS_DAY = 24 * _NS_HOUR
 _YEAR_DAYS = 365.2425
 
 
-def resolve_lookback(lookback: int | str, step_ns: int = _NS_HOUR) -> int:
-    """Steps of the carried window: "auto" is one week of steps, at least 24 and at most 336.
+# "auto" gives the window at most one step per this many training steps of the longest series: its
+# horizon x lookback weights overfit a short history (NAB's two-day probation periods: 35.7 standard
+# with a 336-step window, 47.2 with none), and a long one keeps the whole week (ETTh1: 8,640 steps).
+_STEPS_PER_WINDOW_STEP = 50
+
+
+def resolve_lookback(lookback: int | str, step_ns: int = _NS_HOUR, history: int | None = None) -> int:
+    """Steps of the carried window. "auto": one week of steps, at least 24 and at most 336, and no more
+    than `history` / 50 (history = steps of the longest training series; below 24 that means none).
 
     A week holds the daily and weekly cycles of hourly data; 336 caps the state (1.3 KB a series) and
     still spans more than a day of 5-minute data; 24 gives daily or monthly data two years or a month.
-    The hourly value (168) serves a model built without a grid (tests, benchmarks on synthetic data).
+    Without `history` (a model built outside `pipeline.train`: tests, benchmarks on synthetic data) the
+    week alone decides, and for hourly steps that is 168.
     """
     if lookback != "auto":
         return int(lookback)
-    return int(np.clip(round(7 * _NS_DAY / step_ns), 24, 336))
+    steps = int(np.clip(round(7 * _NS_DAY / step_ns), 24, 336))
+    if history is not None:
+        steps = min(steps, history // _STEPS_PER_WINDOW_STEP)
+    return steps if steps >= 24 else 0
 
 
 def n_features(n_levels: int) -> int:

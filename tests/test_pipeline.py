@@ -45,6 +45,7 @@ max_gap = 12
 [model]
 hidden_size = 16
 horizon = {H}
+lookback = 24  # stated, so every streaming test runs the carried window too ("auto" is 0 for 400 points)
 [training]
 epochs = 3
 segment_length = 128
@@ -116,9 +117,7 @@ def test_train_saves_a_live_version_with_metrics(trained):
     m = store.manifest(1)
     assert m["freq"] == "h" and set(m["scales"]) == {"sine", "walk", "drift"}
     assert np.isfinite(m["metrics"]["val_mse"]) and m["metrics"]["epochs_run"] >= 1
-    # lookback "auto" is fixed for the data's grid at training time, so every later load agrees.
-    assert m["config"]["model"]["lookback"] == 168
-    assert store.load_live().model.lookback == 168
+    assert m["config"]["model"]["lookback"] == 24 and store.load_live().model.lookback == 24
 
 
 def test_backfill_equals_ticks_one_and_several_points_per_tick(trained, tmp_path):
@@ -213,8 +212,14 @@ def test_learning_beats_seasonal_naive(tmp_path):
     data = data[data["series_id"] != "walk"]  # nothing beats naive on a random walk
     data.to_parquet(tmp_path / "data.parquet")
     cfg = _write_config(tmp_path, tmp_path / "data.parquet")
-    config = load_config(cfg, {"training.epochs": 15, "model.hidden_size": 32, "model.horizon": 24})
+    config = load_config(cfg, {"training.epochs": 15, "model.hidden_size": 32, "model.horizon": 24,
+                               "model.lookback": "auto"})
     summary = train(config, _ts(1500))
+    # "auto" is fixed at training for the grid and the history (1,500 hourly steps: 30), and the
+    # manifest keeps the number, so every later load builds the same model.
+    store = state_store(config)
+    assert store.manifest(summary.version)["config"]["model"]["lookback"] == 30
+    assert store.load_live().model.lookback == 30
     assert summary.metrics["val_mse"] < 0.5 * summary.metrics["val_persistence_mse"]
     bf = backfill(config, _ts(1200), _ts(1499), keep_outputs=True, write=False).outputs
     actual = data.set_index(["series_id", "ts"])["value"]

@@ -141,6 +141,11 @@ def test_auto_lookback_is_a_week_of_steps_within_bounds():
     assert resolve_lookback("auto", Grid("MS").step_ns) == 24
     assert resolve_lookback(0, Grid("1h").step_ns) == 0
     assert resolve_lookback(50, Grid("5min").step_ns) == 50
+    # A short history gets a shorter window, or none: its weights would fit noise.
+    assert resolve_lookback("auto", Grid("1h").step_ns, history=8640) == 168
+    assert resolve_lookback("auto", Grid("1h").step_ns, history=2000) == 40
+    assert resolve_lookback("auto", Grid("5min").step_ns, history=604) == 0
+    assert resolve_lookback(96, Grid("5min").step_ns, history=604) == 96  # a stated number is kept
 
 
 @pytest.mark.parametrize("value, ok", [("auto", True), (0, True), (96, True), ("week", False), (1.5, False),
