@@ -89,8 +89,9 @@ class ModelConfig:
     input_clip: float = 6.0
     # Recent changes carried in the state and read by a linear head (models.py): the recent shape of
     # the series. "auto" = one week of steps, at least 24 and at most 336 (hourly: 168; 5-minute: 336,
-    # a day and more), fixed when the model is trained. 0 = none (the recurrent state alone). Costs
-    # 4 bytes a series per step of window.
+    # a day and more), but no more than one step per 50 steps of the longest training series (none if
+    # that is under 24: a short history would only fit noise); fixed when the model is trained.
+    # 0 = none (the recurrent state alone). Costs 4 bytes a series per step of window.
     lookback: int | Literal["auto"] = "auto"
     distribution: Literal["gaussian"] = "gaussian"
     # Refused if true: a bidirectional encoder reads the future.
@@ -540,7 +541,7 @@ hidden_size = 64
 num_layers = 1
 dropout = 0.0
 horizon = 24                     # steps ahead forecast at every point
-lookback = "auto"                # recent steps carried for the model to read: a week, 24..336 (0 = none)
+lookback = "auto"                # recent steps carried for the model to read: a week, 24..336, less on short history (0 = none)
 
 [training]
 bptt = 32                        # truncated-BPTT chunk length
