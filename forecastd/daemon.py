@@ -265,9 +265,6 @@ class Daemon:
     def _run_locked(self) -> int:
         self.notifier.status("recovering state")
         recovered = self.recover()
-        if self.config.serve.retrain_window:
-            log.warning("[serve] retrain_window = %d is not supported yet: retraining learns from all history",
-                        self.config.serve.retrain_window)
         server = None
         if self.config.serve.http_port:
             server = MetricsServer(self.config.serve.http_host, self.config.serve.http_port, self.metrics,

@@ -104,10 +104,20 @@ def train(
     *,
     progress: Callable[[int, int, float, float], None] | None = None,
     make_live: bool = True,
+    window: int = 0,
+    init: ModelVersion | None = None,
 ) -> TrainSummary:
-    """Train a model on everything the source holds and save it as a new version (live by default)."""
+    """Train a model on what the source holds and save it as a new version (live by default).
+
+    window: learn from the last `window` grid steps only (0 = all history). init: start from this
+    model's weights (a warm start) when the new model has the same shape and grid; otherwise, and
+    without it, from fresh weights.
+    """
     frame, grid, report, _ = _read(config, None, now=now)
     report.log()
+    if window and not frame.empty:
+        steps = grid.index(frame["ts"])
+        frame = frame[steps > steps.max() - window]
     if frame.empty:
         raise DataError("the source has no usable rows to train on; check [source] path/table and the column mapping")
     series = series_steps(frame, grid)
@@ -120,7 +130,14 @@ def train(
     prepared = prepare(frame, grid, scales, mc, config.data, config.training.validation_fraction)
     device = resolve_device(config.training.device)
     model = Forecaster(n_features(len(mc.level_alphas)), mc)
+    warm = init is not None and init.grid.freq == grid.freq and init.model_config == mc
+    if warm:
+        model.load_state_dict(init.model.state_dict())
+    elif init is not None:
+        log.info("cold start: model v%d (%s, %s) differs from the new model (%s, %s) in grid or shape",
+                 init.version, init.grid.freq, init.model_config, grid.freq, mc)
     result = fit(model, prepared, config.training, device=device, progress=progress)
+    result.metrics["warm_start_from"] = init.version if warm else None
     store = state_store(config)
     manifest = {
         "config": config_to_dict(config),

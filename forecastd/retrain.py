@@ -102,9 +102,16 @@ def retrain(config: Config, now: dt.datetime) -> RetrainResult:
     started = time.monotonic()
     store = state_store(config)
     live = store.live_version()
-    # pipeline.train has no warm-start parameter yet: the challenger starts from fresh weights.
+    # Warm: the challenger starts from the live weights (when the shapes agree), so a retrain refines
+    # what serves rather than relearning it; [serve] retrain_window bounds what it reads.
+    init = None
+    if live is not None:
+        try:
+            init = store.load_live(resolve_device(config.training.device))
+        except ForecastdError as exc:
+            log.warning("the challenger starts from fresh weights: the live model does not load (%s)", exc)
     try:
-        summary = train(config, now, make_live=False)
+        summary = train(config, now, make_live=False, window=config.serve.retrain_window, init=init)
     except ForecastdError as exc:
         return RetrainResult("failed", f"training failed: {exc}", live, seconds=time.monotonic() - started)
     except Exception as exc:  # a bug or a library failure: the live model must not care

@@ -107,7 +107,7 @@ def test_a_failed_training_leaves_the_live_model(tmp_path):
 
 def test_a_non_finite_challenger_is_never_promoted(tmp_path, monkeypatch):
     config = load_config(clone(tmp_path, serve={"always_promote": True}))
-    monkeypatch.setattr(retrain_module, "train", lambda c, now, make_live: TrainSummary(
+    monkeypatch.setattr(retrain_module, "train", lambda c, now, make_live, **kwargs: TrainSummary(
         2, 3, 100, "h", {"val_loss": math.nan}, [], {}))
     result = retrain(config, NOW)
     assert result.outcome == "failed" and "non-finite" in result.reason
@@ -177,3 +177,42 @@ def test_tail_loss_is_the_pure_half_of_tail_losses(tmp_path):
     own = tail_loss(mv.model, mv.model_config, mv.scales, frame, mv.grid, config.data,
                     config.training.validation_fraction)
     assert own == tail_losses(config, mv, mv, NOW)[0]
+
+
+def test_retrain_warm_starts_from_the_live_weights(tmp_path, monkeypatch):
+    import forecastd.pipeline as pipeline
+
+    config = load_config(clone(tmp_path))
+    store = state_store(config)
+    live = store.load_model(1)
+    seen = []
+    real_fit = pipeline.fit
+
+    def spy(model, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit", spy)
+    result = retrain(config, NOW)
+    assert result.outcome in ("promote", "keep"), result
+    assert result.metrics["warm_start_from"] == 1
+    for name, value in live.model.state_dict().items():
+        torch.testing.assert_close(seen[0][name], value)
+
+
+def test_retrain_window_bounds_what_the_challenger_learns_from(tmp_path):
+    config = load_config(clone(tmp_path, serve={"retrain_window": 48}))
+    store = state_store(config)
+    result = retrain(config, NOW)
+    assert result.challenger is not None, result
+    manifest = store.manifest(result.challenger)
+    assert 0 < manifest["n_points"] <= 48 * manifest["n_series"]
+    assert manifest["n_points"] < store.manifest(1)["n_points"]
+
+
+def test_a_challenger_of_another_shape_starts_from_fresh_weights(tmp_path):
+    live_hidden = state_store(load_config(clone(tmp_path))).manifest(1)["config"]["model"]["hidden_size"]
+    config = load_config(clone(tmp_path, model={"hidden_size": live_hidden + 8}))
+    result = retrain(config, NOW)
+    assert result.challenger is not None, result
+    assert result.metrics["warm_start_from"] is None
