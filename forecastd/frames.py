@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from forecastd.errors import DataError
+from forecastd.timestamps import utc_instant
 
 __all__ = [
     "COLUMNS",
@@ -218,22 +219,7 @@ def _to_utc(col: pd.Series, zone: str) -> pd.Series:
     tz = ZoneInfo(zone)
 
     def one(v: object) -> pd.Timestamp:
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            return pd.NaT
-        try:
-            t = pd.Timestamp(v)
-        except (ValueError, TypeError):
-            return pd.NaT
-        if t is pd.NaT:
-            return pd.NaT
-        if t.tzinfo is None:
-            try:
-                t = t.tz_localize(tz, ambiguous="NaT", nonexistent="NaT")
-            except Exception:  # pandas raises several kinds for impossible local times
-                return pd.NaT
-            if t is pd.NaT:
-                return pd.NaT
-        return t.tz_convert("UTC")
+        return utc_instant(v, tz)
 
     # Fast path: one vectorised parse; values it could not place (unparseable, or of the other kind in
     # a mixed naive/aware column) are parsed row by row, so dirty rows cost time only for themselves.

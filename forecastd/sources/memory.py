@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from forecastd.errors import SourceError
+from forecastd.timestamps import utc_instant
 from forecastd.sources.mapping import COLUMNS, local_naive, utc_bound
 
 __all__ = ["MemorySource"]
@@ -61,20 +62,5 @@ class MemorySource:
 
     def _parse(self, ts: pd.Series) -> pd.Series:
         """Text or mixed timestamps as UTC instants, row by row (test data is small)."""
-
-        def one(v: object) -> pd.Timestamp:
-            try:
-                t = pd.Timestamp(v)
-            except (TypeError, ValueError):
-                return pd.NaT
-            if t is pd.NaT:
-                return pd.NaT
-            if t.tzinfo is None:
-                try:
-                    return t.tz_localize(self.timezone, ambiguous="NaT", nonexistent="NaT")
-                except (ValueError, TypeError):
-                    return pd.NaT
-            return t
-
-        values = [one(v) for v in ts.tolist()]
+        values = [utc_instant(v, self.timezone) for v in ts.tolist()]
         return pd.Series(pd.to_datetime(values, utc=True), index=ts.index)

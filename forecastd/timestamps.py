@@ -1,0 +1,37 @@
+"""One timestamp of any form to a UTC instant: the per-row parser that sources and frames share.
+
+A module of its own, below both, because sources may not import frames (a later stage).
+"""
+
+from __future__ import annotations
+
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["utc_instant"]
+
+
+def utc_instant(value: object, zone: str | ZoneInfo) -> pd.Timestamp:
+    """A UTC Timestamp, or NaT for a missing, unparseable or impossible local time.
+
+    A naive value is read in `zone`; an ambiguous or non-existent local time (a DST change) is NaT
+    rather than a guess.
+    """
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return pd.NaT
+    try:
+        t = pd.Timestamp(value)
+    except (ValueError, TypeError):
+        return pd.NaT
+    if t is pd.NaT:
+        return pd.NaT
+    if t.tzinfo is None:
+        try:
+            t = t.tz_localize(zone, ambiguous="NaT", nonexistent="NaT")
+        except Exception:  # pandas raises several kinds for impossible local times
+            return pd.NaT
+        if t is pd.NaT:
+            return pd.NaT
+    return t.tz_convert("UTC")
