@@ -126,8 +126,10 @@ def retrain(config: Config, now: dt.datetime) -> RetrainResult:
         result.outcome, result.reason = "promote", "no live model yet"
     else:
         try:
+            # The warm start's model is the live one unless the live files failed to load.
             device = resolve_device(config.training.device)
-            live_mv, challenger_mv = store.load_model(live, device), store.load_model(summary.version, device)
+            live_mv = init if init is not None and init.version == live else store.load_model(live, device)
+            challenger_mv = store.load_model(summary.version, device)
             result.live_loss, result.challenger_loss = tail_losses(config, live_mv, challenger_mv, now)
         except Exception as exc:  # ForecastdError or not: the live model stays, and the line says why
             result.outcome, result.reason = "failed", f"cannot compare with live v{live}: {exc}"
