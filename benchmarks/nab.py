@@ -55,7 +55,6 @@ from benchmarks.nab_scoring import (  # noqa: E402
     score_corpus,
     write_results,
 )
-from forecastd.anomaly import AnomalyTrack  # noqa: E402
 from forecastd.config import AnomalyConfig, DataConfig, ModelConfig, TrainingConfig  # noqa: E402
 from forecastd.frames import Grid, infer_freq, validate  # noqa: E402
 from forecastd.models import Forecaster  # noqa: E402
@@ -83,10 +82,11 @@ ABLATION: list[tuple[str, dict]] = [
     ("- likelihood (point rarity only)", {"likelihood": False}),
     ("- raw cap", {"raw_cap": 0.0}),
     ("- novelty", {"novelty_tolerance": -1.0}),
+    ("- cooldown (report every point)", {"cooldown": 0}),
     ("- soft scale (linear, saturating)", {"scale": "linear"}),
     ("- point gate", {"point_gate": False}),
     ("previous pipeline (none of the above)", {"raw_cap": 0.0, "novelty_tolerance": -1.0, "scale": "linear",
-                                               "point_gate": True}),
+                                               "point_gate": True, "cooldown": 0}),
 ]
 
 
@@ -211,7 +211,7 @@ def stream_file(name: str, raw: pd.DataFrame, t: Trained, mc: ModelConfig, ac: A
             _, state = run_segments(v.model, _empty(mc, ac), segs, {name: v.scale}, t.grid, mc, ac, i, Emit(0))
             if len(state) and old is not None and track != "fresh":
                 a = state.anomaly
-                kept = old if track == "all" else AnomalyTrack(a.short, a.mean, a.var, a.count, old.lo, old.hi)
+                kept = old if track == "all" else dataclasses.replace(a, lo=old.lo, hi=old.hi)
                 state = dataclasses.replace(state, anomaly=kept)
         sel = (steps > lo) & (steps <= hi)
         at = int(state.step[0]) if len(state) else None

@@ -19,19 +19,26 @@
    track, widened by `tolerance` of the range) scores 1, whatever the forecaster thought, as NAB's HTM
    detector does ("spatial anomaly"): the forecaster learns changes and may find a new extreme
    unremarkable; an operator rarely does.
+5. `cooldown`: an incident is reported once. Within `steps` points of the highest score reported so
+   far, a point reports its score only if it is higher still (the incident got worse); the others
+   report 0. The rest of an incident (a run of new extremes, the points while the likelihood still
+   holds a change) would otherwise be a flood of flags for one event, and NAB counts each one outside
+   the labelled window as a false positive. Threshold-free: for any threshold, the flags are the
+   points that first cross it, and those that beat every score of the incident before them.
 
 Pure functions over numpy arrays; state between calls is an `AnomalyTrack`, carried in the stream state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from numba import njit
 
-__all__ = ["AnomalyTrack", "surprise", "likelihood", "final", "novel", "score"]
+__all__ = ["AnomalyTrack", "surprise", "likelihood", "final", "novel", "cooldown", "score"]
 
 _LN10 = float(np.log(10.0))
 # Below this many scored points the long-run distribution is too thin to judge by; no alarms.
@@ -40,12 +47,15 @@ MIN_HISTORY = 20
 MIN_SPREAD = 0.05
 # A new extreme counts only if the forecast found it at least this surprising (-log10 p; 2 = 1 in 100).
 NOVELTY_MIN_SURPRISE = 2.0
+# `since` of a series with no open incident: larger than any cooldown.
+NO_INCIDENT = 2**62
 
 
 @dataclass
 class AnomalyTrack:
     """Per series [B]: short moving average of surprise, long-run mean and variance of its cube root, count;
-    lowest and highest value seen (NaN before the first)."""
+    lowest and highest value seen (NaN before the first); the open incident's highest reported score
+    and the points scored since it was reported (`cooldown`)."""
 
     short: np.ndarray
     mean: np.ndarray
@@ -53,12 +63,15 @@ class AnomalyTrack:
     count: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
+    peak: np.ndarray
+    since: np.ndarray
 
     @classmethod
     def fresh(cls, batch: int) -> AnomalyTrack:
         z = np.zeros(batch)
         nan = np.full(batch, np.nan)
-        return cls(z.copy(), z.copy(), z.copy(), np.zeros(batch, dtype=np.int64), nan.copy(), nan.copy())
+        return cls(z.copy(), z.copy(), z.copy(), np.zeros(batch, dtype=np.int64), nan.copy(), nan.copy(),
+                   z.copy(), np.full(batch, NO_INCIDENT, dtype=np.int64))
 
 
 def _log10_normal_tail(z: np.ndarray) -> np.ndarray:
@@ -85,7 +98,7 @@ def likelihood(
     zs = _likelihood_steps(np.ascontiguousarray(raw, dtype=np.float64), short, mean, var, count,
                            2.0 / (short_window + 1.0), float(long_window))
     log_tail = np.where(np.isnan(zs), np.nan, _log10_normal_tail(np.nan_to_num(zs, nan=0.0, neginf=-40.0)))
-    return log_tail, AnomalyTrack(short, mean, var, count, track.lo, track.hi)
+    return log_tail, dataclasses.replace(track, short=short, mean=mean, var=var, count=count)
 
 
 @njit(cache=True, nogil=True)
@@ -140,7 +153,7 @@ def novel(values: np.ndarray, track: AnomalyTrack, tolerance: float) -> tuple[np
     lo, hi = track.lo.astype(np.float64), track.hi.astype(np.float64)
     flags = _novel_steps(np.ascontiguousarray(values, dtype=np.float64), lo, hi, track.count.astype(np.int64),
                          float(tolerance))
-    return flags, AnomalyTrack(track.short, track.mean, track.var, track.count, lo, hi)
+    return flags, dataclasses.replace(track, lo=lo, hi=hi)
 
 
 @njit(cache=True, nogil=True)
@@ -163,6 +176,38 @@ def _novel_steps(values, lo, hi, count, tolerance):  # pragma: no cover - compil
     return flags
 
 
+def cooldown(scores: np.ndarray, track: AnomalyTrack, steps: int) -> tuple[np.ndarray, AnomalyTrack]:
+    """Scores [B, T] with the repeats of an open incident set to 0; updates peak and since.
+
+    A point scores as before if it beats the incident's highest reported score, or if `steps` points have
+    passed since that score (the incident is over); otherwise 0. NaN points leave the track alone.
+    """
+    peak, since = track.peak.astype(np.float64), track.since.astype(np.int64)
+    out = _cooldown_steps(np.ascontiguousarray(scores, dtype=np.float64), peak, since, int(steps))
+    return out, dataclasses.replace(track, peak=peak, since=since)
+
+
+@njit(cache=True, nogil=True)
+def _cooldown_steps(scores, peak, since, steps):  # pragma: no cover - compiled
+    """The sequential part of `cooldown`, compiled; updates peak and since [B] in place."""
+    B, T = scores.shape
+    out = scores.copy()
+    for b in range(B):
+        for t in range(T):
+            s = scores[b, t]
+            if not np.isfinite(s):
+                continue
+            if since[b] >= steps:
+                peak[b] = 0.0
+            if s > peak[b]:
+                peak[b] = s
+                since[b] = 0
+            else:
+                out[b, t] = 0.0
+                since[b] += 1
+    return out
+
+
 def score(
     raw: np.ndarray,
     track: AnomalyTrack,
@@ -175,6 +220,7 @@ def score(
     gate: bool = True,
     scale: str = "linear",
     novelty_tolerance: float | None = None,
+    cooldown_steps: int = 0,
 ) -> tuple[np.ndarray, AnomalyTrack]:
     """Surprise [B, T] (from `surprise`; NaN where unscored) -> scores [B, T] in [0, 1] and the new track.
 
@@ -188,8 +234,10 @@ def score(
     out = final(log_tail, raw, gate=gate, scale=scale)
     if novelty_tolerance is not None and values is not None:
         flags, nt = novel(values, track, novelty_tolerance)
-        new = AnomalyTrack(new.short, new.mean, new.var, new.count, nt.lo, nt.hi)
+        new = dataclasses.replace(new, lo=nt.lo, hi=nt.hi)
         # A new extreme the forecaster saw coming (a drifting sensor, a trending price) is not news.
         with np.errstate(invalid="ignore"):
             out = np.where(flags & (raw >= NOVELTY_MIN_SURPRISE), 1.0, out)
+    if cooldown_steps > 0:
+        out, new = cooldown(out, new, cooldown_steps)
     return out, new

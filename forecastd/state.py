@@ -93,18 +93,22 @@ class StreamState:
             "a_short": self.anomaly.short, "a_mean": self.anomaly.mean,
             "a_var": self.anomaly.var, "a_count": self.anomaly.count,
             "a_lo": self.anomaly.lo, "a_hi": self.anomaly.hi,
+            "a_peak": self.anomaly.peak, "a_since": self.anomaly.since,
         }
 
     @classmethod
     def from_arrays(cls, series_ids: list[str], a: dict[str, np.ndarray]) -> StreamState:
-        # Checkpoints written before the novelty range existed lack a_lo/a_hi: the range restarts
-        # empty (NaN), so novelty waits for new history rather than the checkpoint being refused.
+        # Checkpoints written before the novelty range or the cooldown existed lack their arrays: the
+        # range restarts empty (NaN), so novelty waits for new history, and no incident is open; the
+        # checkpoint is not refused.
         unknown = np.full(len(series_ids), np.nan)
+        fresh = AnomalyTrack.fresh(len(series_ids))
         return cls(
             list(series_ids), a["step"], a["age"], a["scale"], Track(a["last"], a["levels"]), a["hidden"],
             a["window"], a["pending_mean"], a["pending_std"],
             AnomalyTrack(a["a_short"], a["a_mean"], a["a_var"], a["a_count"],
-                         a.get("a_lo", unknown), a.get("a_hi", unknown.copy())),
+                         a.get("a_lo", unknown), a.get("a_hi", unknown.copy()),
+                         a.get("a_peak", fresh.peak), a.get("a_since", fresh.since)),
         )
 
     def take(self, index: np.ndarray) -> StreamState:

@@ -1,6 +1,6 @@
 import numpy as np
 
-from forecastd.anomaly import AnomalyTrack, final, likelihood, score, surprise
+from forecastd.anomaly import AnomalyTrack, cooldown, final, likelihood, score, surprise
 
 
 def _run(values, expected, spread, short=10, long=2000):
@@ -91,3 +91,28 @@ def test_soft_scale_keeps_ranking_past_one_in_ten_billion():
     f = final(np.array([0.0, -5.0, -10.0, -50.0]), np.full(4, 99.0), scale="soft")
     np.testing.assert_allclose(f[:2], [0.0, 0.5])
     assert f[1] < f[2] < f[3] < 1.0
+
+
+def test_cooldown_reports_an_incident_once_unless_it_gets_worse():
+    s = np.array([[0.0, 0.6, 0.6, 0.5, 0.7, 0.2, np.nan, 0.65, 0.0, 0.0, 0.3]])
+    out, t = cooldown(s, AnomalyTrack.fresh(1), 4)
+    # 0.6 opens the incident, its repeats are 0, 0.7 is worse; four points after 0.7 the incident is over
+    # (the missing point does not count), so 0.3 is reported again.
+    np.testing.assert_array_equal(np.nan_to_num(out, nan=-1.0), [[0.0, 0.6, 0.0, 0.0, 0.7, 0.0, -1.0, 0.0, 0.0, 0.0, 0.3]])
+    assert t.peak[0] == 0.3 and t.since[0] == 0
+    a, ta = cooldown(s[:, :5], AnomalyTrack.fresh(1), 4)
+    b, tb = cooldown(s[:, 5:], ta, 4)
+    np.testing.assert_array_equal(np.concatenate([a, b], 1), out)
+    assert (tb.peak[0], tb.since[0]) == (t.peak[0], t.since[0])
+
+
+def test_a_run_of_new_extremes_is_one_flag_with_cooldown():
+    rng = np.random.default_rng(5)
+    v = rng.uniform(-1.0, 1.0, size=(1, 400))
+    v[0, 300:310] = 1.5 + 0.5 * np.arange(10)  # a climb to new highs, point after point
+    raw = surprise(v, np.zeros_like(v), np.full_like(v, 0.3))
+    kw = dict(values=v, raw_cap=3.0, gate=False, scale="soft", novelty_tolerance=0.05)
+    every, _ = score(raw, AnomalyTrack.fresh(1), 10, 2000, **kw)
+    once, _ = score(raw, AnomalyTrack.fresh(1), 10, 2000, cooldown_steps=200, **kw)
+    assert (every[0, 300:310] >= 0.5).sum() >= 5
+    assert np.flatnonzero(once[0] >= 0.5).tolist() == [300]

@@ -106,3 +106,19 @@ def test_merge_replaces_and_appends():
     assert m.series_ids == ["a", "b", "c"]
     np.testing.assert_array_equal(m.hidden[1], b.hidden[0])
     np.testing.assert_array_equal(m.hidden[0], a.hidden[0])
+
+
+def test_open_incidents_survive_a_checkpoint_and_older_checkpoints_load(tmp_path):
+    store = StateStore(tmp_path)
+    s = _state(["a", "b"])
+    s.anomaly.peak[:] = [0.7, 0.0]
+    s.anomaly.since[:] = [3, 2**62]
+    store.save_stream(1, s, {}, keep=3)
+    loaded, _ = store.load_stream(1)
+    np.testing.assert_array_equal(loaded.anomaly.peak, [0.7, 0.0])
+    np.testing.assert_array_equal(loaded.anomaly.since, [3, 2**62])
+    # A checkpoint from before the cooldown: no incident is open, nothing is refused.
+    arrays = {k: v for k, v in s.to_arrays().items() if k not in ("a_peak", "a_since")}
+    old = StreamState.from_arrays(["a", "b"], arrays)
+    np.testing.assert_array_equal(old.anomaly.peak, [0.0, 0.0])
+    assert (old.anomaly.since > 10**9).all()
