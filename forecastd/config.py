@@ -151,28 +151,31 @@ class AnomalyConfig:
     # Compare the short average of surprise with its long-run distribution (Numenta's likelihood):
     # a noisy series does not alarm all day. Worth 18 NAB points over the point's own rarity.
     likelihood: bool = True
-    # Surprise fed to the likelihood is capped at this -log10 p (3 = one in 1,000; 0 = no cap). A bounded
+    # Surprise fed to the likelihood is capped at this -log10 p (2 = one in 100; 0 = no cap). A bounded
     # raw score, like HTM's, keeps one wild point from dominating the long-run distribution and lets a
-    # run of moderate surprises (a changed pattern) count. Worth 5 NAB points.
-    raw_cap: float = 3.0
+    # run of moderate surprises (a changed pattern) count. Worth 18 NAB points; caps of 1 / 1.5 / 2 /
+    # 2.5 / 3 / 4 score 52.4 / 54.0 / 53.0 / 51.6 / 52.7 / 50.3 standard, 2 is best on low-FP (44.0).
+    raw_cap: float = 2.0
     # Also require the point itself to be rare (the smaller of the two rarities). On: otherwise the
     # ~short_window calm points after every spike stay flagged while the recent average holds the spike
-    # (on the sample data 43 flags instead of 13 for 8 injected anomalies). It costs 3 NAB points, where
-    # the first points of a changed pattern are not individually rare and only the first flag counts.
+    # (on the sample data 43 flags instead of 13 for 8 injected anomalies). On NAB it is worth 0.3 points
+    # standard and 5.9 low-FP.
     point_gate: bool = True
     # "soft" (1 - 2^(-x/5)) never saturates, so one threshold ranks rarer above less rare on every
     # series; "linear" (x/10, clipped at 1) ties everything rarer than 1e-10 at 1. Both put 0.5 at 1e-5.
-    # Worth 5 NAB points on the old pipeline, 0.2 once the raw cap bounds what reaches the likelihood.
+    # Worth 5 NAB points on the old pipeline, none once the raw cap bounds what reaches the likelihood.
     scale: Literal["soft", "linear"] = "soft"
     # A value beyond the range seen so far, widened by this fraction of the range, scores 1 (HTM's
     # "spatial anomaly", same 5 %): new extremes matter to operators even when the forecaster, which
-    # learns changes, finds them ordinary. Negative disables. Worth 26 NAB points, the largest step.
+    # learns changes, finds them ordinary. Negative disables. Worth 2.4 NAB points (it was 26 before the
+    # raw cap and the cooldown took over most of its work).
     novelty_tolerance: float = 0.05
     # One report per incident: within this many points of the highest score reported so far, a point
     # scores 0 unless it scores higher (the incident got worse); 0 reports every point. The flags of
     # one event (a run of new extremes, a changed pattern the likelihood holds for a while) come once
-    # instead of as a flood. Worth 5.5 NAB points at 100 (50: 4.6, 200: 2.9; 400 loses 4: a long
-    # cooldown swallows the next real incident when it scores no higher than the last false alarm).
+    # instead of as a flood. Worth 4.4 NAB points (8.8 low-FP). At raw_cap 3: 50 / 100 / 200 gain 4.6 /
+    # 5.5 / 2.9, and 400 loses 4.2: a long cooldown swallows the next real incident when it scores no
+    # higher than the last false alarm.
     cooldown: int = 100
 
 
