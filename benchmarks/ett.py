@@ -56,9 +56,12 @@ def _frame(path: Path, columns: tuple[str, ...]) -> tuple[pd.DataFrame, np.ndarr
 
 def forecastd_forecasts(
     frame: pd.DataFrame, ts: pd.DatetimeIndex, columns: tuple[str, ...], horizon: int, seed: int,
-    model_config: ModelConfig, training: TrainingConfig,
+    model_config: ModelConfig, training: TrainingConfig, warmup: int | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Train on [0, 8640) with validation on [8640, 11520), then forecasts at every test origin: (N, H, C)."""
+    """Train on [0, 8640) with validation on [8640, 11520), then forecasts at every test origin: (N, H, C).
+
+    warmup: stream only this many rows before the first test origin (None: all history, from row 0).
+    """
     config = Config()
     grid = Grid("1h")
     # As pipeline.train does: "auto" lookback for the grid and the training history.
@@ -75,28 +78,40 @@ def forecastd_forecasts(
     result = fit(model, prepared, tc)
     train_seconds = time.perf_counter() - t0
 
-    # The product's streaming step over all history: one batched pass with the carried state.
-    model = result.model.cpu().eval()
+    pred, infer_seconds = stream_forecasts(result.model.cpu().eval(), mc, frame, ts, columns, scales, warmup)
+    info = {**result.metrics, "train_seconds": train_seconds, "infer_seconds": infer_seconds}
+    return pred, info
+
+
+def stream_forecasts(
+    model: Forecaster, mc: ModelConfig, frame: pd.DataFrame, ts: pd.DatetimeIndex, columns: tuple[str, ...],
+    scales: dict[str, float], warmup: int | None = None,
+) -> tuple[np.ndarray, float]:
+    """The product's streaming step from a fresh state, in one batched pass, from row 0 (or `warmup` rows
+    before the first test origin) to the end of the test split: the forecast of every test origin
+    (N, H, C), and the seconds it took."""
+    grid = Grid("1h")
+    horizon = mc.horizon
     first_origin = VAL_END - 1
     n = (TEST_END - (VAL_END - LOOKBACK)) - LOOKBACK - horizon + 1
-    values = {c: frame.loc[frame["series_id"] == c, "value"].to_numpy() for c in columns}
+    first_row = 0 if warmup is None else max(0, first_origin - warmup)
+    values = {c: frame.loc[frame["series_id"] == c, "value"].to_numpy()[first_row:] for c in columns}
     start = int(grid.index(ts[:1])[0])
-    segments = [Segment(c, True, start, values[c]) for c in columns]
+    segments = [Segment(c, True, start + first_row, values[c]) for c in columns]
     empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas),
                              (mc.num_layers * (2 if mc.cell == "lstm" else 1), mc.hidden_size))
     lo = start + first_origin
     t0 = time.perf_counter()
     out, _ = run_segments(model, empty, segments, scales, grid, mc, AnomalyConfig(), 0,
                           Emit(0, lo, lo + n - 1))
-    infer_seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     f = out.forecasts
     f = f.assign(col=f["series_id"].map({c: i for i, c in enumerate(columns)}),
                  origin=(grid.index(f["issued_at"]) - lo))
     pred = np.full((n, horizon, len(columns)), np.nan)
     pred[f["origin"].to_numpy(), f["step"].to_numpy() - 1, f["col"].to_numpy()] = f["mean"].to_numpy()
     assert np.isfinite(pred).all(), "every test origin must have a forecast"
-    info = {**result.metrics, "train_seconds": train_seconds, "infer_seconds": infer_seconds}
-    return pred, info
+    return pred, seconds
 
 
 def _run(job: tuple) -> tuple[float, float, float, float]:
