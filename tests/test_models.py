@@ -176,3 +176,76 @@ def test_weight_average_is_what_gets_validated_and_kept():
     # both models learnt the cycle (better than persistence on the held-out tail).
     assert [h["val_loss"] for h in runs[0.0].history] != [h["val_loss"] for h in runs[0.99].history]
     assert all(r.metrics["val_loss"] < 0.9 for r in runs.values())
+
+
+def _random_state(m: Forecaster, batch: int) -> State:
+    h = m.initial_state(batch)
+    rnn = tuple(torch.randn_like(t) for t in h.rnn) if isinstance(h.rnn, tuple) else torch.randn_like(h.rnn)
+    return State(rnn, torch.randn_like(h.window))
+
+
+def _general(m: Forecaster, *args):
+    """The nn.GRU/LSTM/RNN path: train mode skips the inference shortcuts, and with dropout 0 it is
+    the same function."""
+    m.train()
+    try:
+        with torch.no_grad():
+            return m(*args)
+    finally:
+        m.eval()
+
+
+def _assert_same(a, b, rows=slice(None), steps=slice(None)):
+    for got, want in zip(a[:2], b[:2]):
+        torch.testing.assert_close(got[rows, steps], want[rows, steps], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pack_hidden(a[2].rnn)[:, rows], pack_hidden(b[2].rnn)[:, rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a[2].window[rows], b[2].window[rows])
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("lookback", [0, 6])
+def test_inference_shortcuts_give_the_general_paths_numbers(cell, layers, lookback):
+    """The tick (T = 1, any B) and the compiled loop (a few rows, ragged) against nn.GRU/LSTM/RNN and the
+    window's convolution; then again after the weights change in place (the shortcuts keep derived
+    weights between calls)."""
+    torch.manual_seed(0)
+    m = Forecaster(11, ModelConfig(cell=cell, hidden_size=8, num_layers=layers, horizon=3, lookback=lookback)).eval()
+    for _ in range(2):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn_like(p) * 0.5)  # in place, as an optimiser step; the zero head would hide errors
+        x = torch.randn(3, 9, 11)
+        state = _random_state(m, 3)
+        for B in (1, 3, 40):
+            xb, sb = torch.randn(B, 1, 11), _random_state(m, B)
+            with torch.no_grad():
+                _assert_same(m(xb, sb), _general(m, xb, sb))
+        lengths = torch.tensor([9, 4, 1])
+        with torch.no_grad():
+            loop = m(x, state, lengths)
+        general = _general(m, x, state, lengths)
+        _assert_same(loop, general, steps=slice(0, 1))
+        for b, n in enumerate(lengths.tolist()):
+            _assert_same(loop, general, rows=slice(b, b + 1), steps=slice(0, n))
+        # Ticking through the block one step at a time ends where the block does.
+        ticked = state
+        with torch.no_grad():
+            means = []
+            for t in range(9):
+                mean, _, ticked = m(x[:, t : t + 1], ticked)
+                means.append(mean)
+        torch.testing.assert_close(torch.cat(means, 1), _general(m, x, state)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pack_hidden(ticked.rnn), pack_hidden(_general(m, x, state)[2].rnn),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_the_compiled_loop_serves_only_inference():
+    """With gradients on, the loop would cut the graph: training must take nn.GRU."""
+    torch.manual_seed(0)
+    m = Forecaster(11, ModelConfig(hidden_size=8, horizon=2, lookback=4)).eval()
+    torch.nn.init.normal_(m.head.weight)
+    x = torch.randn(1, 5, 11, requires_grad=True)
+    mean, _, _ = m(x)
+    mean.sum().backward()
+    assert x.grad.abs().sum() > 0 and m.rnn.weight_hh_l0.grad is not None
