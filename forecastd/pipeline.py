@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
-from forecastd.config import Config, config_to_dict
+from forecastd.config import Config, ModelConfig, config_to_dict
 from forecastd.errors import DataError
 from forecastd.frames import FrameReport, Grid, infer_freq, validate
 from forecastd.models import Forecaster
@@ -130,9 +131,10 @@ def train(
     prepared = prepare(frame, grid, scales, mc, config.data, config.training.validation_fraction)
     device = resolve_device(config.training.device)
     model = Forecaster(n_features(len(mc.level_alphas)), mc)
-    warm = init is not None and init.grid.freq == grid.freq and init.model_config == mc
+    weights = warm_weights(init.model, init.model_config, mc) if init is not None and init.grid.freq == grid.freq else None
+    warm = weights is not None
     if warm:
-        model.load_state_dict(init.model.state_dict())
+        model.load_state_dict(weights)
     elif init is not None:
         log.info("cold start: model v%d (%s, %s) differs from the new model (%s, %s) in grid or shape",
                  init.version, init.grid.freq, init.model_config, grid.freq, mc)
@@ -158,6 +160,26 @@ def train(
              len(series), len(frame), result.metrics["val_mse"], result.metrics["val_persistence_mse"])
     return TrainSummary(version, len(series), int(len(frame)), grid.freq, result.metrics, result.history,
                         report.by_reason())
+
+
+def warm_weights(init: Forecaster, init_config: ModelConfig, config: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """Weights for a new model of `config` that start from `init`'s, or None when they cannot.
+
+    The same shape carries over as is. A longer window of recent changes (an "auto" lookback grows with
+    the history a retrain learns from) carries over too: the old path weights keep their lags and the
+    added, older lags start at zero, so the new model starts out forecasting exactly as the live one
+    and a warm start is not lost each time the history doubles. Any other change starts fresh.
+    """
+    if dataclasses.replace(init_config, lookback=config.lookback) != config or config.lookback < init_config.lookback:
+        return None
+    weights = dict(init.state_dict())
+    if config.lookback > init_config.lookback:
+        old = weights.get("path")
+        path = torch.zeros(config.horizon, config.lookback, dtype=init.head.weight.dtype, device=init.head.weight.device)
+        if old is not None:
+            path[:, : old.shape[1]] = old  # column j-1 weighs the value j steps ago, in both
+        weights["path"] = path
+    return weights
 
 
 def _prior(store: StateStore, live: int) -> tuple[dict[str, int], dict[str, tuple[float, float]]]:

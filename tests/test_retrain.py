@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -216,3 +217,32 @@ def test_a_challenger_of_another_shape_starts_from_fresh_weights(tmp_path):
     result = retrain(config, NOW)
     assert result.challenger is not None, result
     assert result.metrics["warm_start_from"] is None
+
+
+def test_a_longer_window_warm_starts_and_forecasts_as_the_live_model_did():
+    from forecastd.config import ModelConfig
+    from forecastd.models import Forecaster
+    from forecastd.pipeline import warm_weights
+
+    torch.manual_seed(0)
+    short = ModelConfig(hidden_size=8, horizon=3, lookback=4)
+    live = Forecaster(11, short).eval()
+    with torch.no_grad():
+        live.path.normal_()
+        live.head.weight.normal_()
+    for lookback in (4, 10):
+        wide = Forecaster(11, dataclasses.replace(short, lookback=lookback)).eval()
+        wide.load_state_dict(warm_weights(live, short, dataclasses.replace(short, lookback=lookback)))
+        x = torch.randn(2, 30, 11)
+        state = wide.initial_state(2)
+        state = state._replace(window=torch.randn(2, lookback))
+        mean, scale, after = wide(x, state)
+        # The live model sees only the last 4 changes before x: the same forecasts.
+        ref_mean, ref_scale, _ = live(x, live.initial_state(2)._replace(window=state.window[:, -4:]))
+        torch.testing.assert_close(mean, ref_mean)
+        torch.testing.assert_close(scale, ref_scale)
+    none = ModelConfig(hidden_size=8, horizon=3, lookback=0)
+    assert warm_weights(Forecaster(11, none), none, short)["path"].abs().sum() == 0
+    # A shorter window or another shape cannot carry the weights over.
+    assert warm_weights(live, short, dataclasses.replace(short, lookback=2)) is None
+    assert warm_weights(live, short, dataclasses.replace(short, hidden_size=16)) is None
