@@ -9,6 +9,7 @@ so it gives the same rows as ticking through the same range.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -36,6 +37,10 @@ def empty_anomalies() -> pd.DataFrame:
 
 
 Columns = dict[str, np.ndarray]
+
+
+def _no_rows(schema: dict[str, str]) -> Columns:
+    return {name: np.empty(0, dtype="int64" if dtype.startswith("datetime64") else dtype) for name, dtype in schema.items()}
 
 
 def _to_frame(cols: Columns, schema: dict[str, str]) -> pd.DataFrame:
@@ -120,9 +125,11 @@ def advance(
     B, T = values.shape
     K = mc.horizon
     device = model.head.weight.device
-    steps = state.step[:, None] + 1 + np.arange(T)[None, :]  # B, T
-    pad = np.arange(T)[None, :] >= lengths[:, None]  # B, T
-    values = np.where(pad, np.nan, values)
+    steps = state.step[:, None] + 1 + np.arange(T)  # B, T
+    values = np.asarray(values, dtype=np.float64)
+    ragged = bool((lengths != T).any())
+    if ragged:
+        values = np.where(np.arange(T) >= lengths[:, None], np.nan, values)  # padding reads as missing
     x, origin, track = encode(values, grid.ns(steps.ravel()).reshape(B, T), state.track,
                               state.scale, mc.level_alphas, mc.input_clip)
 
@@ -133,24 +140,23 @@ def advance(
     with torch.no_grad():
         inputs = torch.from_numpy(x).to(device)  # B, T, F
         # Ragged blocks: each series' state stops at its own last step.
-        ragged = torch.from_numpy(lengths) if (lengths != T).any() else None
-        mean, spread, carried = model(inputs, carried, ragged)  # B, T, K each
-    mean = mean.double().cpu().numpy()
-    spread = spread.double().cpu().numpy()
+        mean, spread, carried = model(inputs, carried, torch.from_numpy(lengths) if ragged else None)  # B, T, K
     s = state.scale[:, None, None]
-    fc_mean = origin[:, :, None] + mean * s  # B, T, K in the series' own units
-    fc_std = spread * s
+    # float32 times float64 is computed in float64, as after .double(): one conversion pass fewer.
+    fc_mean = origin[:, :, None] + mean.cpu().numpy() * s  # B, T, K in the series' own units
+    fc_std = spread.cpu().numpy() * s
 
     # Predict, then learn: the forecasts issued before each point judge it. ext holds, per origin, the
     # first m steps of its forecast: the last m origins of the previous block, then this block's.
     m = state.pending_mean.shape[1]
     ext_mean = np.concatenate([state.pending_mean, fc_mean[:, :, :m]], axis=1)  # B, m+T, m
     ext_std = np.concatenate([state.pending_std, fc_std[:, :, :m]], axis=1)
-    raw = np.full((B, T), np.nan)
-    for j in range(1, m + 1):  # the forecast issued j steps before
-        s_j = anomaly.surprise(values, ext_mean[:, m - j : m - j + T, j - 1], ext_std[:, m - j : m - j + T, j - 1])
-        raw = np.fmin(raw, s_j)  # the least surprised judge; NaN only where none could judge
-    expected, expected_sd = ext_mean[:, m - 1 : m - 1 + T, 0], ext_std[:, m - 1 : m - 1 + T, 0]
+    # judge_*[j-1]: the forecast issued j steps before each point. One surprise call for all judges
+    # (elementwise, so the same numbers as one call per judge).
+    judge_mean = np.stack([ext_mean[:, m - j : m - j + T, j - 1] for j in range(1, m + 1)])  # m, B, T
+    judge_std = np.stack([ext_std[:, m - j : m - j + T, j - 1] for j in range(1, m + 1)])
+    raw = np.fmin.reduce(anomaly.surprise(values, judge_mean, judge_std), axis=0)  # the least surprised judge
+    expected, expected_sd = judge_mean[0], judge_std[0]
     scores, atrack = anomaly.score(
         raw, state.anomaly, ac.short_window, ac.long_window, values=values, use_likelihood=ac.likelihood,
         raw_cap=ac.raw_cap, gate=ac.point_gate, scale=ac.scale,
@@ -158,23 +164,22 @@ def advance(
         cooldown_steps=ac.cooldown,
     )
 
-    rows = np.arange(B)[:, None]
-    tail = lengths[:, None] + np.arange(m)[None, :]  # the last m origins of each series, in ext
-    new = StreamState(
-        state.series_ids,
-        state.step + lengths,
-        state.age + lengths,
-        state.scale,
-        track,
-        pack_hidden(carried.rnn).transpose(0, 1).float().cpu().numpy().copy(),
-        carried.window.float().cpu().numpy().copy(),
-        ext_mean[rows, tail],
-        ext_std[rows, tail],
-        atrack,
-    )
+    if ragged:
+        tail = lengths[:, None] + np.arange(m)  # the last m origins of each series, in ext
+        pending_mean, pending_std = ext_mean[np.arange(B)[:, None], tail], ext_std[np.arange(B)[:, None], tail]
+    else:
+        pending_mean, pending_std = ext_mean[:, T:].copy(), ext_std[:, T:].copy()
+    # The model's outputs are new tensors, so their numpy views are the new state's own arrays.
+    hidden = np.ascontiguousarray(pack_hidden(carried.rnn).transpose(0, 1).float().cpu().numpy())
+    window = carried.window.float().cpu().numpy()
+    if np.may_share_memory(window, state.window):  # no window (lookback 0): the model hands it back
+        window = window.copy()
+    new = StreamState(state.series_ids, state.step + lengths, state.age + lengths, state.scale, track, hidden,
+                      window, pending_mean, pending_std, atrack)
 
-    age = state.age[:, None] + np.arange(T)[None, :]
-    out = np.isfinite(values) & (age >= emit.warmup)
+    out = np.isfinite(values)
+    if emit.warmup > 0:
+        out &= state.age[:, None] + np.arange(T) >= emit.warmup
     if emit.lo is not None:
         out &= steps >= emit.lo
     if emit.hi is not None:
@@ -183,30 +188,36 @@ def advance(
                    grid, K, ac, version), new
 
 
+@functools.lru_cache(maxsize=16)
+def _z(coverage: float) -> float:
+    return NormalDist().inv_cdf(0.5 + coverage / 2)
+
+
 def _frames(ids, out, steps, values, fc_mean, fc_std, expected, expected_sd, scores, grid, K, ac, version) -> Outputs:
     b, t = np.nonzero(out)
     if b.size == 0:
-        return Outputs.empty()
-    z = NormalDist().inv_cdf(0.5 + ac.coverage / 2)
+        return Outputs(_no_rows(FORECAST_COLUMNS), _no_rows(ANOMALY_COLUMNS))  # frames only if asked for
+    z = _z(ac.coverage)
     sid = np.asarray(ids, dtype=object)[b]
     origin_steps = steps[b, t]
     issued = grid.ns(origin_steps)
     n = b.size
-    k = np.tile(np.arange(1, K + 1), n)
+    k = np.arange(1, K + 1, dtype=np.int64)
     m = fc_mean[b, t].ravel()
     sd = fc_std[b, t].ravel()
     forecasts = {
         "series_id": np.repeat(sid, K),
         "issued_at": np.repeat(issued, K),
-        "step": k.astype(np.int64),
-        "target_ts": grid.ns(np.repeat(origin_steps, K) + k),
+        "step": np.tile(k, n),
+        "target_ts": grid.ns((origin_steps[:, None] + k).ravel()),
         "mean": m,
         "lower": m - z * sd,
         "upper": m + z * sd,
         "model_version": np.full(n * K, version, dtype=np.int64),
     }
     e, esd = expected[b, t], expected_sd[b, t]
-    sc = np.nan_to_num(scores[b, t], nan=0.0)
+    sc = scores[b, t]
+    sc[np.isnan(sc)] = 0.0  # unscored points; scores are otherwise in [0, 1]
     anomalies = {
         "series_id": sid,
         "ts": issued,
@@ -272,15 +283,17 @@ def run_segments(
         lengths = np.array([len(g.values) for g in order], dtype=np.int64)
         T = int(lengths.max())
         dense = np.full((len(order), T), np.nan)
-        for i, g in enumerate(order):
-            dense[i, : len(g.values)] = g.values
+        dense[np.arange(T) < lengths[:, None]] = np.concatenate([g.values for g in order])  # row by row
         step_chunk = max(1, min(chunk, max_cells // max(len(order), 1)))
         for c in range(0, T, step_chunk):
             clen = np.clip(lengths - c, 0, step_chunk)
             active = np.flatnonzero(clen > 0)
-            part = sub.take(active)
-            o, part = advance(model, part, dense[active, c : c + step_chunk], clen[active], grid, mc, ac, version, emit)
-            sub = sub.merge(part)
+            # Most chunks advance every series of the round: no take and merge, each a copy of the state.
+            every = active.size == len(order)
+            part = sub if every else sub.take(active)
+            block = dense[:, c : c + step_chunk] if every else dense[active, c : c + step_chunk]
+            o, part = advance(model, part, block, clen[active], grid, mc, ac, version, emit)
+            sub = part if every else sub.merge(part)
             parts.append(o)
         state = state.merge(sub)
     return Outputs.concat(parts), state

@@ -71,19 +71,25 @@ def n_features(n_levels: int) -> int:
     return 1 + n_levels + 1 + 6
 
 
-def calendar(ts_ns: np.ndarray) -> np.ndarray:
-    """Hour of day, day of week, day of year as sin/cos pairs: [...] int64 ns -> [..., 6] float32."""
+def calendar(ts_ns: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Hour of day, day of week, day of year as sin/cos pairs: [...] int64 ns -> [..., 6] float32.
+
+    `out` [..., 6] (any float32 view, such as the calendar columns of a feature block) is written in place.
+    """
     ts_ns = np.asarray(ts_ns, dtype=np.int64)
     days = ts_ns / _NS_DAY
-    phases = np.stack(
-        [
-            np.mod(days, 1.0),  # day fraction
-            np.mod(days + 3.0, 7.0) / 7.0,  # 1970-01-01 was a Thursday: +3 puts Monday at 0
-            np.mod(days, _YEAR_DAYS) / _YEAR_DAYS,
-        ],
-        axis=-1,
-    ) * (2 * np.pi)
-    return np.concatenate([np.sin(phases), np.cos(phases)], axis=-1).astype(np.float32)
+    phases = np.empty((*days.shape, 3))
+    np.mod(days, 1.0, out=phases[..., 0])  # day fraction
+    np.mod(days + 3.0, 7.0, out=phases[..., 1])  # 1970-01-01 was a Thursday: +3 puts Monday at 0
+    phases[..., 1] /= 7.0
+    np.mod(days, _YEAR_DAYS, out=phases[..., 2])
+    phases[..., 2] /= _YEAR_DAYS
+    phases *= 2 * np.pi
+    if out is None:
+        out = np.empty((*days.shape, 6), dtype=np.float32)
+    out[..., :3] = np.sin(phases)
+    out[..., 3:] = np.cos(phases)
+    return out
 
 
 def robust_scale(values: np.ndarray) -> float:
@@ -148,7 +154,7 @@ def encode(
     origin = np.empty((B, T), dtype=np.float64)
     _encode_steps(np.ascontiguousarray(values, dtype=np.float64), last, levels,
                   np.asarray(scale, dtype=np.float64), np.asarray(alphas, dtype=np.float64), float(clip), x, origin)
-    x[:, :, 2 + A :] = calendar(ts_ns)
+    calendar(ts_ns, out=x[:, :, 2 + A :])
     return x, origin, Track(last, levels)
 
 
