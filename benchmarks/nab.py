@@ -17,6 +17,8 @@ of both models on the challenger's validation tail, `retrain.decide`, margin 0) 
 over as the pipeline switches versions: a fresh state run over the last `[data] warmup` points up to the
 switch, then streaming on. A doubling schedule keeps the cost at a few trainings per file where the
 daemon's daily cron would retrain dozens of times on the longest files; it never uses a row not yet seen.
+As `pipeline.train` does, every training resolves "auto" lookback for the history it learns from, so a
+later model may carry a longer window, warm started with zero weight on the added lags.
 
 The score of each grid point is mapped back to the input rows by timestamp; rows the product does not
 score (a duplicate whose value the rule discarded, a row before the likelihood has history) get 0 and
@@ -31,7 +33,6 @@ trained models, so each step's worth is measured on its own.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import multiprocessing
 import sys
@@ -59,6 +60,7 @@ from forecastd.config import AnomalyConfig, DataConfig, ModelConfig, TrainingCon
 from forecastd.frames import Grid, infer_freq, validate  # noqa: E402
 from forecastd.models import Forecaster  # noqa: E402
 from forecastd.state import StreamState, plan  # noqa: E402
+from forecastd.pipeline import warm_weights  # noqa: E402
 from forecastd.retrain import decide, tail_loss  # noqa: E402
 from forecastd.streaming import Emit, Outputs, run_segments  # noqa: E402
 from forecastd.training import fit, prepare  # noqa: E402
@@ -97,6 +99,7 @@ class Version:
     cut: int | None
     model: Forecaster
     scale: float
+    mc: ModelConfig  # with the lookback resolved for the history it trained on
 
 
 @dataclasses.dataclass
@@ -147,12 +150,20 @@ def _cutoff(raw: pd.DataFrame, rows: int) -> pd.Timestamp:
 
 
 def _fit(train: pd.DataFrame, grid: Grid, name: str, mc: ModelConfig, tc: TrainingConfig, data: DataConfig,
-         init: Forecaster | None) -> tuple[Forecaster, float]:
+         init: Version | None) -> Version:
+    """As `pipeline.train`: "auto" lookback resolved for this history; warm from `init` when its weights
+    carry over (`pipeline.warm_weights`: same shape, or a longer window), else from fresh weights. The
+    version's cut is left to the caller."""
+    steps = grid.index(train["ts"])
+    mc = dataclasses.replace(mc, lookback=resolve_lookback(mc.lookback, grid.step_ns, int(steps.max() - steps.min()) + 1))
     scale = robust_scale(train["value"].to_numpy())
     prepared = prepare(train, grid, {name: scale}, mc, data, tc.validation_fraction)
     torch.manual_seed(tc.seed)
-    model = copy.deepcopy(init) if init is not None else Forecaster(n_features(len(mc.level_alphas)), mc)
-    return fit(model, prepared, tc).model.cpu().eval(), scale
+    model = Forecaster(n_features(len(mc.level_alphas)), mc)
+    weights = warm_weights(init.model, init.mc, mc) if init is not None else None
+    if weights is not None:
+        model.load_state_dict(weights)
+    return Version(None, fit(model, prepared, tc).model.cpu().eval(), scale, mc)
 
 
 def _validated(name: str, raw: pd.DataFrame, data: DataConfig):
@@ -167,21 +178,21 @@ def train_file(name: str, raw: pd.DataFrame, mc: ModelConfig, tc: TrainingConfig
     """Validate the file on its inferred grid, train on the probationary rows, then retrain on schedule."""
     grid, frame, report = _validated(name, raw, data)
     t0 = time.perf_counter()
-    model, scale = _fit(frame[frame["ts"] <= _cutoff(raw, probation_length(len(raw)))], grid, name, mc, tc, data, None)
-    versions, lines = [Version(None, model, scale)], []
+    versions = [_fit(frame[frame["ts"] <= _cutoff(raw, probation_length(len(raw)))], grid, name, mc, tc, data, None)]
+    lines = []
     for rows in schedule.rows:
         cutoff = _cutoff(raw, rows)
         seen = frame[frame["ts"] <= cutoff]
         live = versions[-1]
-        challenger, c_scale = _fit(seen, grid, name, mc, tc, data, live.model if schedule.warm else None)
+        challenger = _fit(seen, grid, name, mc, tc, data, live if schedule.warm else None)
         # The daemon's verdict: both models on the challenger's validation tail, each with its own scale.
-        losses = [tail_loss(m, mc, {name: s}, seen, grid, data, tc.validation_fraction)
-                  for m, s in ((live.model, live.scale), (challenger, c_scale))]
+        losses = [tail_loss(v.model, v.mc, {name: v.scale}, seen, grid, data, tc.validation_fraction)
+                  for v in (live, challenger)]
         promote, _ = decide(losses[0], losses[1], 0.0, False)
-        lines.append(f"row {rows}: live {losses[0]:.3f} challenger {losses[1]:.3f} "
-                     f"{'promoted' if promote else 'kept'}")
+        lines.append(f"row {rows}: lookback {challenger.mc.lookback}, live {losses[0]:.3f} challenger "
+                     f"{losses[1]:.3f} {'promoted' if promote else 'kept'}")
         if promote:
-            versions.append(Version(int(grid.index(pd.DatetimeIndex([cutoff]))[0]), challenger, c_scale))
+            versions.append(dataclasses.replace(challenger, cut=int(grid.index(pd.DatetimeIndex([cutoff]))[0])))
     return Trained(grid, frame, versions, time.perf_counter() - t0, report.by_reason(), lines)
 
 
@@ -191,8 +202,8 @@ def _empty(mc: ModelConfig, ac: AnomalyConfig) -> StreamState:
                              mc.lookback)
 
 
-def stream_file(name: str, raw: pd.DataFrame, t: Trained, mc: ModelConfig, ac: AnomalyConfig,
-                data: DataConfig, track: str = "range") -> tuple[np.ndarray, int]:
+def stream_file(name: str, raw: pd.DataFrame, t: Trained, ac: AnomalyConfig, data: DataConfig,
+                track: str = "range") -> tuple[np.ndarray, int]:
     """Every point through the streaming step, each by the model live at its time; scores per input
     row, and how many are 0.
 
@@ -200,7 +211,7 @@ def stream_file(name: str, raw: pd.DataFrame, t: Trained, mc: ModelConfig, ac: A
     points up to the switch (outputs discarded: the old model wrote them), then streaming on from there.
     """
     steps, values = series_steps(t.frame, t.grid)[name]
-    state, parts = _empty(mc, ac), []
+    state, parts = _empty(t.versions[0].mc, ac), []
     for i, v in enumerate(t.versions):
         lo = -1 if v.cut is None else v.cut
         hi = t.versions[i + 1].cut if i + 1 < len(t.versions) else np.iinfo(np.int64).max
@@ -208,7 +219,7 @@ def stream_file(name: str, raw: pd.DataFrame, t: Trained, mc: ModelConfig, ac: A
             old = state.anomaly if len(state) else None
             warm = (steps > v.cut - data.warmup) & (steps <= v.cut)
             segs = plan(name, steps[warm], values[warm], None, data.max_gap)
-            _, state = run_segments(v.model, _empty(mc, ac), segs, {name: v.scale}, t.grid, mc, ac, i, Emit(0))
+            _, state = run_segments(v.model, _empty(v.mc, ac), segs, {name: v.scale}, t.grid, v.mc, ac, i, Emit(0))
             if len(state) and old is not None and track != "fresh":
                 a = state.anomaly
                 kept = old if track == "all" else dataclasses.replace(a, lo=old.lo, hi=old.hi)
@@ -218,7 +229,7 @@ def stream_file(name: str, raw: pd.DataFrame, t: Trained, mc: ModelConfig, ac: A
         segs = plan(name, steps[sel], values[sel], at, data.max_gap)
         # Emit from the first point: NAB wants a score on every row; the likelihood itself withholds
         # alarms until it has history, which is far inside the probationary period.
-        out, state = run_segments(v.model, state, segs, {name: v.scale}, t.grid, mc, ac, i, Emit(0))
+        out, state = run_segments(v.model, state, segs, {name: v.scale}, t.grid, v.mc, ac, i, Emit(0))
         parts.append(out)
     a = Outputs.concat(parts).anomalies
     by_step = dict(zip(t.grid.index(a["ts"]).tolist(), a["score"].to_numpy().tolist()))
@@ -246,14 +257,10 @@ def run_file(job: tuple) -> FileRun:
     """Train (and retrain) one file, then stream it under every anomaly variant; one process per file."""
     relpath, raw, mc, tc, data, schedule, variants, threads, cache = job
     torch.set_num_threads(threads)
-    # As pipeline.train does: "auto" lookback becomes a number of steps for the file's grid and the
-    # history the first model trains on (the probationary rows); retrains keep it (warm starts).
-    grid = _validated(relpath, raw, data)[0]
-    mc = dataclasses.replace(mc, lookback=resolve_lookback(mc.lookback, grid.step_ns, probation_length(len(raw))))
     t = _cached(cache, relpath, raw, mc, tc, data, schedule) if cache else train_file(relpath, raw, mc, tc, data, schedule)
     t0 = time.perf_counter()
-    scores = {label: stream_file(relpath, raw, t, mc, ac, data, schedule.track)[0] for label, ac in variants}
-    _, unscored = stream_file(relpath, raw, t, mc, variants[0][1], data, schedule.track)
+    scores = {label: stream_file(relpath, raw, t, ac, data, schedule.track)[0] for label, ac in variants}
+    _, unscored = stream_file(relpath, raw, t, variants[0][1], data, schedule.track)
     return FileRun(scores, unscored, t.train_seconds, time.perf_counter() - t0, t.grid.freq, t.repairs, t.retrains)
 
 
@@ -261,22 +268,24 @@ def _cached(cache: Path, relpath: str, raw: pd.DataFrame, mc: ModelConfig, tc: T
             schedule: Schedule) -> Trained:
     """Trained models from an earlier run with the same settings, else train and store them: iterating
     on the anomaly pipeline need not retrain. Weights only (torch.load(weights_only=True))."""
-    key = repr((mc, tc, data, schedule.rows, schedule.warm))
+    key = repr((mc, tc, data, schedule.rows, schedule.warm, "lookback resolved per training, widened warm"))
     path = cache / (relpath.replace("/", "__") + ".pt")
     if path.exists():
         blob = torch.load(path, weights_only=True)
         if blob["key"] == key:
             grid, frame, report = _validated(relpath, raw, data)
             versions = []
-            for cut, scale, weights in zip(blob["cuts"], blob["scales"], blob["weights"]):
-                model = Forecaster(n_features(len(mc.level_alphas)), mc)
+            for cut, scale, lookback, weights in zip(blob["cuts"], blob["scales"], blob["lookbacks"], blob["weights"]):
+                vmc = dataclasses.replace(mc, lookback=lookback)
+                model = Forecaster(n_features(len(mc.level_alphas)), vmc)
                 model.load_state_dict(weights)
-                versions.append(Version(None if cut < 0 else cut, model.eval(), scale))
+                versions.append(Version(None if cut < 0 else cut, model.eval(), scale, vmc))
             return Trained(grid, frame, versions, blob["seconds"], report.by_reason(), blob["retrains"])
     t = train_file(relpath, raw, mc, tc, data, schedule)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save({"key": key, "cuts": [-1 if v.cut is None else v.cut for v in t.versions],
-                "scales": [v.scale for v in t.versions], "weights": [v.model.state_dict() for v in t.versions],
+                "scales": [v.scale for v in t.versions], "lookbacks": [v.mc.lookback for v in t.versions],
+                "weights": [v.model.state_dict() for v in t.versions],
                 "seconds": t.train_seconds, "retrains": t.retrains}, path)
     return t
 

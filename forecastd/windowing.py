@@ -51,10 +51,13 @@ _STEPS_PER_WINDOW_STEP = 50
 
 def resolve_lookback(lookback: int | str, step_ns: int = _NS_HOUR, history: int | None = None) -> int:
     """Steps of the carried window. "auto": one week of steps, at least 24 and at most 336, and no more
-    than `history` / 50 (history = steps of the longest training series; below 24 that means none).
+    than `history` / 50 (history = steps of the longest training series). Below a day of steps (or 336,
+    or 24, whichever lies between) that means none.
 
     A week holds the daily and weekly cycles of hourly data; 336 caps the state (1.3 KB a series) and
     still spans more than a day of 5-minute data; 24 gives daily or monthly data two years or a month.
+    A window that cannot span the daily cycle sees part of a pattern and its weights fit noise: on NAB's
+    5-minute files, retrains with 24-239-step windows scored 51.9 against 57.3 without (docs/benchmarks.md).
     Without `history` (a model built outside `pipeline.train`: tests, benchmarks on synthetic data) the
     week alone decides, and for hourly steps that is 168.
     """
@@ -63,7 +66,8 @@ def resolve_lookback(lookback: int | str, step_ns: int = _NS_HOUR, history: int 
     steps = int(np.clip(round(7 * _NS_DAY / step_ns), 24, 336))
     if history is not None:
         steps = min(steps, history // _STEPS_PER_WINDOW_STEP)
-    return steps if steps >= 24 else 0
+    shortest = int(np.clip(round(_NS_DAY / step_ns), 24, 336))
+    return steps if steps >= shortest else 0
 
 
 def n_features(n_levels: int) -> int:

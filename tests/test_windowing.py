@@ -145,6 +145,14 @@ def test_auto_lookback_is_a_week_of_steps_within_bounds():
     assert resolve_lookback("auto", Grid("1h").step_ns, history=8640) == 168
     assert resolve_lookback("auto", Grid("1h").step_ns, history=2000) == 40
     assert resolve_lookback("auto", Grid("5min").step_ns, history=604) == 0
+    # ... and a window that cannot span a day (or the 336-step cap) is none at all.
+    assert resolve_lookback("auto", Grid("5min").step_ns, history=12000) == 0  # 240 steps: 20 hours
+    assert resolve_lookback("auto", Grid("5min").step_ns, history=14400) == 288
+    assert resolve_lookback("auto", Grid("30min").step_ns, history=2000) == 0  # 40 steps: 20 hours
+    assert resolve_lookback("auto", Grid("30min").step_ns, history=3000) == 60
+    assert resolve_lookback("auto", Grid("1min").step_ns, history=16000) == 0
+    assert resolve_lookback("auto", Grid("1min").step_ns, history=16800) == 336
+    assert resolve_lookback("auto", Grid("1D").step_ns, history=1200) == 24
     assert resolve_lookback(96, Grid("5min").step_ns, history=604) == 96  # a stated number is kept
 
 
