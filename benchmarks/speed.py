@@ -1,6 +1,6 @@
 """Speed of the carried state against recomputing a window, measured in one run on synthetic series.
 
-    python benchmarks/speed.py [--sizes 1 100 10000 100000] [--e2e 10000] [--device cpu|cuda]
+    python benchmarks/speed.py [--sizes 1 100 10000 100000] [--e2e 10000] [--device cpu|cuda] [--threads N]
                                [--pg-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
 
 Prints:
@@ -8,12 +8,16 @@ Prints:
    state: the bare recurrent step, and the product's whole streaming step (features, model, anomaly
    scoring, output rows); against the same model recomputing a lookback window of 96 for every update
    (what a window-based forecaster does), and the ratio;
-2. single-series tick latency p50/p99 in process;
+2. single-series tick latency p50/p99 in process, and one series of 14,400 steps streamed in one call
+   (`run_segments`, as a backfill or the rolling evaluation of benchmarks/peers.py does);
 3. training throughput (target-steps/s) of the TBPTT loop;
 4. an end-to-end `run_once` tick over N series on Parquet and on SQLite (read, step, write H=24
    forecasts and anomaly rows, checkpoint), split by stage; with --pg-url also Parquet in, PostgreSQL
    out (into tables named speed_*_<pid>, dropped afterwards);
 5. peak memory and streaming-state bytes per series; threads used.
+
+On a machine shared with other jobs, `--threads 1` gives steadier figures: with 2 threads every op
+waits at a barrier for a thread the other jobs may have descheduled.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from forecastd.training import train_rows  # noqa: E402
 from forecastd.windowing import n_features  # noqa: E402
 
 WINDOW = 96
+LONG = 14_400  # ETTh1's rows: the rolling evaluation of benchmarks/peers.py
 GRID = Grid("1h")
 
 
@@ -118,6 +123,11 @@ def latency(mc: ModelConfig, device: torch.device) -> None:
     times = np.array(times[200:]) * 1e3
     print(f"\n2. Single-series tick (whole streaming step incl. output rows): p50 {np.percentile(times, 50):.3f} ms, "
           f"p99 {np.percentile(times, 99):.3f} ms")
+    values = 100 + np.cumsum(np.random.default_rng(2).normal(size=LONG))
+    empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (mc.num_layers, mc.hidden_size))
+    t = _best(lambda: run_segments(model, empty, [Segment("s", True, 0, values)], {"s": 1.0}, GRID, mc,
+                                   AnomalyConfig(), 1, Emit(0, LONG - 2_880)), repeat=3, min_time=1.0)
+    print(f"   One series, {LONG:,} steps in one call (run_segments, rows for the last 2,880): {t:.3f} s")
 
 
 def training(mc: ModelConfig, device: torch.device) -> None:
@@ -234,7 +244,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pg-url", help="also run the end-to-end tick into this PostgreSQL database (SQLAlchemy URL)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     mc = ModelConfig(hidden_size=args.hidden, horizon=24)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"

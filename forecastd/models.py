@@ -56,9 +56,10 @@ def detach_state(state: State) -> State:
 
 _CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 _CELL_CODE = {"gru": 0, "lstm": 1, "rnn": 2}  # for the compiled loop
-# Rows up to which the compiled loop beats torch's kernels (measured: 3.8x faster for 1 row, even at 8):
-# the loop's cost grows with rows x steps (scalar exp), torch's mostly with steps (a dozen ops each).
-_LOOP_MAX_ROWS = 8
+# Rows up to which the compiled loops beat torch's kernels (measured on 2 cores: 2-4x faster for one row,
+# even at about 16, for a tick and for a block): their cost grows with rows x steps (scalar exp), torch's
+# mostly with steps (a dozen ops each, some microseconds apiece).
+_LOOP_MAX_ROWS = 16
 
 
 class Forecaster(nn.Module):

@@ -195,36 +195,43 @@ def _z(coverage: float) -> float:
 
 def _frames(ids, out, steps, values, fc_mean, fc_std, expected, expected_sd, scores, grid, K, ac, version) -> Outputs:
     b, t = np.nonzero(out)
-    if b.size == 0:
-        return Outputs(_no_rows(FORECAST_COLUMNS), _no_rows(ANOMALY_COLUMNS))  # frames only if asked for
-    z = _z(ac.coverage)
-    sid = np.asarray(ids, dtype=object)[b]
-    origin_steps = steps[b, t]
-    issued = grid.ns(origin_steps)
     n = b.size
+    if n == 0:
+        return Outputs(_no_rows(FORECAST_COLUMNS), _no_rows(ANOMALY_COLUMNS))  # frames only if asked for
+    if n == out.size:  # every step of every series (a tick, most often): rows in order, no gathers
+        def pick(a: np.ndarray) -> np.ndarray:
+            return a.reshape(n, *a.shape[2:])
+        sid = np.array(ids, dtype=object)
+        sid = sid if out.shape[1] == 1 else np.repeat(sid, out.shape[1])
+    else:
+        def pick(a: np.ndarray) -> np.ndarray:
+            return a[b, t]
+        sid = np.asarray(ids, dtype=object)[b]
+    z = _z(ac.coverage)
+    origin_steps = pick(steps)
+    issued = grid.ns(origin_steps)
     k = np.arange(1, K + 1, dtype=np.int64)
-    m = fc_mean[b, t].ravel()
-    sd = fc_std[b, t].ravel()
+    m = pick(fc_mean).ravel()
+    half = z * pick(fc_std).ravel()
     forecasts = {
         "series_id": np.repeat(sid, K),
         "issued_at": np.repeat(issued, K),
         "step": np.tile(k, n),
         "target_ts": grid.ns((origin_steps[:, None] + k).ravel()),
         "mean": m,
-        "lower": m - z * sd,
-        "upper": m + z * sd,
+        "lower": m - half,
+        "upper": m + half,
         "model_version": np.full(n * K, version, dtype=np.int64),
     }
-    e, esd = expected[b, t], expected_sd[b, t]
-    sc = scores[b, t]
-    sc[np.isnan(sc)] = 0.0  # unscored points; scores are otherwise in [0, 1]
+    e, half = pick(expected), z * pick(expected_sd)
+    sc = np.where(np.isnan(s := pick(scores)), 0.0, s)  # unscored points; scores are otherwise in [0, 1]
     anomalies = {
         "series_id": sid,
         "ts": issued,
-        "value": values[b, t],
+        "value": pick(values).copy(),  # the caller's array when the block is not ragged
         "expected": e,
-        "lower": e - z * esd,
-        "upper": e + z * esd,
+        "lower": e - half,
+        "upper": e + half,
         "score": sc,
         "is_anomaly": sc >= ac.threshold,
         "model_version": np.full(n, version, dtype=np.int64),

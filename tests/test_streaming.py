@@ -1,7 +1,8 @@
 """The streaming step: one batched, chunked call gives the rows and states of ticking each series alone.
 
-The batched call runs torch's kernels (more rows than the compiled loop takes) over ragged chunks; the
-ticks run the compiled one-step path. Both go through `advance`'s ragged and whole-block branches.
+The batched call runs torch's kernels while more series are active than the compiled loops take, then
+the compiled loop over the ragged tails; the ticks run the compiled one-step path. Both go through
+`advance`'s ragged and whole-block branches.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from forecastd.config import AnomalyConfig, ModelConfig
 from forecastd.frames import Grid
-from forecastd.models import Forecaster
+from forecastd.models import _LOOP_MAX_ROWS, Forecaster
 from forecastd.state import Segment, StreamState
 from forecastd.streaming import Emit, Outputs, run_segments
 from forecastd.windowing import n_features
@@ -52,7 +53,7 @@ def _sorted(out: Outputs) -> dict[str, pd.DataFrame]:
 def test_one_chunked_batch_equals_ticking_each_series_alone(cell, lookback):
     model, mc = _model(cell, lookback)
     ac = AnomalyConfig()
-    segs = _segments(12)
+    segs = _segments(_LOOP_MAX_ROWS + 6)
     empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (1 + (cell == "lstm"), mc.hidden_size),
                               ac.forecasts, model.lookback)
     scales = {g.series_id: 1.0 + i / 4 for i, g in enumerate(segs)}
