@@ -83,8 +83,8 @@ class Forecaster(nn.Module):
         )
         # Weights on the recent path: path[k, j-1] multiplies (value j steps ago - last value) / scale.
         self.path = nn.Parameter(torch.zeros(config.horizon, self.lookback)) if self.lookback else None
+        self._cache: dict[str, tuple] = {}  # rearranged weights for inference; see _derived
         # Start as persistence with a unit spread: mean change 0, scale softplus(0.5413) = 1.
-        self._cache: dict[str, tuple] = {}  # see _derived
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():
             self.head.bias[: config.horizon] = 0.0
@@ -165,7 +165,8 @@ class Forecaster(nn.Module):
         Laid out for a memory-bound step (B = 10,000: 2.6 MB per [B, H] tensor): every gate group has
         its own matmul so each elementwise op runs over a contiguous tensor (tanh over a column slice
         is 4x slower), and the biases ride in the input matmul as a column of ones instead of being
-        broadcast into each output first. The update is a lerp (one pass, not three).
+        broadcast into each output first. The update is a lerp: one pass, not three, and equal to torch's
+        (h - new) * update + new to round-off.
         """
         H, lstm = self.rnn.hidden_size, self.cell == "lstm"
         cells, (w_mean, b_mean, w_raw, b_raw, kernel) = self._derived("tick", self._tick_weights)

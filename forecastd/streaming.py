@@ -40,7 +40,8 @@ Columns = dict[str, np.ndarray]
 
 
 def _no_rows(schema: dict[str, str]) -> Columns:
-    return {name: np.empty(0, dtype="int64" if dtype.startswith("datetime64") else dtype) for name, dtype in schema.items()}
+    return {name: np.empty(0, dtype="int64" if dtype.startswith("datetime64") else dtype)
+            for name, dtype in schema.items()}
 
 
 def _to_frame(cols: Columns, schema: dict[str, str]) -> pd.DataFrame:
