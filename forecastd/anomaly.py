@@ -31,7 +31,6 @@ Pure functions over numpy arrays; state between calls is an `AnomalyTrack`, carr
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +72,10 @@ class AnomalyTrack:
         return cls(z.copy(), z.copy(), z.copy(), np.zeros(batch, dtype=np.int64), nan.copy(), nan.copy(),
                    z.copy(), np.full(batch, NO_INCIDENT, dtype=np.int64))
 
+    def with_(self, **changes: np.ndarray) -> AnomalyTrack:
+        """This track with some arrays replaced; dataclasses.replace costs 18 µs a call, a tick makes four."""
+        return AnomalyTrack(**{**self.__dict__, **changes})
+
 
 def _log10_normal_tail(z: np.ndarray) -> np.ndarray:
     """log10 P(Z > z) for a standard normal, accurate far into the tail."""
@@ -82,7 +85,8 @@ def _log10_normal_tail(z: np.ndarray) -> np.ndarray:
 def surprise(values: np.ndarray, expected: np.ndarray, spread: np.ndarray) -> np.ndarray:
     """-log10 of the two-sided tail probability of each value; NaN where any input is missing."""
     z = np.abs(values - expected) / spread
-    out = -(_log10_normal_tail(np.nan_to_num(z, nan=0.0)) + np.log10(2.0))
+    # np.where rather than np.nan_to_num: the same zeros, a tenth of the fixed cost on a one-series tick.
+    out = -(_log10_normal_tail(np.where(np.isnan(z), 0.0, z)) + np.log10(2.0))
     return np.where(np.isfinite(z), np.maximum(out, 0.0), np.nan)
 
 
@@ -97,8 +101,10 @@ def likelihood(
     count = track.count.astype(np.int64)  # copies: the caller's track is left as it was
     zs = _likelihood_steps(np.ascontiguousarray(raw, dtype=np.float64), short, mean, var, count,
                            2.0 / (short_window + 1.0), float(long_window))
-    log_tail = np.where(np.isnan(zs), np.nan, _log10_normal_tail(np.nan_to_num(zs, nan=0.0, neginf=-40.0)))
-    return log_tail, dataclasses.replace(track, short=short, mean=mean, var=var, count=count)
+    # No alarm yet (-inf) reads as z = -40, whose tail is 1 to double precision, as is any z below it.
+    finite = np.where(np.isnan(zs), 0.0, np.maximum(zs, -40.0))
+    log_tail = np.where(np.isnan(zs), np.nan, _log10_normal_tail(finite))
+    return log_tail, track.with_(short=short, mean=mean, var=var, count=count)
 
 
 @njit(cache=True, nogil=True)
@@ -153,7 +159,7 @@ def novel(values: np.ndarray, track: AnomalyTrack, tolerance: float) -> tuple[np
     lo, hi = track.lo.astype(np.float64), track.hi.astype(np.float64)
     flags = _novel_steps(np.ascontiguousarray(values, dtype=np.float64), lo, hi, track.count.astype(np.int64),
                          float(tolerance))
-    return flags, dataclasses.replace(track, lo=lo, hi=hi)
+    return flags, track.with_(lo=lo, hi=hi)
 
 
 @njit(cache=True, nogil=True)
@@ -184,7 +190,7 @@ def cooldown(scores: np.ndarray, track: AnomalyTrack, steps: int) -> tuple[np.nd
     """
     peak, since = track.peak.astype(np.float64), track.since.astype(np.int64)
     out = _cooldown_steps(np.ascontiguousarray(scores, dtype=np.float64), peak, since, int(steps))
-    return out, dataclasses.replace(track, peak=peak, since=since)
+    return out, track.with_(peak=peak, since=since)
 
 
 @njit(cache=True, nogil=True)
@@ -234,7 +240,7 @@ def score(
     out = final(log_tail, raw, gate=gate, scale=scale)
     if novelty_tolerance is not None and values is not None:
         flags, nt = novel(values, track, novelty_tolerance)
-        new = dataclasses.replace(new, lo=nt.lo, hi=nt.hi)
+        new = new.with_(lo=nt.lo, hi=nt.hi)
         # A new extreme the forecaster saw coming (a drifting sensor, a trending price) is not news.
         with np.errstate(invalid="ignore"):
             out = np.where(flags & (raw >= NOVELTY_MIN_SURPRISE), 1.0, out)
