@@ -269,7 +269,7 @@ def _cached(cache: Path, relpath: str, raw: pd.DataFrame, mc: ModelConfig, tc: T
     """Trained models from an earlier run with the same settings, else train and store them: iterating
     on the anomaly pipeline need not retrain. Weights only (torch.load(weights_only=True))."""
     key = repr((mc, tc, data, schedule.rows, schedule.warm, "lookback resolved per training, widened warm"))
-    path = cache / (relpath.replace("/", "__") + ".pt")
+    path = cache / f"{relpath.replace('/', '__')}.seed{tc.seed}.pt"
     if path.exists():
         blob = torch.load(path, weights_only=True)
         if blob["key"] == key:
@@ -345,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="override a [training] setting, e.g. learning_rate=0.003 or weight_average=0")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the benchmark machine has 2 cores)")
     p.add_argument("--jobs", type=int, default=1, help="files processed in parallel (results do not depend on it)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train with this many seeds (the [training] seed, +1, ...) and print each and their mean; "
+                        "results files, per-file table and ablation are of the first")
     args = p.parse_args(argv)
     if "_" in args.detector:
         p.error("--detector must not contain '_': NAB splits results file names on it")
@@ -370,14 +373,18 @@ def main(argv: list[str] | None = None) -> None:
           f"({'cold' if args.cold else 'warm'} start, anomaly track on a switch: {args.track}); "
           f"torch {torch.__version__}, {args.threads} thread(s) x {args.jobs} job(s)")
     print(f"{'file':<52} {'rows':>6} {'freq':>6} {'unscored':>8} {'train s':>7} {'stream s':>8}  repairs; retrains")
-    jobs = [(relpath, raw, mc, tc, data,
-             Schedule(retrain_rows(args.retrain, len(raw)), not args.cold, args.track), variants, args.threads, args.models)
-            for relpath, raw in corpus.items()]
+    # The first seed runs every variant and writes the results files; further seeds (--seeds) the defaults only.
+    seeds = [dataclasses.replace(tc, seed=tc.seed + k) for k in range(args.seeds)]
+    jobs = [(relpath, raw, mc, tck, data, Schedule(retrain_rows(args.retrain, len(raw)), not args.cold, args.track),
+             variants if k == 0 else variants[:1], args.threads, args.models)
+            for k, tck in enumerate(seeds) for relpath, raw in corpus.items()]
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            runs = dict(zip(corpus, pool.map(run_file, jobs, chunksize=1)))
+            done = pool.map(run_file, jobs, chunksize=1)
     else:
-        runs = {job[0]: run_file(job) for job in jobs}
+        done = [run_file(job) for job in jobs]
+    by_seed = [dict(zip(corpus, done[k * len(corpus):(k + 1) * len(corpus)])) for k in range(len(seeds))]
+    runs = by_seed[0]
     results = {}
     for relpath, raw in corpus.items():
         r = runs[relpath]
@@ -391,7 +398,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{r.stream_seconds:>8.1f}  {repairs}; {'; '.join(r.retrains) or '-'}")
     stream_total = time.perf_counter() - started
 
-    table = {args.detector: _cells(results, windows)}
+    table = {args.detector + (f", seed {tc.seed}" if len(seeds) > 1 else ""): _cells(results, windows)}
+    for tck, seed_runs in zip(seeds[1:], by_seed[1:]):
+        res = {relpath: pd.DataFrame({"timestamp": raw["timestamp"], "anomaly_score": seed_runs[relpath].scores[variants[0][0]]})
+               for relpath, raw in corpus.items()}
+        table[f"{args.detector}, seed {tck.seed}"] = _cells(res, windows)
+    per_seed = np.array([[c.score for c in cells] for cells in list(table.values())[:len(seeds)]])
     if not args.no_baselines:
         gaussian = run_detector(corpus, lambda _, v: windowed_gaussian(v))
         null = run_detector(corpus, lambda _, v: null_scores(len(v)))
@@ -403,10 +415,14 @@ def main(argv: list[str] | None = None) -> None:
     for name, cells in table.items():
         print(f"{name:<34}" + "".join(f"{c.score:>10.1f}" for c in cells)
               + f"   t={cells[0].threshold:.4g}, {cells[0].windows_detected}/{cells[0].windows}")
+    if len(seeds) > 1:
+        # The training seed alone moves the standard score by several points (docs/benchmarks.md).
+        print(f"{f'{args.detector}, mean ± std of {len(seeds)}':<34}"
+              + "".join(f"{f'{m:.1f}±{sd:.1f}':>10}" for m, sd in zip(per_seed.mean(0), per_seed.std(0))))
     for name, anchor in ANCHORS.items():
         print(f"{name + ' (NAB scorer, anchor)':<34}" + "".join(f"{a:>10.1f}" for a in anchor))
 
-    standard = table[args.detector][0]
+    standard = next(iter(table.values()))[0]
     print(f"\nPer file at the standard threshold {standard.threshold:.4g} (after the probationary period):")
     print("\n".join(per_file_table(results, windows, standard.threshold)))
 
