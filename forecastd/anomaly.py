@@ -102,8 +102,8 @@ def likelihood(
     zs = _likelihood_steps(np.ascontiguousarray(raw, dtype=np.float64), short, mean, var, count,
                            2.0 / (short_window + 1.0), float(long_window))
     # No alarm yet (-inf) reads as z = -40, whose tail is 1 to double precision, as is any z below it.
-    finite = np.where(np.isnan(zs), 0.0, np.maximum(zs, -40.0))
-    log_tail = np.where(np.isnan(zs), np.nan, _log10_normal_tail(finite))
+    missing = np.isnan(zs)
+    log_tail = np.where(missing, np.nan, _log10_normal_tail(np.where(missing, 0.0, np.maximum(zs, -40.0))))
     return log_tail, track.with_(short=short, mean=mean, var=var, count=count)
 
 

@@ -217,10 +217,6 @@ def _to_utc(col: pd.Series, zone: str) -> pd.Series:
     if pd.api.types.is_datetime64_dtype(col.dtype):
         return col.dt.tz_localize(zone, ambiguous="NaT", nonexistent="NaT").dt.tz_convert("UTC").dt.as_unit("ns")
     tz = ZoneInfo(zone)
-
-    def one(v: object) -> pd.Timestamp:
-        return utc_instant(v, tz)
-
     # Fast path: one vectorised parse; values it could not place (unparseable, or of the other kind in
     # a mixed naive/aware column) are parsed row by row, so dirty rows cost time only for themselves.
     try:
@@ -233,9 +229,9 @@ def _to_utc(col: pd.Series, zone: str) -> pd.Series:
         redo = out.isna() & col.notna()
         if redo.any():
             out = out.copy()
-            out[redo] = pd.DatetimeIndex([one(v) for v in col[redo].tolist()], tz="UTC").as_unit("ns")
+            out[redo] = pd.DatetimeIndex([utc_instant(v, tz) for v in col[redo].tolist()], tz="UTC").as_unit("ns")
         return out
-    values = [one(v) for v in col.tolist()]
+    values = [utc_instant(v, tz) for v in col.tolist()]
     return pd.Series(pd.DatetimeIndex(values, tz="UTC").as_unit("ns") if values else
                      pd.DatetimeIndex([], tz="UTC"), index=col.index)
 

@@ -44,6 +44,8 @@ __all__ = ["StreamState", "Segment", "plan", "StateStore", "ModelVersion", "FORM
 
 log = logging.getLogger(__name__)
 
+# Anomaly-track arrays added after FORMAT 2 checkpoints were first written, in AnomalyTrack's field order.
+_LATER_TRACK_KEYS = ("a_lo", "a_hi", "a_peak", "a_since")
 FORMAT = 2  # bump when the layout of a checkpoint or manifest changes; loaders refuse what they don't know
 
 
@@ -98,17 +100,15 @@ class StreamState:
 
     @classmethod
     def from_arrays(cls, series_ids: list[str], a: dict[str, np.ndarray]) -> StreamState:
-        # Checkpoints written before the novelty range or the cooldown existed lack their arrays: the
-        # range restarts empty (NaN), so novelty waits for new history, and no incident is open; the
-        # checkpoint is not refused.
-        unknown = np.full(len(series_ids), np.nan)
-        fresh = AnomalyTrack.fresh(len(series_ids))
+        # Checkpoints written before the novelty range or the cooldown existed lack their arrays: they take
+        # a fresh track's (the range empty, NaN, so novelty waits for new history; no incident open), and
+        # the checkpoint is not refused. Built only then: take and merge come here on every tick.
+        fresh = None if all(k in a for k in _LATER_TRACK_KEYS) else AnomalyTrack.fresh(len(series_ids))
         return cls(
             list(series_ids), a["step"], a["age"], a["scale"], Track(a["last"], a["levels"]), a["hidden"],
             a["window"], a["pending_mean"], a["pending_std"],
             AnomalyTrack(a["a_short"], a["a_mean"], a["a_var"], a["a_count"],
-                         a.get("a_lo", unknown), a.get("a_hi", unknown.copy()),
-                         a.get("a_peak", fresh.peak), a.get("a_since", fresh.since)),
+                         *(a[k] if k in a else getattr(fresh, k[2:]) for k in _LATER_TRACK_KEYS)),
         )
 
     def take(self, index: np.ndarray) -> StreamState:
