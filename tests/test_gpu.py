@@ -1,0 +1,116 @@
+"""The CUDA path: what a GPU user gets must be what a CPU user gets.
+
+Off by default (marker `gpu`); run with `pytest -m gpu` on a machine with CUDA. The checks: streaming
+on the GPU gives the CPU's rows and states, training on the GPU (bf16 autocast) learns, and its
+checkpoint serves on either device, so a model trained on a GPU box can be served from a CPU one.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from forecastd.config import AnomalyConfig, ModelConfig, load_config
+from forecastd.frames import Grid
+from forecastd.models import Forecaster
+from forecastd.pipeline import run_once, state_store, train
+from forecastd.state import Segment, StreamState
+from forecastd.streaming import Emit, run_segments
+from forecastd.windowing import n_features
+
+from test_pipeline import START, _key_sorted, _series, _write_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible; the gpu tests need one"),
+]
+
+GRID = Grid("1h")
+
+
+@pytest.fixture(autouse=True)
+def _full_float32():
+    """cuDNN may run float32 RNNs in TF32 by default; the comparisons below are against float32 CPU."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("lookback", [0, 4])
+def test_streaming_on_cuda_gives_the_cpu_rows_and_states(cell, lookback):
+    mc = ModelConfig(cell=cell, hidden_size=16, horizon=3, lookback=lookback)
+    torch.manual_seed(0)
+    cpu = Forecaster(n_features(len(mc.level_alphas)), mc).eval()
+    with torch.no_grad():
+        for p in cpu.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    gpu = Forecaster(n_features(len(mc.level_alphas)), mc).eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.cuda()
+
+    rng = np.random.default_rng(0)
+    # More series than the compiled CPU loop takes, ragged lengths, gaps: every branch of the step.
+    segs = []
+    for i in range(40):
+        values = 50 + np.cumsum(rng.normal(size=30 + 7 * i))
+        values[rng.random(values.size) < 0.1] = np.nan
+        values[-1] = 55.0
+        segs.append(Segment(f"s{i:02d}", True, i, values))
+    scales = {g.series_id: 1.0 + i / 8 for i, g in enumerate(segs)}
+    ac = AnomalyConfig()
+    empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (1 + (cell == "lstm"), mc.hidden_size),
+                              ac.forecasts, cpu.lookback)
+
+    outs, states = [], []
+    for model in (cpu, gpu):
+        out, state = run_segments(model, empty, segs, scales, GRID, mc, ac, 1, Emit(5), chunk=64)
+        # And one more tick on the carried state, which takes the one-step path.
+        ticks = [Segment(g.series_id, False, g.start + len(g.values), np.array([56.0])) for g in segs]
+        out2, state = run_segments(model, state, ticks, scales, GRID, mc, ac, 1, Emit(5))
+        outs.append((out, out2))
+        states.append(state)
+
+    for a, b in zip(*outs):
+        fa, aa = _key_sorted(a)
+        fb, ab = _key_sorted(b)
+        assert len(fa) == len(fb) > 0 and len(aa) == len(ab) > 0
+        pd.testing.assert_frame_equal(fa, fb, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(ab["score"], aa["score"], atol=1e-3)
+    mine, want = states[1].to_arrays(), states[0].to_arrays()
+    for key, value in want.items():
+        np.testing.assert_allclose(mine[key], value, rtol=1e-4, atol=1e-4, err_msg=key)
+
+
+def test_a_model_trained_on_cuda_learns_and_serves_on_either_device(tmp_path):
+    data = _series()
+    history = data[data["ts"] < START + pd.Timedelta(hours=400)]
+    history.to_parquet(tmp_path / "data.parquet")
+    cfg = _write_config(tmp_path, tmp_path / "data.parquet")
+    cfg.write_text(cfg.read_text().replace('device = "cpu"', 'device = "cuda"'))
+    config = load_config(cfg)
+    train(config, START + pd.Timedelta(hours=400))
+
+    mv = state_store(config).load_live(torch.device("cpu"))
+    metrics = mv.manifest["metrics"]
+    assert metrics["device"] == "cuda"
+    assert metrics["val_mse"] < metrics["val_persistence_mse"]
+
+    # The saved weights are plain CPU tensors; the same checkpoint serves on the GPU and on the CPU.
+    data[data["ts"] < START + pd.Timedelta(hours=450)].to_parquet(tmp_path / "data.parquet")
+    outs = []
+    for device in ("cuda", "cpu"):
+        d = tmp_path / device
+        d.mkdir()
+        shutil.copytree(tmp_path / "state", d / "state")
+        c = _write_config(d, tmp_path / "data.parquet")
+        c.write_text(c.read_text().replace('device = "cpu"', f'device = "{device}"'))
+        outs.append(run_once(load_config(c), START + pd.Timedelta(hours=450), keep_outputs=True).outputs)
+    (fg, ag), (fc, ac) = map(_key_sorted, outs)
+    assert len(fg) == len(fc) > 0 and len(ag) == len(ac) > 0
+    pd.testing.assert_frame_equal(fg, fc, rtol=1e-3, atol=1e-3)
