@@ -137,6 +137,19 @@ def latency(mc: ModelConfig, device: torch.device) -> None:
     print(f"   One series, {LONG:,} steps in one call (run_segments, rows for the last 2,880): {t:.3f} s")
 
 
+def backfill(n: int, steps: int, mc: ModelConfig, device: torch.device) -> None:
+    """A backfill's streaming: n series of `steps` points each from a fresh state, in one call."""
+    model = Forecaster(n_features(len(mc.level_alphas)), mc).to(device).eval()
+    values = 100 + np.cumsum(np.random.default_rng(3).normal(size=(n, steps)), axis=1)
+    segs = [Segment(f"s{i}", True, 0, values[i]) for i in range(n)]
+    empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (mc.num_layers, mc.hidden_size))
+    scales = {f"s{i}": 1.0 for i in range(n)}
+    t = _best(lambda: run_segments(model, empty, segs, scales, GRID, mc, AnomalyConfig(), 1, Emit(0)),
+              repeat=2, min_time=0.0)
+    print(f"   Backfill, {n:,} series x {steps} steps in one call (run_segments, all rows): {t:.2f} s, "
+          f"{n * steps / t:,.0f} series-steps/s")
+
+
 def training(mc: ModelConfig, device: torch.device) -> None:
     tc = TrainingConfig()
     F = n_features(len(mc.level_alphas))
@@ -250,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", help="series per tick (default 1 100 10k 100k; on CUDA also 1M)")
     p.add_argument("--e2e", type=int, default=10_000, help="series in the end-to-end tick (0 skips it)")
+    p.add_argument("--backfill", type=int, default=1_000, help="series in the 500-step backfill (0 skips it)")
     p.add_argument("--pg-url", help="also run the end-to-end tick into this PostgreSQL database (SQLAlchemy URL)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -268,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"forecastd speed: GRU hidden {mc.hidden_size}, H={mc.horizon}, torch {torch.__version__}, {name}, malloc {malloc}")
     streaming(args.sizes, mc, device)
     latency(mc, device)
+    if args.backfill:
+        backfill(args.backfill, 500, mc, device)
     training(mc, device)
     if args.e2e:
         end_to_end(args.e2e, mc, device, args.pg_url)

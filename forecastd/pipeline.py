@@ -208,8 +208,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     store = state_store(config)
     # No sweep of temp files here: another writer (a retrain, `models promote`) may be mid-write. The
     # daemon sweeps once at start; leftovers are ignored by every loader until then.
-    device = resolve_device(config.training.device)
-    mv = store.load_live(device)
+    mv = store.load_live(resolve_device(config.serve.device, "[serve] device"))
     grid = mv.grid
     state, _ = store.load_stream(mv.version)
     state = _fit_judges(state, config.anomaly.forecasts) if state is not None else _empty_state(mv, config)
@@ -277,8 +276,7 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
     """
     clock = _Clock()
     store = state_store(config)
-    device = resolve_device(config.training.device)
-    mv = store.load_live(device)
+    mv = store.load_live(resolve_device(config.serve.device, "[serve] device"))
     grid = mv.grid
     lo, hi = (int(v) for v in grid.index(pd.DatetimeIndex([_utc(start), _utc(end)])))
     if hi < lo:

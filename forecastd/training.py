@@ -40,11 +40,11 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, float, float], None]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "[training] device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ModelError('[training] device = "cuda" but no CUDA device is visible; use "auto" or "cpu"')
+        raise ModelError(f'{key} = "cuda" but no CUDA device is visible; use "auto" or "cpu"')
     return torch.device(name)
 
 

@@ -266,3 +266,14 @@ def test_clear_errors_for_empty_source_and_untrained_state(tmp_path):
         train(config, START)
     with pytest.raises(ModelError, match="forecastd train"):
         run_once(config, START)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_serving_on_cuda_without_a_gpu_names_the_setting(trained, tmp_path):
+    cfg = _workspace(trained, tmp_path)
+    _, data = trained
+    data[data["ts"] < _ts(420)].to_parquet(tmp_path / "data.parquet")
+    config = load_config(cfg, {"serve.device": "cuda"})
+    with pytest.raises(ModelError, match=r'\[serve\] device = "cuda" but no CUDA device'):
+        run_once(config, _ts(420))
+    assert load_config(cfg).serve.device == "cpu"  # the default, also on GPU hosts
