@@ -1,6 +1,7 @@
 """Speed of the carried state against recomputing a window, measured in one run on synthetic series.
 
     python benchmarks/speed.py [--sizes 1 100 10000 100000] [--e2e 10000] [--device cpu|cuda] [--threads N]
+                               [--lookback auto|N] [--backfill 1000] [--system-malloc]
                                [--pg-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
 
 Prints:
@@ -180,6 +181,7 @@ def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None
     values = 100 + np.cumsum(rng.normal(size=(n, T + 1)), axis=1)
     frame = pd.DataFrame({"series_id": np.repeat(ids, T + 1), "ts": np.tile(ts, n), "value": values.ravel()})
     pg_tables = (f"speed_forecasts_{os.getpid()}", f"speed_anomalies_{os.getpid()}")
+    lookback = '"auto"' if mc.lookback == "auto" else mc.lookback
     for kind in ("parquet", "sqlite") + (("postgresql",) if pg_url else ()):
         with tempfile.TemporaryDirectory() as d:
             d = Path(d)
@@ -200,7 +202,9 @@ def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None
                 sink = f'kind = "sql"\nurl = "sqlite:///{d / "out.db"}"'
             (d / "c.toml").write_text(
                 f"[source]\n{src}\n[sink]\n{sink}\n[model]\nhidden_size = {mc.hidden_size}\nhorizon = {mc.horizon}\n"
-                f"[data]\nwarmup = 48\n[training]\ndevice = \"{device.type}\"\n[state]\ndir = \"{d / 'state'}\"\n")
+                f"lookback = {lookback}\n"
+                f"[data]\nwarmup = 48\n[training]\ndevice = \"{device.type}\"\n[serve]\ndevice = \"{device.type}\"\n"
+                f"[state]\ndir = \"{d / 'state'}\"\n")
             try:
                 config = load_config(d / "c.toml")
                 _save_untrained(config, mc, ids)
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backfill", type=int, default=1_000, help="series in the 500-step backfill (0 skips it)")
     p.add_argument("--pg-url", help="also run the end-to-end tick into this PostgreSQL database (SQLAlchemy URL)")
     p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--lookback", default="auto",
+                   help='the carried window: "auto" (168 steps on this hourly grid) or a number, 0 = none')
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
     p.add_argument("--system-malloc", action="store_true",
@@ -277,9 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.sizes is None:
         args.sizes = [1, 100, 10_000, 100_000] + ([1_000_000] if device.type == "cuda" else [])
-    mc = ModelConfig(hidden_size=args.hidden, horizon=24)
+    mc = ModelConfig(hidden_size=args.hidden, horizon=24,
+                     lookback=args.lookback if args.lookback == "auto" else int(args.lookback))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"forecastd speed: GRU hidden {mc.hidden_size}, H={mc.horizon}, torch {torch.__version__}, {name}, malloc {malloc}")
+    print(f"forecastd speed: GRU hidden {mc.hidden_size}, H={mc.horizon}, lookback {mc.lookback}, torch {torch.__version__}, {name}, malloc {malloc}")
     streaming(args.sizes, mc, device)
     latency(mc, device)
     if args.backfill:

@@ -166,7 +166,9 @@ class Forecaster(nn.Module):
         its own matmul so each elementwise op runs over a contiguous tensor (tanh over a column slice
         is 4x slower), and the biases ride in the input matmul as a column of ones instead of being
         broadcast into each output first. The update is a lerp: one pass, not three, and equal to torch's
-        (h - new) * update + new to round-off.
+        (h - new) * update + new to round-off. tanh is 2 sigmoid(2x) - 1, with the 2 folded into the
+        weights: torch's tanh runs 3x slower than its sigmoid here (1.3 ms against 0.45 ms with the
+        correction, 10,000 x 64), and the two agree to 2e-7.
         """
         H, lstm = self.rnn.hidden_size, self.cell == "lstm"
         cells, (w_mean, b_mean, w_raw, b_raw, kernel) = self._derived("tick", self._tick_weights)
@@ -178,17 +180,17 @@ class Forecaster(nn.Module):
                 w_rz, u_rz, w_n, u_n, b_n = w
                 h = state.rnn[layer]  # B, H
                 rz = torch.mm(xa, w_rz).addmm_(h, u_rz).sigmoid_()  # B, 2H
-                new = torch.mm(xa, w_n).addcmul_(torch.addmm(b_n, h, u_n), rz[:, :H]).tanh_()  # B, H
+                new = _tanh_of_half_(torch.mm(xa, w_n).addcmul_(torch.addmm(b_n, h, u_n), rz[:, :H]))  # B, H
                 h = torch.lerp(new, h, rz[:, H:])  # new + update * (h - new)
             elif lstm:
                 w_ifo, u_ifo, w_g, u_g = w
                 h, c = state.rnn[0][layer], state.rnn[1][layer]
                 ifo = torch.mm(xa, w_ifo).addmm_(h, u_ifo).sigmoid_()  # B, 3H: in, forget, out
-                c = torch.addcmul(ifo[:, H : 2 * H] * c, ifo[:, :H], torch.mm(xa, w_g).addmm_(h, u_g).tanh_())
-                h = ifo[:, 2 * H :] * c.tanh()
+                c = torch.addcmul(ifo[:, H : 2 * H] * c, ifo[:, :H], _tanh_of_half_(torch.mm(xa, w_g).addmm_(h, u_g)))
+                h = ifo[:, 2 * H :] * _tanh_of_half_(c * 2.0)
                 cs.append(c)
             else:
-                h = torch.mm(xa, w[0]).addmm_(state.rnn[layer], w[1]).tanh_()
+                h = _tanh_of_half_(torch.mm(xa, w[0]).addmm_(state.rnn[layer], w[1]))
             hs.append(h)
             inp = h
         hidden = hs[0][None] if len(hs) == 1 else torch.stack(hs)  # L, B, H
@@ -206,6 +208,7 @@ class Forecaster(nn.Module):
         """For `_tick`, transposed for x @ w. Per layer and gate group: input weights with the summed
         biases as a last column, and hidden weights. GRU: (reset+update, then new; the new gate's hidden
         bias stays apart, as the reset gate scales it); LSTM: (in+forget+out, then cell); Elman: one.
+        The groups that go through tanh (GRU new, LSTM cell, Elman) are doubled for `_tanh_of_half_`.
         Then the head's mean and raw-scale halves and the path kernel [W, K] (None without a window)."""
         H, K = self.rnn.hidden_size, self.horizon
         cells = []
@@ -214,14 +217,15 @@ class Forecaster(nn.Module):
             if self.cell == "gru":
                 rz, n = slice(0, 2 * H), slice(2 * H, 3 * H)
                 cells.append((torch.cat([w_ih[rz], both[rz, None]], 1).t().contiguous(), w_hh[rz].t().contiguous(),
-                              torch.cat([w_ih[n], b_ih[n, None]], 1).t().contiguous(), w_hh[n].t().contiguous(),
-                              b_hh[n]))
+                              torch.cat([w_ih[n], b_ih[n, None]], 1).t().mul(2.0).contiguous(),
+                              w_hh[n].t().mul(2.0).contiguous(), b_hh[n] * 2.0))
             elif self.cell == "lstm":
                 ifo, g = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H)]), slice(2 * H, 3 * H)
                 cells.append((torch.cat([w_ih[ifo], both[ifo, None]], 1).t().contiguous(), w_hh[ifo].t().contiguous(),
-                              torch.cat([w_ih[g], both[g, None]], 1).t().contiguous(), w_hh[g].t().contiguous()))
+                              torch.cat([w_ih[g], both[g, None]], 1).t().mul(2.0).contiguous(),
+                              w_hh[g].t().mul(2.0).contiguous()))
             else:
-                cells.append((torch.cat([w_ih, both[:, None]], 1).t().contiguous(), w_hh.t().contiguous()))
+                cells.append((torch.cat([w_ih, both[:, None]], 1).t().mul(2.0).contiguous(), w_hh.t().mul(2.0).contiguous()))
         w, b = self.head.weight, self.head.bias
         kernel = None if self.path is None else self._kernel().t().contiguous()
         return cells, (w[:K].t().contiguous(), b[:K], w[K:].t().contiguous(), b[K:], kernel)
@@ -270,6 +274,11 @@ class Forecaster(nn.Module):
         window = np.empty((B, self.lookback), dtype=np.float32)
         _head_rows(out[:, 0], xn[:, 0, 0], state.window.numpy(), *head, mean[:, 0], scale[:, 0], window)
         return torch.from_numpy(mean), torch.from_numpy(scale), State(hidden, torch.from_numpy(window))
+
+
+def _tanh_of_half_(t: torch.Tensor) -> torch.Tensor:
+    """tanh(t / 2) in place, as 2 sigmoid(t) - 1: the caller hands in twice the argument (`Forecaster._tick`)."""
+    return t.sigmoid_().mul_(2.0).sub_(1.0)
 
 
 @njit(cache=True, nogil=True)
