@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from forecastd.config import AnomalyConfig, ModelConfig, load_config
+from forecastd.config import AnomalyConfig, load_config
 from forecastd.frames import Grid
 from forecastd.models import Forecaster
 from forecastd.pipeline import run_once, state_store, train
@@ -23,6 +23,7 @@ from forecastd.streaming import Emit, run_segments
 from forecastd.windowing import n_features
 
 from test_pipeline import START, _key_sorted, _series, _write_config
+from test_streaming import _model, _segments
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,24 +45,11 @@ def _full_float32():
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("lookback", [0, 4])
 def test_streaming_on_cuda_gives_the_cpu_rows_and_states(cell, lookback):
-    mc = ModelConfig(cell=cell, hidden_size=16, horizon=3, lookback=lookback)
-    torch.manual_seed(0)
-    cpu = Forecaster(n_features(len(mc.level_alphas)), mc).eval()
-    with torch.no_grad():
-        for p in cpu.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
+    cpu, mc = _model(cell, lookback)
     gpu = Forecaster(n_features(len(mc.level_alphas)), mc).eval()
     gpu.load_state_dict(cpu.state_dict())
     gpu.cuda()
-
-    rng = np.random.default_rng(0)
-    # More series than the compiled CPU loop takes, ragged lengths, gaps: every branch of the step.
-    segs = []
-    for i in range(40):
-        values = 50 + np.cumsum(rng.normal(size=30 + 7 * i))
-        values[rng.random(values.size) < 0.1] = np.nan
-        values[-1] = 55.0
-        segs.append(Segment(f"s{i:02d}", True, i, values))
+    segs = _segments(40)  # more series than the compiled CPU loop takes, ragged, with gaps: every branch
     scales = {g.series_id: 1.0 + i / 8 for i, g in enumerate(segs)}
     ac = AnomalyConfig()
     empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (1 + (cell == "lstm"), mc.hidden_size),
