@@ -87,8 +87,11 @@ ABLATION: list[tuple[str, dict]] = [
     ("- cooldown (report every point)", {"cooldown": 0}),
     ("- soft scale (linear, saturating)", {"scale": "linear"}),
     ("- point gate", {"point_gate": False}),
+    ("- empirical tail (Gaussian only)", {"empirical_tail": False}),
+    ("two judges (forecasts = 2)", {"forecasts": 2}),
     ("previous pipeline (none of the above)", {"raw_cap": 0.0, "novelty_tolerance": -1.0, "scale": "linear",
-                                               "point_gate": True, "cooldown": 0}),
+                                               "point_gate": True, "cooldown": 0,
+                                               "empirical_tail": False, "forecasts": 2}),
 ]
 
 

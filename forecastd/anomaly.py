@@ -11,6 +11,12 @@
    The surprise fed to it may be capped (`raw_cap`): a bounded raw score, as HTM's is, keeps one
    extreme point from dominating the long-run distribution and makes a run of moderately surprising
    points (a changed pattern) count as much as one wild point.
+   `empirical_tail`: the Gaussian tail of that comparison is checked against what the series has
+   shown. Each series keeps the running fraction of its points whose z reached 2, 2.5, 3, ... 8; a
+   point is never rarer than the fraction of earlier points that reached the highest edge below its
+   own z. A bursty series (tweet volumes, busy hosts) has bursts whose short average lies ten standard
+   deviations out, every few hundred points: the Gaussian calls each a one-in-10^20 event, the count
+   calls it one in a few hundred. A series that never did it before keeps the Gaussian's verdict.
 3. `final`: the likelihood's rarity (optionally gated by the point's own rarity: the smaller of the
    two) on a log scale in [0, 1]: 0.5 is a one-in-100,000 event. `linear` reaches 1 at one in 10^10
    and saturates there; `soft` (1 - 2^(-x/5)) keeps ranking rarer events above each other, which
@@ -48,13 +54,18 @@ MIN_SPREAD = 0.05
 NOVELTY_MIN_SURPRISE = 2.0
 # `since` of a series with no open incident: larger than any cooldown.
 NO_INCIDENT = 2**62
+# z-scores of the likelihood whose observed frequency of exceedance each series tracks (`exceed`).
+# z-scores of the likelihood whose observed frequency each series keeps (`empirical_tail`). The low
+# edges matter most: without 2 and 2.5 the NAB score falls from 69.2 to 57.5 (docs/benchmarks.md).
+EXCEED_EDGES = np.array([2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0])
 
 
 @dataclass
 class AnomalyTrack:
     """Per series [B]: short moving average of surprise, long-run mean and variance of its cube root, count;
     lowest and highest value seen (NaN before the first); the open incident's highest reported score
-    and the points scored since it was reported (`cooldown`)."""
+    and the points scored since it was reported (`cooldown`); how often the likelihood's z reached each
+    edge (`empirical_tail`)."""
 
     short: np.ndarray
     mean: np.ndarray
@@ -64,13 +75,14 @@ class AnomalyTrack:
     hi: np.ndarray
     peak: np.ndarray
     since: np.ndarray
+    exceed: np.ndarray  # B, E: running fraction of scored points whose z reached each of EXCEED_EDGES
 
     @classmethod
     def fresh(cls, batch: int) -> AnomalyTrack:
         z = np.zeros(batch)
         nan = np.full(batch, np.nan)
         return cls(z.copy(), z.copy(), z.copy(), np.zeros(batch, dtype=np.int64), nan.copy(), nan.copy(),
-                   z.copy(), np.full(batch, NO_INCIDENT, dtype=np.int64))
+                   z.copy(), np.full(batch, NO_INCIDENT, dtype=np.int64), np.zeros((batch, len(EXCEED_EDGES))))
 
     def with_(self, **changes: np.ndarray) -> AnomalyTrack:
         """This track with some arrays replaced; dataclasses.replace costs 18 µs a call, a tick makes four."""
@@ -91,27 +103,36 @@ def surprise(values: np.ndarray, expected: np.ndarray, spread: np.ndarray) -> np
 
 
 def likelihood(
-    raw: np.ndarray, track: AnomalyTrack, short_window: int, long_window: int
+    raw: np.ndarray, track: AnomalyTrack, short_window: int, long_window: int, empirical_tail: bool = False
 ) -> tuple[np.ndarray, AnomalyTrack]:
-    """Log10 tail probability of the short average of `raw` [B, T] under its long-run distribution.
+    """Log10 tail probability of the short average of `raw` [B, T] under its long-run distribution;
+    with `empirical_tail`, no smaller than the observed frequency of such a z (module docstring).
 
     Sequential in T (compiled); NaN steps (missing points) leave the track untouched and score NaN.
     """
     short, mean, var = track.short.astype(np.float64), track.mean.astype(np.float64), track.var.astype(np.float64)
     count = track.count.astype(np.int64)  # copies: the caller's track is left as it was
-    zs = _likelihood_steps(np.ascontiguousarray(raw, dtype=np.float64), short, mean, var, count,
-                           2.0 / (short_window + 1.0), float(long_window))
+    exceed = track.exceed.astype(np.float64)
+    zs, seen = _likelihood_steps(np.ascontiguousarray(raw, dtype=np.float64), short, mean, var, count, exceed,
+                                 2.0 / (short_window + 1.0), float(long_window), EXCEED_EDGES)
     # No alarm yet (-inf) reads as z = -40, whose tail is 1 to double precision, as is any z below it.
     missing = np.isnan(zs)
     log_tail = np.where(missing, np.nan, _log10_normal_tail(np.where(missing, 0.0, np.maximum(zs, -40.0))))
-    return log_tail, track.with_(short=short, mean=mean, var=var, count=count)
+    if empirical_tail:
+        with np.errstate(divide="ignore"):  # log10(0): never seen, the Gaussian decides
+            log_tail = np.maximum(log_tail, np.log10(seen))
+    return log_tail, track.with_(short=short, mean=mean, var=var, count=count, exceed=exceed)
 
 
 @njit(cache=True, nogil=True)
-def _likelihood_steps(raw, short, mean, var, count, a_short, long_window):  # pragma: no cover - compiled
-    """The sequential part of `likelihood`, compiled; updates short, mean, var, count [B] in place."""
+def _likelihood_steps(raw, short, mean, var, count, exceed, a_short, long_window, edges):  # pragma: no cover
+    """The sequential part of `likelihood`, compiled; updates short, mean, var, count [B] and exceed [B, E]
+    in place. Returns z [B, T] and, per point, the fraction of earlier points whose z reached the highest
+    edge at or below this one's (0 below the first edge)."""
     B, T = raw.shape
+    E = edges.shape[0]
     zs = np.full((B, T), np.nan)
+    seen = np.zeros((B, T))
     for b in range(B):
         for t in range(T):
             r = raw[b, t]
@@ -122,14 +143,20 @@ def _likelihood_steps(raw, short, mean, var, count, a_short, long_window):  # pr
             # (Wilson-Hilferty), so a Gaussian tail on the cube root is honest rather than ~10x too alarmed.
             u = np.cbrt(short[b])
             sd = max(np.sqrt(var[b]), MIN_SPREAD)
-            zs[b, t] = (u - mean[b]) / sd if count[b] >= MIN_HISTORY else -np.inf
+            z = (u - mean[b]) / sd if count[b] >= MIN_HISTORY else -np.inf
+            zs[b, t] = z
             # Running moments: exact mean/variance until long_window points, then exponentially forgetting.
             alpha = max(1.0 / (count[b] + 1.0), 1.0 / long_window)
+            for k in range(E):  # edges ascend: the last one reached gives the frequency
+                if z >= edges[k]:
+                    seen[b, t] = exceed[b, k]
+            for k in range(E):
+                exceed[b, k] += alpha * ((1.0 if z >= edges[k] else 0.0) - exceed[b, k])
             delta = u - mean[b]
             mean[b] += alpha * delta
             var[b] = (1.0 - alpha) * (var[b] + alpha * delta * delta)
             count[b] += 1
-    return zs
+    return zs, seen
 
 
 def final(log_tail: np.ndarray, raw: np.ndarray, *, gate: bool = True, scale: str = "linear") -> np.ndarray:
@@ -227,6 +254,7 @@ def score(
     scale: str = "linear",
     novelty_tolerance: float | None = None,
     cooldown_steps: int = 0,
+    empirical_tail: bool = False,
 ) -> tuple[np.ndarray, AnomalyTrack]:
     """Surprise [B, T] (from `surprise`; NaN where unscored) -> scores [B, T] in [0, 1] and the new track.
 
@@ -234,7 +262,7 @@ def score(
     scale; [anomaly] in the config chooses what the product runs). values [B, T] are needed for novelty.
     """
     fed = np.minimum(raw, raw_cap) if raw_cap > 0 else raw
-    log_tail, new = likelihood(fed, track, short_window, long_window)
+    log_tail, new = likelihood(fed, track, short_window, long_window, empirical_tail)
     if not use_likelihood:  # the point's own rarity only (the ablation's "no likelihood")
         log_tail = -raw
     out = final(log_tail, raw, gate=gate, scale=scale)

@@ -45,7 +45,7 @@ __all__ = ["StreamState", "Segment", "plan", "StateStore", "ModelVersion", "FORM
 log = logging.getLogger(__name__)
 
 # Anomaly-track arrays added after FORMAT 2 checkpoints were first written, in AnomalyTrack's field order.
-_LATER_TRACK_KEYS = ("a_lo", "a_hi", "a_peak", "a_since")
+_LATER_TRACK_KEYS = ("a_lo", "a_hi", "a_peak", "a_since", "a_exceed")
 FORMAT = 2  # bump when the layout of a checkpoint or manifest changes; loaders refuse what they don't know
 
 
@@ -95,7 +95,7 @@ class StreamState:
             "a_short": self.anomaly.short, "a_mean": self.anomaly.mean,
             "a_var": self.anomaly.var, "a_count": self.anomaly.count,
             "a_lo": self.anomaly.lo, "a_hi": self.anomaly.hi,
-            "a_peak": self.anomaly.peak, "a_since": self.anomaly.since,
+            "a_peak": self.anomaly.peak, "a_since": self.anomaly.since, "a_exceed": self.anomaly.exceed,
         }
 
     @classmethod

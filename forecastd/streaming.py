@@ -162,7 +162,7 @@ def advance(
         raw, state.anomaly, ac.short_window, ac.long_window, values=values, use_likelihood=ac.likelihood,
         raw_cap=ac.raw_cap, gate=ac.point_gate, scale=ac.scale,
         novelty_tolerance=ac.novelty_tolerance if ac.novelty_tolerance >= 0 else None,
-        cooldown_steps=ac.cooldown,
+        cooldown_steps=ac.cooldown, empirical_tail=ac.empirical_tail,
     )
 
     if ragged:

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from forecastd.anomaly import AnomalyTrack, cooldown, final, likelihood, score, surprise
 
@@ -44,15 +45,49 @@ def test_missing_points_leave_the_track_alone_and_score_nan():
     assert t.count[0] == 2
 
 
-def test_scoring_in_blocks_equals_scoring_at_once():
+@pytest.mark.parametrize("empirical_tail", [False, True])
+def test_scoring_in_blocks_equals_scoring_at_once(empirical_tail):
     rng = np.random.default_rng(2)
     v = rng.normal(size=(3, 300))
+    v[:, ::37] *= 6.0  # some excursions, so the empirical tail has counts to carry between blocks
     raw = surprise(v, np.zeros_like(v), np.ones_like(v))
-    a, ta = likelihood(raw, AnomalyTrack.fresh(3), 10, 100)
-    b1, t1 = likelihood(raw[:, :120], AnomalyTrack.fresh(3), 10, 100)
-    b2, t2 = likelihood(raw[:, 120:], t1, 10, 100)
+    a, ta = likelihood(raw, AnomalyTrack.fresh(3), 10, 100, empirical_tail)
+    b1, t1 = likelihood(raw[:, :120], AnomalyTrack.fresh(3), 10, 100, empirical_tail)
+    b2, t2 = likelihood(raw[:, 120:], t1, 10, 100, empirical_tail)
     np.testing.assert_allclose(np.concatenate([b1, b2], 1), a)
     np.testing.assert_allclose(t2.var, ta.var)
+    np.testing.assert_allclose(t2.exceed, ta.exceed)
+    assert (ta.exceed[:, 0] > 0).all()
+
+
+def _bursts(n=3000, every=300, length=6, size=5.0, seed=7):
+    """Noise with a burst of `length` points `size` sigma out every `every` points, from point 600."""
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=n)
+    starts = np.arange(600, n - length, every)
+    for s in starts:
+        v[s:s + length] = size + rng.normal(size=length)
+    raw = surprise(v[None], np.zeros((1, n)), np.ones((1, n)))
+    return raw, starts
+
+
+def test_empirical_tail_stops_routine_bursts_alarming_but_not_the_first():
+    raw, starts = _bursts()
+    kw = dict(raw_cap=2.0, scale="soft")
+    gauss, _ = score(raw, AnomalyTrack.fresh(1), 10, 2000, **kw)
+    checked, _ = score(raw, AnomalyTrack.fresh(1), 10, 2000, empirical_tail=True, **kw)
+    peak = lambda s, a: s[0, a:a + 10].max()  # noqa: E731
+    first, later = peak(checked, starts[0]), max(peak(checked, a) for a in starts[1:])
+    # The Gaussian calls every burst a one-in-100,000 event, the tenth as the first.
+    assert min(peak(gauss, a) for a in starts) > 0.45
+    # The counts learn that bursts are routine: from the second on they score far below the first,
+    # which nothing like it preceded, and far below the Gaussian's verdict.
+    assert first > 0.4 and later < 0.3
+    # Per series: in one batch, a series that never burst before keeps the Gaussian's verdict.
+    quiet = raw.copy()
+    quiet[0, :starts[-1]] = np.minimum(quiet[0, :starts[-1]], 1.0)
+    both, _ = score(np.vstack([raw, quiet]), AnomalyTrack.fresh(2), 10, 2000, empirical_tail=True, **kw)
+    assert peak(both[1:], starts[-1]) > 0.45 and peak(both[:1], starts[-1]) < 0.3
 
 
 def test_final_maps_rarity_to_unit_interval_and_needs_both_rare():

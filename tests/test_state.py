@@ -122,3 +122,16 @@ def test_open_incidents_survive_a_checkpoint_and_older_checkpoints_load(tmp_path
     old = StreamState.from_arrays(["a", "b"], arrays)
     np.testing.assert_array_equal(old.anomaly.peak, [0.0, 0.0])
     assert (old.anomaly.since > 10**9).all()
+
+
+def test_the_empirical_tail_survives_a_checkpoint_and_older_checkpoints_start_it_empty(tmp_path):
+    store = StateStore(tmp_path)
+    s = _state(["a", "b"])
+    s.anomaly.exceed[0] = np.linspace(0.2, 0.0, s.anomaly.exceed.shape[1])
+    store.save_stream(1, s, {}, keep=3)
+    loaded, _ = store.load_stream(1)
+    np.testing.assert_array_equal(loaded.anomaly.exceed, s.anomaly.exceed)
+    np.testing.assert_array_equal(loaded.take(np.array([1, 0])).anomaly.exceed, s.anomaly.exceed[::-1])
+    # Before the empirical tail: no excursion seen yet, so the Gaussian tail decides until some are.
+    old = StreamState.from_arrays(["a", "b"], {k: v for k, v in s.to_arrays().items() if k != "a_exceed"})
+    assert old.anomaly.exceed.shape == s.anomaly.exceed.shape and (old.anomaly.exceed == 0).all()
