@@ -131,7 +131,8 @@ def _run(job: tuple) -> tuple[float, float, float, float]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="path to ETTh1.csv (or another ETT hourly file)")
-    p.add_argument("--horizons", type=int, nargs="+", default=[24, 48, 96, 168, 336, 720])
+    p.add_argument("--horizons", type=int, nargs="*", default=[24, 48, 96, 168, 336, 720],
+                   help="univariate (OT) horizons; none with --multivariate-horizons alone")
     p.add_argument("--multivariate-horizons", type=int, nargs="*", default=[96])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=TrainingConfig.epochs)
