@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import multiprocessing
 import sys
 import time
@@ -272,7 +273,9 @@ def _cached(cache: Path, relpath: str, raw: pd.DataFrame, mc: ModelConfig, tc: T
     """Trained models from an earlier run with the same settings, else train and store them: iterating
     on the anomaly pipeline need not retrain. Weights only (torch.load(weights_only=True))."""
     key = repr((mc, tc, data, schedule.rows, schedule.warm, "lookback resolved per training, widened warm"))
-    path = cache / f"{relpath.replace('/', '__')}.seed{tc.seed}.pt"
+    # One file per settings: another model size or schedule gets its own slot instead of replacing this one.
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    path = cache / f"{relpath.replace('/', '__')}.seed{tc.seed}.{digest}.pt"
     if path.exists():
         blob = torch.load(path, weights_only=True)
         if blob["key"] == key:
@@ -346,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
                    help='[model] lookback: "auto" (the product default, by each file\'s grid) or steps')
     p.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [training] setting, e.g. learning_rate=0.003 or weight_average=0")
+    p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a [model] setting of the benchmark's model, e.g. hidden_size=64 or cell=lstm")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the benchmark machine has 2 cores)")
     p.add_argument("--jobs", type=int, default=1, help="files processed in parallel (results do not depend on it)")
     p.add_argument("--seeds", type=int, default=1,
@@ -360,6 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     windows = load_windows(args.data / "combined_windows.json")
     data = DataConfig()
     mc = dataclasses.replace(MODEL, lookback=args.lookback)
+    for item in args.model:
+        key, _, value = item.partition("=")
+        mc = dataclasses.replace(mc, **{key: type(getattr(mc, key))(value)})
     tc = TRAINING
     for item in args.train:
         key, _, value = item.partition("=")

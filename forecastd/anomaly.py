@@ -54,7 +54,6 @@ MIN_SPREAD = 0.05
 NOVELTY_MIN_SURPRISE = 2.0
 # `since` of a series with no open incident: larger than any cooldown.
 NO_INCIDENT = 2**62
-# z-scores of the likelihood whose observed frequency of exceedance each series tracks (`exceed`).
 # z-scores of the likelihood whose observed frequency each series keeps (`empirical_tail`). The low
 # edges matter most: without 2 and 2.5 the NAB score falls from 69.2 to 57.5 (docs/benchmarks.md).
 EXCEED_EDGES = np.array([2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0])
