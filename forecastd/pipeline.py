@@ -210,23 +210,32 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     # daemon sweeps once at start; leftovers are ignored by every loader until then.
     mv = store.load_live(resolve_device(config.serve.device, "[serve] device"))
     grid = mv.grid
-    state, _ = store.load_stream(mv.version)
+    state, info = store.load_stream(mv.version)
     state = _fit_judges(state, config.anomaly.forecasts) if state is not None else _empty_state(mv, config)
     report = TickReport(mv.version)
     clock.lap("load")
 
     source = source or open_source(config)
     known = set(state.series_ids)
-    all_ids = source.series_ids()
-    new_ids = [s for s in all_ids if s not in known]
-    # Series the live model has no state for continue from the newest other version's watermark, so
-    # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
-    prior, ranges = _prior(store, mv.version) if new_ids else ({}, {})
     watermarks = state.watermarks(grid)
     frames = []
     if known:
         since = min(watermarks.values()) if watermarks else None
         frames.append(source.read(since=since))
+    # New series: those among the rows just read, and, at most every [serve] list_series_every seconds,
+    # those whose every row is older than the oldest watermark (a series loaded with its history).
+    # Only a listing finds the latter, and it scans the whole table (or every file) each time.
+    listed_at = info.get("listed_at")
+    every = config.serve.list_series_every
+    if not known or listed_at is None or every <= 0 or \
+            (pd.Timestamp(now) - pd.Timestamp(listed_at)).total_seconds() >= every:
+        all_ids, listed_at = source.series_ids(), pd.Timestamp(now).isoformat()
+    else:
+        all_ids = pd.unique(frames[0]["series_id"].dropna().astype(str)).tolist()
+    new_ids = [s for s in all_ids if s not in known]
+    # Series the live model has no state for continue from the newest other version's watermark, so
+    # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
+    prior, ranges = _prior(store, mv.version) if new_ids else ({}, {})
     if new_ids:
         warm_from = [prior[s] for s in new_ids if s in prior]
         since = grid.ts(np.array([min(warm_from) - config.data.warmup - 1]))[0] if len(warm_from) == len(new_ids) else None
@@ -254,7 +263,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     clock.lap("write")
     # Only now, with the outputs durable, may the watermarks move (DESIGN.md guarantee 1).
     if planned.segments:
-        store.save_stream(mv.version, state, {"ticked_at": pd.Timestamp(now).isoformat()},
+        store.save_stream(mv.version, state, {"ticked_at": pd.Timestamp(now).isoformat(), "listed_at": listed_at},
                           keep=config.state.keep_checkpoints)
     clock.lap("checkpoint")
     report.forecasts_written = len(outputs.forecasts)

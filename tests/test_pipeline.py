@@ -190,6 +190,57 @@ def test_new_series_joining_later_warms_up_and_others_carry_on(trained, tmp_path
     assert (a["series_id"] == "sine").sum() == 10 and (a["series_id"] == "sine-2").sum() == 1
 
 
+class _CountingSource:
+    """The real Parquet source, counting how often every series id is listed (a scan of every file)."""
+
+    def __init__(self, inner):
+        self.inner, self.listings = inner, 0
+
+    def read(self, *args, **kwargs):
+        return self.inner.read(*args, **kwargs)
+
+    def series_ids(self):
+        self.listings += 1
+        return self.inner.series_ids()
+
+
+def test_series_are_listed_once_per_interval_and_a_newcomer_with_only_old_rows_waits_for_it(trained, tmp_path):
+    from forecastd.sources import open_source
+
+    src, data = trained
+    shutil.copytree(src / "state", tmp_path / "state")
+    config = load_config(_write_config(tmp_path, tmp_path / "data.parquet", serve="list_series_every = 86400"))
+    source = _CountingSource(open_source(config))
+    data[data["ts"] < _ts(500)].to_parquet(tmp_path / "data.parquet")
+    run_once(config, _ts(500), source=source)
+    assert source.listings == 1  # no listing recorded yet
+    # A series loaded with its history only, every row older than the oldest watermark (499).
+    old = data[(data["series_id"] == "walk") & (data["ts"] < _ts(450))].assign(series_id="old")
+    for stop in (501, 502, 503):
+        pd.concat([data[data["ts"] < _ts(stop)], old]).to_parquet(tmp_path / "data.parquet")
+        r = run_once(config, _ts(stop), keep_outputs=True, source=source)
+        assert "old" not in set(r.outputs.anomalies["series_id"])
+    assert source.listings == 1  # the rows past the watermarks told each tick what it needed
+    # A day after the last listing the next one finds it; the others carry on.
+    pd.concat([data[data["ts"] < _ts(524)], old]).to_parquet(tmp_path / "data.parquet")
+    r = run_once(config, _ts(524), keep_outputs=True, source=source)
+    assert source.listings == 2
+    a = r.outputs.anomalies
+    assert (a["series_id"] == "old").sum() >= 1 and (a["series_id"] == "sine").sum() == 21
+
+
+def test_listing_every_tick_finds_the_newcomer_at_once(trained, tmp_path):
+    src, data = trained
+    shutil.copytree(src / "state", tmp_path / "state")
+    config = load_config(_write_config(tmp_path, tmp_path / "data.parquet", serve="list_series_every = 0"))
+    data[data["ts"] < _ts(500)].to_parquet(tmp_path / "data.parquet")
+    run_once(config, _ts(500))
+    old = data[(data["series_id"] == "walk") & (data["ts"] < _ts(450))].assign(series_id="old")
+    pd.concat([data[data["ts"] < _ts(501)], old]).to_parquet(tmp_path / "data.parquet")
+    r = run_once(config, _ts(501), keep_outputs=True)
+    assert (r.outputs.anomalies["series_id"] == "old").sum() >= 1
+
+
 def test_long_gap_restarts_the_series_from_a_warm_up(trained, tmp_path):
     _, data = trained
     cfg = _workspace(trained, tmp_path)

@@ -163,8 +163,11 @@ class SqlSink:
             sa.Column(c, _SQL_TYPES[d], nullable=c not in spec.key and d != "object")
             for c, d in spec.columns.items()
         ]
+        # SQLite: WITHOUT ROWID keeps the rows in the key's own B-tree; a rowid table keeps a second
+        # B-tree for the key, and every upserted row pays for both.
         return sa.Table(
-            self.names[spec.name], sa.MetaData(), *columns, sa.PrimaryKeyConstraint(*spec.key), schema=self.db_schema
+            self.names[spec.name], sa.MetaData(), *columns, sa.PrimaryKeyConstraint(*spec.key), schema=self.db_schema,
+            sqlite_with_rowid=False,
         )
 
     def _table(self, conn: sa.Connection, spec: TableSpec, *, create: bool) -> sa.Table | None:
