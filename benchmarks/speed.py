@@ -172,6 +172,7 @@ def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None
     import sqlite3
 
     from forecastd.pipeline import run_once
+    from forecastd.sources import open_source
     from forecastd.state import ModelVersion  # noqa: F401
 
     print(f"\n4. End-to-end tick, {n} series, one new point each, H={mc.horizon}")
@@ -209,7 +210,9 @@ def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None
             try:
                 config = load_config(d / "c.toml")
                 _save_untrained(config, mc, ids)
-                run_once(config, ts[T - 1])  # first tick: warm-up of every series
+                # First tick: warm-up of every series, and a listing of every series id. Half an hour
+                # later, the measured tick does not list again ([serve] list_series_every = 3600).
+                run_once(config, ts[T - 1] + pd.Timedelta(minutes=30))
                 if kind != "sqlite":
                     frame.to_parquet(d / "data.parquet")
                 else:
@@ -222,8 +225,12 @@ def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None
                 total = time.perf_counter() - t0
                 stages = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r.seconds.items())
                 label = "parquet -> postgresql" if kind == "postgresql" else kind
+                t0 = time.perf_counter()
+                n_ids = len(open_source(config).series_ids())
+                listing = time.perf_counter() - t0
                 print(f"  {label:8}: {total * 1e3:,.0f} ms for {r.points} points, {r.forecasts_written:,} forecast + "
-                      f"{r.anomalies_written:,} anomaly rows ({stages})")
+                      f"{r.anomalies_written:,} anomaly rows ({stages}); a listing of the {n_ids:,} series ids, "
+                      f"which a tick adds at most every list_series_every: {listing * 1e3:,.0f} ms")
             finally:
                 if kind == "postgresql":
                     _drop_tables(pg_url, pg_tables)
