@@ -124,8 +124,9 @@ class Schedule:
     and promoted only if it beats the live model on its own validation tail (`retrain.decide`, margin 0).
     warm: the challenger starts from the live weights (a warm start) rather than from fresh ones.
     track: what a promoted model's stream keeps of the previous stream's anomaly track: "fresh" (start
-    over from the warm-up window), "range" (the pipeline's rule for a new version: the lowest/highest
-    value seen, for novelty) or "all" (also the likelihood's history of surprise).
+    over from the warm-up window), "range" (the pipeline's rule for a new version, `streaming.Carried`:
+    the lowest/highest value seen, for novelty, and the open incident, for the cooldown) or "all" (also
+    the likelihood's history of surprise).
     """
 
     rows: tuple[int, ...] = ()
@@ -226,7 +227,8 @@ def stream_file(name: str, raw: pd.DataFrame, t: Trained, ac: AnomalyConfig, dat
             _, state = run_segments(v.model, _empty(v.mc, ac), segs, {name: v.scale}, t.grid, v.mc, ac, i, Emit(0))
             if len(state) and old is not None and track != "fresh":
                 a = state.anomaly
-                kept = old if track == "all" else dataclasses.replace(a, lo=old.lo, hi=old.hi)
+                # "range" is the pipeline's rule (`streaming.Carried`): the range and the open incident.
+                kept = old if track == "all" else a.with_(lo=old.lo, hi=old.hi, peak=old.peak, since=old.since)
                 state = dataclasses.replace(state, anomaly=kept)
         sel = (steps > lo) & (steps <= hi)
         at = int(state.step[0]) if len(state) else None

@@ -32,7 +32,7 @@ from forecastd.sinks import Sink, open_sink
 from forecastd.sources import Source, open_source
 from forecastd.planning import plan_backfill, plan_tick
 from forecastd.state import ModelVersion, StateStore, StreamState
-from forecastd.streaming import Emit, Outputs, run_segments
+from forecastd.streaming import Carried, Emit, Outputs, run_segments
 from forecastd.training import fit, prepare, resolve_device
 from forecastd.windowing import n_features, resolve_lookback, robust_scale, series_steps
 
@@ -182,17 +182,19 @@ def warm_weights(init: Forecaster, init_config: ModelConfig, config: ModelConfig
     return weights
 
 
-def _prior(store: StateStore, live: int) -> tuple[dict[str, int], dict[str, tuple[float, float]]]:
+def _prior(store: StateStore, live: int) -> tuple[dict[str, int], dict[str, Carried]]:
     """From the newest other version's stream: watermarks (grid steps), so a new model picks up where
-    the old one stopped, and each series' value range, so novelty does not start over from a warm-up's
-    few points (a value that is only beyond the last four days would be flagged as never seen)."""
+    the old one stopped, and what each series' anomaly track carries over (`Carried`): its value range,
+    so novelty does not start over from a warm-up's few points (a value only beyond the last four days
+    would be flagged as never seen), and its open incident, so the switch does not report it again."""
     for v in sorted((v for v in store.versions() if v != live), reverse=True):
         state, _ = store.load_stream(v)
         if state is not None:
             a = state.anomaly
             rows = [i for i, st in enumerate(state.step) if st >= 0]
             return ({state.series_ids[i]: int(state.step[i]) for i in rows},
-                    {state.series_ids[i]: (float(a.lo[i]), float(a.hi[i])) for i in rows})
+                    {state.series_ids[i]: Carried(float(a.lo[i]), float(a.hi[i]), float(a.peak[i]),
+                                                  int(a.since[i]), int(state.step[i])) for i in rows})
     return {}, {}
 
 
@@ -235,7 +237,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     new_ids = [s for s in all_ids if s not in known]
     # Series the live model has no state for continue from the newest other version's watermark, so
     # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
-    prior, ranges = _prior(store, mv.version) if new_ids else ({}, {})
+    prior, carried = _prior(store, mv.version) if new_ids else ({}, {})
     if new_ids:
         warm_from = [prior[s] for s in new_ids if s in prior]
         since = grid.ts(np.array([min(warm_from) - config.data.warmup - 1]))[0] if len(warm_from) == len(new_ids) else None
@@ -257,7 +259,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     clock.lap("plan")
 
     outputs, state = run_segments(mv.model, state, planned.segments, planned.fresh_scale, grid, mv.model_config,
-                                  config.anomaly, mv.version, Emit(config.data.warmup), ranges=ranges)
+                                  config.anomaly, mv.version, Emit(config.data.warmup), carried=carried)
     clock.lap("model")
     (sink or open_sink(config)).write(outputs.forecasts, outputs.anomalies)
     clock.lap("write")

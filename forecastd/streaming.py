@@ -25,7 +25,7 @@ from forecastd.models import Forecaster, State, pack_hidden, unpack_hidden
 from forecastd.state import Segment, StreamState
 from forecastd.windowing import encode
 
-__all__ = ["Outputs", "Emit", "advance", "run_segments", "empty_forecasts", "empty_anomalies"]
+__all__ = ["Outputs", "Emit", "Carried", "advance", "run_segments", "empty_forecasts", "empty_anomalies"]
 
 
 def empty_forecasts() -> pd.DataFrame:
@@ -97,6 +97,20 @@ class Outputs:
             pd.concat([p.forecasts for p in parts], ignore_index=True),
             pd.concat([p.anomalies for p in parts], ignore_index=True),
         )
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What a series' stream under a new model version keeps from the old version's stream, which it
+    takes over from at the old watermark `step`: the lowest and highest value seen (novelty), and the
+    open incident, its highest reported score and the points scored since (the cooldown), so a switch
+    neither forgets the range nor reports an incident in progress a second time."""
+
+    lo: float
+    hi: float
+    peak: float
+    since: int
+    step: int
 
 
 @dataclass(frozen=True)
@@ -253,14 +267,14 @@ def run_segments(
     *,
     chunk: int = 1024,
     max_cells: int = 4_000_000,
-    ranges: Mapping[str, tuple[float, float]] | None = None,
+    carried: Mapping[str, Carried] | None = None,
 ) -> tuple[Outputs, StreamState]:
     """Process every series' segments in order, in batched rounds; returns outputs and the merged state.
 
     Round r takes each series' r-th segment, resetting the series first when the segment is fresh.
     Long blocks are cut into time chunks so memory stays bounded; chunking changes no result.
-    `ranges` gives a series that `state` does not hold yet the lowest and highest value seen before
-    (by the model version it takes over from); its fresh state starts from them.
+    `carried` gives a series that `state` does not hold yet what it keeps from the model version it
+    takes over from (`Carried`); its fresh state starts from that.
     """
     by_series: dict[str, list[Segment]] = {}
     for seg in segments:
@@ -283,8 +297,16 @@ def run_segments(
             st.step[:] = np.array([g.start - 1 for g in fresh])
             st.age[:] = np.array([g.age for g in fresh])
             for i, g in enumerate(fresh):
-                if ranges and g.series_id in ranges and g.series_id not in pos:
-                    st.anomaly.lo[i], st.anomaly.hi[i] = ranges[g.series_id]
+                c = carried.get(g.series_id) if carried and g.series_id not in pos else None
+                if c is None:
+                    continue
+                st.anomaly.lo[i], st.anomaly.hi[i] = c.lo, c.hi
+                # The warm-up from g.start re-scores the points up to the old watermark, counting them
+                # again: start the count that many points back. An incident whose highest report lies
+                # inside the warm-up is left to the re-scoring.
+                since = c.since - max(c.step - g.start + 1, 0)
+                if since >= 0:
+                    st.anomaly.peak[i], st.anomaly.since[i] = c.peak, since
             sub_parts.append(st)
         sub = sub_parts[0] if len(sub_parts) == 1 else _stack(sub_parts)
         order = cont + fresh

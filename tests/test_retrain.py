@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -77,9 +78,12 @@ def test_retrain_promotes_and_the_switch_leaves_no_gap(tmp_path):
     assert switch_live(store, 2, reason="test", now=NOW) == 1
     assert live_history(store)[-1]["version"] == 2
 
-    # The old stream once saw values far outside anything in the days the new one warms up on.
+    # The old stream once saw values far outside anything in the days the new one warms up on, and
+    # reported an incident 26 points before its watermark (more than the warm-up of 24) that the 72 new
+    # points leave open (cooldown 100).
     old = store.load_stream(1)[0]
     old.anomaly.lo[:], old.anomaly.hi[:] = -1e6, 1e6
+    old.anomaly.peak[:], old.anomaly.since[:] = 0.999, 26
     store.save_stream(1, old, {}, keep=2)
 
     append_rows(tmp_path / "src.db", T0 + pd.Timedelta(days=2), T0 + pd.Timedelta(days=3))
@@ -89,6 +93,12 @@ def test_retrain_promotes_and_the_switch_leaves_no_gap(tmp_path):
     new_state = store.load_stream(2)[0]
     assert sorted(new_state.series_ids) == sorted(old.series_ids)
     assert (new_state.anomaly.lo == -1e6).all() and (new_state.anomaly.hi == 1e6).all()
+    # ... and knows the incident is still open: its count of points goes on from the old one's (every
+    # scored point after the old watermark adds one), and no point of the new stream, all scoring lower,
+    # reports it again.
+    steps_after = new_state.step - old.take(np.array([old.series_ids.index(i) for i in new_state.series_ids])).step
+    assert (new_state.anomaly.peak == 0.999).all()
+    assert (new_state.anomaly.since > 26 + steps_after - 5).all() and (new_state.anomaly.since <= 26 + steps_after).all()
     anomalies = outputs(tmp_path / "forecastd.toml")["anomalies"]
     new = anomalies[anomalies["ts"] > T0]
     assert len(new) == 3 * 24 * 3  # three days of three hourly series, none missing
@@ -96,6 +106,7 @@ def test_retrain_promotes_and_the_switch_leaves_no_gap(tmp_path):
     # The days before the switch were written by v1 (nothing ticked them in between, so v2 did), the
     # model only ever ran from its own warmed-up state.
     assert set(new["model_version"]) == {2}
+    assert (new["score"] == 0).all()
     assert store.load_stream(2)[0] is not None
 
 
