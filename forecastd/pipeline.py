@@ -264,7 +264,9 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     (sink or open_sink(config)).write(outputs.forecasts, outputs.anomalies)
     clock.lap("write")
     # Only now, with the outputs durable, may the watermarks move (DESIGN.md guarantee 1).
-    if planned.segments:
+    # A tick with nothing to process checkpoints too when it listed, so idle ticks (a daemon ticking every
+    # minute on hourly data) do not each list again.
+    if planned.segments or (len(state) and listed_at != info.get("listed_at")):
         store.save_stream(mv.version, state, {"ticked_at": pd.Timestamp(now).isoformat(), "listed_at": listed_at},
                           keep=config.state.keep_checkpoints)
     clock.lap("checkpoint")

@@ -227,6 +227,12 @@ def test_series_are_listed_once_per_interval_and_a_newcomer_with_only_old_rows_w
     assert source.listings == 2
     a = r.outputs.anomalies
     assert (a["series_id"] == "old").sum() >= 1 and (a["series_id"] == "sine").sum() == 21
+    # Idle ticks (nothing new: a daemon ticking every minute on hourly data) list no more often: the one
+    # due a day later lists, and the next one knows it did.
+    for later in (25, 26):
+        r = run_once(config, _ts(524 + later), source=source)
+        assert r.points == 0
+    assert source.listings == 3
 
 
 def test_listing_every_tick_finds_the_newcomer_at_once(trained, tmp_path):
