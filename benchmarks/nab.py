@@ -331,6 +331,15 @@ def _cells(results: dict[str, pd.DataFrame], windows) -> list:
     return [score_corpus(results, windows, p) for p in PROFILES]
 
 
+def _overridden(settings, items: list[str]):
+    """`settings` (a config dataclass) with each KEY=VALUE of `items` applied, VALUE read as the field's type."""
+    for item in items:
+        key, _, value = item.partition("=")
+        kind = type(getattr(settings, key))
+        settings = dataclasses.replace(settings, **{key: value.lower() == "true" if kind is bool else kind(value)})
+    return settings
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="NAB directory holding data/ and combined_windows.json")
@@ -366,19 +375,9 @@ def main(argv: list[str] | None = None) -> None:
     corpus = load_corpus(args.data)
     windows = load_windows(args.data / "combined_windows.json")
     data = DataConfig()
-    mc = dataclasses.replace(MODEL, lookback=args.lookback)
-    for item in args.model:
-        key, _, value = item.partition("=")
-        mc = dataclasses.replace(mc, **{key: type(getattr(mc, key))(value)})
-    tc = TRAINING
-    for item in args.train:
-        key, _, value = item.partition("=")
-        tc = dataclasses.replace(tc, **{key: type(getattr(tc, key))(value)})
-    ac = AnomalyConfig()
-    for item in args.set:
-        key, _, value = item.partition("=")
-        kind = type(getattr(ac, key))
-        ac = dataclasses.replace(ac, **{key: value.lower() == "true" if kind is bool else kind(value)})
+    mc = _overridden(dataclasses.replace(MODEL, lookback=args.lookback), args.model)
+    tc = _overridden(TRAINING, args.train)
+    ac = _overridden(AnomalyConfig(), args.set)
     variants = [(label, dataclasses.replace(ac, **o)) for label, o in (ABLATION if not args.no_ablation else ABLATION[:1])]
     print(f"[anomaly] {ac}")
     print(f"NAB corpus {args.data}: {len(corpus)} files; forecastd {mc.cell} hidden {mc.hidden_size} horizon "

@@ -146,11 +146,11 @@ def _likelihood_steps(raw, short, mean, var, count, exceed, a_short, long_window
             zs[b, t] = z
             # Running moments: exact mean/variance until long_window points, then exponentially forgetting.
             alpha = max(1.0 / (count[b] + 1.0), 1.0 / long_window)
-            for k in range(E):  # edges ascend: the last one reached gives the frequency
-                if z >= edges[k]:
+            for k in range(E):  # edges ascend: the last one reached gives the frequency, read before its update
+                reached = z >= edges[k]
+                if reached:
                     seen[b, t] = exceed[b, k]
-            for k in range(E):
-                exceed[b, k] += alpha * ((1.0 if z >= edges[k] else 0.0) - exceed[b, k])
+                exceed[b, k] += alpha * ((1.0 if reached else 0.0) - exceed[b, k])
             delta = u - mean[b]
             mean[b] += alpha * delta
             var[b] = (1.0 - alpha) * (var[b] + alpha * delta * delta)
