@@ -411,6 +411,45 @@ def test_postgresql_session_time_zone_does_not_shift_instants(pg_url, make_forec
     sink.engine.dispose()
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_sql_tables_are_keyed_time_first(backend, tmp_path, request, make_forecasts, make_anomalies):
+    """New tables index the key time first, so each tick's rows go to the end of the index."""
+    sink = sql_sink(backend, tmp_path, request)
+    fc, an = make_forecasts(), make_anomalies()
+    sink.write(fc, an)
+    inspector = sa.inspect(sink.engine)
+    assert inspector.get_pk_constraint("forecasts")["constrained_columns"] == ["issued_at", "series_id", "step"]
+    assert inspector.get_pk_constraint("anomalies")["constrained_columns"] == ["ts", "series_id"]
+    if backend == "sqlite":  # the key's B-tree holds the rows: no second tree for a rowid
+        with sqlite3.connect(tmp_path / "out.db") as conn, pytest.raises(sqlite3.OperationalError, match="rowid"):
+            conn.execute("SELECT rowid FROM forecasts")
+    # Rows of several issue times and series, written out of order, upsert and read back by key.
+    sink.write(fc.iloc[::-1].assign(mean=fc["mean"].iloc[::-1] + 1), an.iloc[::-1])
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc.assign(mean=fc["mean"] + 1), "forecasts"))
+    pd.testing.assert_frame_equal(sink.read("anomalies"), canonical(an, "anomalies"))
+    sink.engine.dispose()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_sql_table_keyed_series_first_is_still_written(backend, tmp_path, request, make_forecasts, make_anomalies):
+    """A table made by an older forecastd (key series first) keeps working: upserts match the key's columns."""
+    sink = sql_sink(backend, tmp_path, request)
+    ts_type = "DATETIME" if backend == "sqlite" else "TIMESTAMPTZ"
+    cols = ", ".join(f"{c} {t}" for c, t in [
+        ("series_id", "TEXT NOT NULL"), ("issued_at", f"{ts_type} NOT NULL"), ("step", "BIGINT NOT NULL"),
+        ("target_ts", ts_type), ("mean", "DOUBLE PRECISION"), ("lower", "DOUBLE PRECISION"),
+        ("upper", "DOUBLE PRECISION"), ("model_version", "BIGINT")])
+    with sink.engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE forecasts ({cols}, PRIMARY KEY (series_id, issued_at, step))"))
+    fc = make_forecasts()
+    sink.write(fc, make_anomalies().iloc[:0])
+    sink.write(fc.assign(mean=fc["mean"] + 1), make_anomalies().iloc[:0])
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc.assign(mean=fc["mean"] + 1), "forecasts"))
+    assert sa.inspect(sink.engine).get_pk_constraint("forecasts")["constrained_columns"] == [
+        "series_id", "issued_at", "step"]
+    sink.engine.dispose()
+
+
 def test_sqlite_stores_utc_text(tmp_path, make_forecasts, make_anomalies):
     sink = SqlSink(f"sqlite:///{tmp_path / 'out.db'}")
     fc = make_forecasts(issued=[START])

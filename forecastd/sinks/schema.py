@@ -34,6 +34,17 @@ class TableSpec:
         """The columns an upsert overwrites: everything but the key."""
         return [c for c in self.columns if c not in self.key]
 
+    @property
+    def stored_key(self) -> tuple[str, ...]:
+        """The key in the order a database indexes it: time first.
+
+        Every tick's rows then go to the end of the index instead of beside each series' older rows
+        all over it, so a write's cost does not grow with the table (SQLite, 240,000 forecast rows a
+        tick: flat at 0.5-0.7 s over eight ticks, against 0.6 s rising to 1.6 s series first). Reads
+        by time (`since`, `until`, the status command) use the same index.
+        """
+        return (self.time, *(k for k in self.key if k != self.time))
+
 
 SPECS: dict[str, TableSpec] = {
     "forecasts": TableSpec("forecasts", FORECAST_COLUMNS, FORECAST_KEY, "issued_at"),
