@@ -297,6 +297,24 @@ def test_sqlite_text_shapes_that_plain_text_comparison_gets_wrong(tmp_path):
     assert sorted(source.read(until=since)["value"]) == [1.0, 2.0, 6.0, 8.0, 9.0]
 
 
+@pytest.mark.parametrize("suffix, scanned_from", [("", "2024-03-31 05"), ("Z", "2024-03-30 14")])
+def test_sqlite_text_scan_starts_offset_allowance_before_since(tmp_path, suffix, scanned_from):
+    """Text with offsets may name an instant up to 15 hours ahead of itself, so the index range starts that
+    much before `since`; naive text names its own wall time, so the range starts at `since`'s hour."""
+    since = pd.Timestamp("2024-03-31 05:30", tz="UTC")
+    stamps = ["2024-03-31 05:29:59.999", "2024-03-31 05:30:00", "2024-03-31T05:30:00.001", "2024-03-31 05:31",
+              "2024-03-31T06:00:00", "2024-03-30 20:00:00"]
+    rows = [("s", f"{t}{suffix}", float(i)) for i, t in enumerate(stamps)]
+    source = SqlSource(_sqlite_rows(tmp_path / "t.db", rows), "readings", series_column="sensor",
+                       time_column="stamp", value_column="reading")
+    params: list = []
+    sa.event.listen(source.engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, p, context, many: params.append(p))
+    assert sorted(source.read(since=since)["value"]) == [2.0, 3.0, 4.0]
+    assert scanned_from in params[-1]
+    source.engine.dispose()
+
+
 def test_sqlite_numeric_timestamps_are_refused(tmp_path):
     url = _sqlite_rows(tmp_path / "t.db", [("s", 1711843200, 1.0)], ts_type="INTEGER")
     source = SqlSource(url, "readings", series_column="sensor", time_column="stamp", value_column="reading")

@@ -53,10 +53,11 @@ SERIES_CHUNK = 500
 
 # strftime format that SQLite's date functions normalise ISO-8601 text to.
 _SQLITE_NORMAL = "%Y-%m-%d %H:%M:%f"
-# SQLite reads offsets up to ±14:59, so stored text is at most this far behind the instant it names.
-# The coarse lower bound is that much before `since`, cut to the hour: "2024-01-31 05" is at or below
-# every shape of a later time (' ' with a later hour, 'T' on the same date, or a later date), and it
-# leaves a tick's scan 15 hours of rows rather than the day and more a date bound left.
+# SQLite reads offsets up to ±14:59, so text with an offset is at most this far behind the instant it
+# names. The coarse lower bound is that much before `since`, cut to the hour: "2024-01-31 05" is at or
+# below every shape of a later time (' ' with a later hour, 'T' on the same date, or a later date). Naive
+# text names its own wall time, so for it the bound is `since`'s hour: a tick scans the rows of one hour,
+# not of 15 (on minute data from 10,000 series, 600,000 rows against 9 million).
 _SQLITE_MAX_OFFSET = timedelta(hours=15)
 
 
@@ -151,6 +152,7 @@ class SqlSource:
         self._table: sa.Table | None = None
         self._sample: Any = None  # a stored time value, for text timestamps
         self._text_zone: str | None = None  # SQLite: the zone of normalised time text
+        self._text_offset = True  # SQLite: whether time text carries offsets (the stored sample's shape)
 
     def __repr__(self) -> str:
         return f"SqlSource({describe_url(self.url)!r}, table={self.table_name!r})"
@@ -323,8 +325,9 @@ class SqlSource:
         out = []
         if since is not None:
             b = local_naive(since, zone)
+            slack = _SQLITE_MAX_OFFSET if self._text_offset else timedelta(0)
             out += [
-                raw >= sa.bindparam("since_hour", f"{b - _SQLITE_MAX_OFFSET:%Y-%m-%d %H}", type_=sa.String),
+                raw >= sa.bindparam("since_hour", f"{b - slack:%Y-%m-%d %H}", type_=sa.String),
                 normal > sa.bindparam("since", _sqlite_normal(b), type_=sa.String),
             ]
         if until is not None:
@@ -354,7 +357,9 @@ class SqlSource:
                 "store them as 'YYYY-MM-DD HH:MM:SS[.fff]' with an optional 'Z' or '+HH:MM' suffix"
             )
         # Offset-bearing text normalises to UTC; naive text stays wall-clock time in the configured zone.
-        self._text_zone = "UTC" if has_offset(sample) else self.columns.timezone
+        # Like the text bounds of other databases, the stored sample's shape stands for the column's.
+        self._text_offset = has_offset(sample)
+        self._text_zone = "UTC" if self._text_offset else self.columns.timezone
         return self._text_zone
 
 
