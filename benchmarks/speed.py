@@ -1,6 +1,7 @@
 """Speed of the carried state against recomputing a window, measured in one run on synthetic series.
 
-    python benchmarks/speed.py [--sizes 1 100 10000 100000] [--e2e 10000] [--device cpu|cuda] [--threads N]
+    python benchmarks/speed.py [--sizes 1 100 10000 100000] [--e2e 10000] [--e2e-ticks 4] [--device cpu|cuda]
+                               [--threads N]
                                [--lookback auto|N] [--backfill 1000] [--system-malloc]
                                [--pg-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
 
@@ -12,8 +13,9 @@ Prints:
 2. single-series tick latency p50/p99 in process, and one series of 14,400 steps streamed in one call
    (`run_segments`, as a backfill or the rolling evaluation of benchmarks/peers.py does);
 3. training throughput (target-steps/s) of the TBPTT loop;
-4. an end-to-end `run_once` tick over N series on Parquet and on SQLite (read, step, write H=24
-   forecasts and anomaly rows, checkpoint), split by stage; with --pg-url also Parquet in, PostgreSQL
+4. end-to-end `run_once` ticks over N series on Parquet and on SQLite (read, step, write H=24
+   forecasts and anomaly rows, checkpoint), each timed (a write may slow as the tables fill), the last
+   split by stage; with --pg-url also Parquet in, PostgreSQL
    out (into tables named speed_*_<pid>, dropped afterwards);
 5. peak memory and streaming-state bytes per series; threads used.
 
@@ -167,8 +169,9 @@ def training(mc: ModelConfig, device: torch.device) -> None:
           f"{B * S / t:,.0f} sample-steps/s")
 
 
-def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None = None) -> None:
-    """run_once over n series that each got one new point, on Parquet and on SQLite (and PostgreSQL)."""
+def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None = None, ticks: int = 1) -> None:
+    """`ticks` run_once ticks over n series that each got one new point, on Parquet and on SQLite (and
+    PostgreSQL). Several ticks show whether a write slows as the output tables grow."""
     import sqlite3
 
     from forecastd.pipeline import run_once
@@ -178,10 +181,10 @@ def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None
     print(f"\n4. End-to-end tick, {n} series, one new point each, H={mc.horizon}")
     rng = np.random.default_rng(0)
     T = 200
-    ts = pd.date_range("2024-01-01", periods=T + 1, freq="h", tz="UTC").as_unit("ns")
+    ts = pd.date_range("2024-01-01", periods=T + ticks, freq="h", tz="UTC").as_unit("ns")
     ids = np.array([f"s{i:06d}" for i in range(n)], dtype=object)
-    values = 100 + np.cumsum(rng.normal(size=(n, T + 1)), axis=1)
-    frame = pd.DataFrame({"series_id": np.repeat(ids, T + 1), "ts": np.tile(ts, n), "value": values.ravel()})
+    values = 100 + np.cumsum(rng.normal(size=(n, T + ticks)), axis=1)
+    frame = pd.DataFrame({"series_id": np.repeat(ids, T + ticks), "ts": np.tile(ts, n), "value": values.ravel()})
     pg_tables = (f"speed_forecasts_{os.getpid()}", f"speed_anomalies_{os.getpid()}")
     lookback = '"auto"' if mc.lookback == "auto" else mc.lookback
     for kind in ("parquet", "sqlite") + (("postgresql",) if pg_url else ()):
@@ -213,22 +216,25 @@ def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None
                 # First tick: warm-up of every series, and a listing of every series id. Half an hour
                 # later, the measured tick does not list again ([serve] list_series_every = 3600).
                 run_once(config, ts[T - 1] + pd.Timedelta(minutes=30))
-                if kind != "sqlite":
-                    frame.to_parquet(d / "data.parquet")
-                else:
-                    stamp = ts[T].strftime("%Y-%m-%d %H:%M:%S")
-                    con.executemany("INSERT INTO readings VALUES (?, ?, ?)",
-                                    [(i, stamp, float(v)) for i, v in zip(ids, values[:, T])])
-                    con.commit()
-                t0 = time.perf_counter()
-                r = run_once(config, ts[T])
-                total = time.perf_counter() - t0
+                totals = []
+                for k in range(T, T + ticks):
+                    if kind != "sqlite":
+                        frame[frame["ts"] <= ts[k]].to_parquet(d / "data.parquet")
+                    else:
+                        stamp = ts[k].strftime("%Y-%m-%d %H:%M:%S")
+                        con.executemany("INSERT INTO readings VALUES (?, ?, ?)",
+                                        [(i, stamp, float(v)) for i, v in zip(ids, values[:, k])])
+                        con.commit()
+                    t0 = time.perf_counter()
+                    r = run_once(config, ts[k])
+                    totals.append(time.perf_counter() - t0)
                 stages = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r.seconds.items())
                 label = "parquet -> postgresql" if kind == "postgresql" else kind
+                each = " / ".join(f"{t * 1e3:,.0f}" for t in totals) + " ms" + ("; the last one" if ticks > 1 else "")
                 t0 = time.perf_counter()
                 n_ids = len(open_source(config).series_ids())
                 listing = time.perf_counter() - t0
-                print(f"  {label:8}: {total * 1e3:,.0f} ms for {r.points} points, {r.forecasts_written:,} forecast + "
+                print(f"  {label:8}: {each} for {r.points} points, {r.forecasts_written:,} forecast + "
                       f"{r.anomalies_written:,} anomaly rows ({stages}); a listing of the {n_ids:,} series ids, "
                       f"which a tick adds at most every list_series_every: {listing * 1e3:,.0f} ms")
             finally:
@@ -275,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", help="series per tick (default 1 100 10k 100k; on CUDA also 1M)")
     p.add_argument("--e2e", type=int, default=10_000, help="series in the end-to-end tick (0 skips it)")
+    p.add_argument("--e2e-ticks", type=int, default=4,
+                   help="end-to-end ticks in a row, each timed (later ones write into fuller tables)")
     p.add_argument("--backfill", type=int, default=1_000, help="series in the 500-step backfill (0 skips it)")
     p.add_argument("--pg-url", help="also run the end-to-end tick into this PostgreSQL database (SQLAlchemy URL)")
     p.add_argument("--hidden", type=int, default=64)
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         backfill(args.backfill, 500, mc, device)
     training(mc, device)
     if args.e2e:
-        end_to_end(args.e2e, mc, device, args.pg_url)
+        end_to_end(args.e2e, mc, device, args.pg_url, args.e2e_ticks)
     memory(mc, max(args.sizes), device)
 
 

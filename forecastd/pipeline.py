@@ -224,6 +224,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     if known:
         since = min(watermarks.values()) if watermarks else None
         frames.append(source.read(since=since))
+    clock.lap("read")
     # New series: those among the rows just read, and, at most every [serve] list_series_every seconds,
     # those whose every row is older than the oldest watermark (a series loaded with its history).
     # Only a listing finds the latter, and it scans the whole table (or every file) each time.
@@ -232,6 +233,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     if not known or listed_at is None or every <= 0 or \
             (pd.Timestamp(now) - pd.Timestamp(listed_at)).total_seconds() >= every:
         all_ids, listed_at = source.series_ids(), pd.Timestamp(now).isoformat()
+        clock.lap("list")
     else:
         all_ids = pd.unique(frames[0]["series_id"].dropna().astype(str)).tolist()
     new_ids = [s for s in all_ids if s not in known]

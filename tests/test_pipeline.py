@@ -220,11 +220,12 @@ def test_series_are_listed_once_per_interval_and_a_newcomer_with_only_old_rows_w
         pd.concat([data[data["ts"] < _ts(stop)], old]).to_parquet(tmp_path / "data.parquet")
         r = run_once(config, _ts(stop), keep_outputs=True, source=source)
         assert "old" not in set(r.outputs.anomalies["series_id"])
+        assert "list" not in r.seconds
     assert source.listings == 1  # the rows past the watermarks told each tick what it needed
     # A day after the last listing the next one finds it; the others carry on.
     pd.concat([data[data["ts"] < _ts(524)], old]).to_parquet(tmp_path / "data.parquet")
     r = run_once(config, _ts(524), keep_outputs=True, source=source)
-    assert source.listings == 2
+    assert source.listings == 2 and r.seconds["list"] > 0  # timed on its own, apart from the read
     a = r.outputs.anomalies
     assert (a["series_id"] == "old").sum() >= 1 and (a["series_id"] == "sine").sum() == 21
     # Idle ticks (nothing new: a daemon ticking every minute on hourly data) list no more often: the one
