@@ -343,10 +343,11 @@ def test_sql_write_is_one_transaction(backend, tmp_path, request, make_forecasts
 
 @pytest.mark.parametrize("backend", _backends())
 def test_sql_batches(backend, tmp_path, request, make_forecasts, make_anomalies, monkeypatch):
-    """SQLite: one upsert run by executemany over BATCH_ROWS rows at a time. PostgreSQL: the rows are
-    COPYed into a temporary table (on the driver's cursor, unseen by these events), then one
-    INSERT ... SELECT ... ON CONFLICT per table."""
+    """SQLite: BATCH_ROWS rows at a time, as upserts of SQLITE_VARIABLES // columns rows each (run by
+    executemany) and one upsert of the rest. PostgreSQL: the rows are COPYed into a temporary table (on
+    the driver's cursor, unseen by these events), then one INSERT ... SELECT ... ON CONFLICT per table."""
     monkeypatch.setattr(sql_module, "BATCH_ROWS", 7)
+    monkeypatch.setattr(sql_module, "SQLITE_VARIABLES", 27)  # 3 forecast rows (8 columns), 3 anomaly rows (9)
     sink = sql_sink(backend, tmp_path, request)
     statements = []
     sa.event.listen(sink.engine, "before_cursor_execute",
@@ -355,10 +356,17 @@ def test_sql_batches(backend, tmp_path, request, make_forecasts, make_anomalies,
     sink.write(fc, make_anomalies())
     upserts = [(s, many) for s, many in statements if "ON CONFLICT" in s]
     if backend == "sqlite":
-        assert all(many for _, many in upserts)
-        assert len(upserts) == -(-len(fc) // 7) + -(-len(make_anomalies()) // 7)
-    else:
-        assert len(upserts) == 2 and all(not many and "SELECT" in s for s, many in upserts)
+        def expected(rows: int) -> list[tuple[int, bool]]:  # (rows a statement, executemany) per run
+            out = []
+            for start in range(0, rows, 7):
+                batch = min(7, rows - start)
+                out += [(3, batch >= 6)] * (batch >= 3) + [(batch % 3, False)] * (batch % 3 > 0)
+            return out
+        got = [(s.count("), (") + 1, many) for s, many in upserts]
+        assert got == expected(len(fc)) + expected(len(make_anomalies()))
+    else:  # new tables: plain inserts (see test_postgresql_inserts_what_is_new_and_upserts_a_replay)
+        inserts = [s for s, _ in statements if s.startswith("INSERT") and "SELECT" in s]
+        assert len(inserts) == 2 and not upserts
     assert all(NASTY_ID not in s for s, _ in statements)
     pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc, "forecasts"))
     sink.engine.dispose()
@@ -397,6 +405,40 @@ def test_sql_large_batch_round_trip_and_overwrite(backend, tmp_path, request, ma
 
 
 @pytest.mark.postgres
+@pytest.mark.postgres
+def test_postgresql_inserts_what_is_new_and_upserts_a_replay(pg_url, make_forecasts, make_anomalies, monkeypatch):
+    """Rows later than everything in a time-keyed table are inserted without ON CONFLICT; a replay, rows
+    overlapping the table's times, or a key another writer added after the check are upserted."""
+    sink = SqlSink(pg_url)
+    statements: list[str] = []
+    sa.event.listen(sink.engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, params, context, many: statements.append(statement))
+
+    def writes() -> list[str]:
+        got = ["upsert" if "ON CONFLICT" in s else "insert" for s in statements if s.startswith("INSERT")]
+        statements.clear()
+        return got
+
+    early = pd.date_range(START, periods=2, freq="h")
+    late = pd.date_range(START + 2 * H, periods=2, freq="h")
+    sink.write(make_forecasts(issued=early), make_anomalies(ts=early))
+    assert writes() == ["insert", "insert"]
+    sink.write(make_forecasts(issued=late), make_anomalies(ts=late))  # after everything there
+    assert writes() == ["insert", "insert"]
+    sink.write(make_forecasts(issued=late, offset=1), make_anomalies(ts=late))  # a replay, with a new value
+    assert writes() == ["upsert", "upsert"]
+    both = early.append(late)
+    want = pd.concat([make_forecasts(issued=early), make_forecasts(issued=late, offset=1)])
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(want, "forecasts"))
+    # Another writer's keys landing between the check and the insert: the insert fails inside its
+    # savepoint and the same rows are upserted, in the same transaction.
+    monkeypatch.setattr(SqlSink, "_all_new", lambda *args: True)
+    sink.write(make_forecasts(issued=both, offset=2), make_anomalies(ts=both).iloc[:0])
+    assert writes() == ["insert", "upsert"]
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(make_forecasts(issued=both, offset=2), "forecasts"))
+    sink.engine.dispose()
+
+
 def test_postgresql_session_time_zone_does_not_shift_instants(pg_url, make_forecasts, make_anomalies):
     """Rows are staged as UTC wall time; the session's TimeZone must not reinterpret them."""
     sink = SqlSink(f"{pg_url}%20-cTimeZone%3DAsia/Kolkata")
