@@ -201,7 +201,10 @@ def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None
                 con = sqlite3.connect(d / "data.db")
                 f = frame[frame["ts"] < ts[T]].assign(ts=lambda x: x["ts"].dt.strftime("%Y-%m-%d %H:%M:%S"))
                 f.to_sql("readings", con, index=False)
+                # The indexes of a kept readings table: by time for the ticks' reads, and its key, by
+                # which the series listing skips from one id to the next.
                 con.execute("CREATE INDEX readings_ts ON readings (ts)")
+                con.execute("CREATE UNIQUE INDEX readings_key ON readings (series_id, ts)")
                 con.commit()
                 src = f'kind = "sql"\nurl = "sqlite:///{d / "data.db"}"\ntable = "readings"'
                 sink = f'kind = "sql"\nurl = "sqlite:///{d / "out.db"}"'

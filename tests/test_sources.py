@@ -497,6 +497,45 @@ def test_integer_series_ids_compare_as_text(kind, tmp_path):
     assert source.read(series=["7"])["value"].tolist() == [1.0, 2.0]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize("index", [None, "(sensor)", "(sensor, stamp)", "(stamp, sensor)"])
+@pytest.mark.parametrize("id_type", ["TEXT", "INTEGER"])
+def test_series_listing_skips_through_an_index_that_starts_with_the_series(backend, index, id_type, tmp_path, request):
+    """With an index led by the series column, ids are found one index seek each (a recursive CTE);
+    without one, by DISTINCT. Both give every non-null id once, whatever the ids' type."""
+    ids = [3, 10, 2, None, 10, 3, 7] if id_type == "INTEGER" else ["b", "a", None, "a", NASTY_ID, "b", "c"]
+    rows = [(i, f"2024-03-31 0{k}:00:00", float(k)) for k, i in enumerate(ids)]
+    create = f"CREATE TABLE readings (sensor {id_type}, stamp TEXT, reading REAL)"
+    if backend == "sqlite":
+        url, engine = _sqlite_rows(tmp_path / "t.db", []), None
+        with sqlite3.connect(tmp_path / "t.db") as conn:
+            conn.execute("DROP TABLE readings")
+            conn.execute(create)
+            if index:
+                conn.execute(f"CREATE INDEX readings_ix ON readings {index}")
+            conn.executemany("INSERT INTO readings VALUES (?, ?, ?)", rows)
+    else:
+        url = request.getfixturevalue("pg_url")
+        engine = sa.create_engine(url)
+        request.addfinalizer(engine.dispose)
+        with engine.begin() as conn:
+            conn.execute(sa.text(create.replace("REAL", "DOUBLE PRECISION")))
+            if index:
+                conn.execute(sa.text(f"CREATE INDEX readings_ix ON readings {index}"))
+            conn.execute(sa.text("INSERT INTO readings VALUES (:a, :b, :c)"),
+                         [{"a": a, "b": b, "c": c} for a, b, c in rows])
+    source = SqlSource(url, "readings", series_column="sensor", time_column="stamp", value_column="reading",
+                       engine=engine)
+    statements: list[str] = []
+    sa.event.listen(source.engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, params, context, many: statements.append(statement))
+    assert source.series_ids() == sorted({str(i) for i in ids if i is not None})
+    skipped = index is not None and index.startswith("(sensor")
+    assert ("RECURSIVE" in statements[-1]) == skipped and ("DISTINCT" in statements[-1]) != skipped
+    if engine is None:
+        source.engine.dispose()
+
+
 def test_wide_default_skips_partition_keys(long_frame, tmp_path):
     wide = _wide(long_frame).assign(year=2024)
     pq.write_to_dataset(pa.Table.from_pandas(wide, preserve_index=False), tmp_path / "ds", partition_cols=["year"])
