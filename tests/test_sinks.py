@@ -343,8 +343,8 @@ def test_sql_write_is_one_transaction(backend, tmp_path, request, make_forecasts
 
 @pytest.mark.parametrize("backend", _backends())
 def test_sql_batches(backend, tmp_path, request, make_forecasts, make_anomalies, monkeypatch):
-    """SQLite: BATCH_ROWS rows at a time, as upserts of SQLITE_VARIABLES // columns rows each (run by
-    executemany) and one upsert of the rest. PostgreSQL: the rows are COPYed into a temporary table (on
+    """SQLite: BATCH_ROWS rows at a time (cut to whole statements), as upserts of SQLITE_VARIABLES //
+    columns rows each (run by executemany) and one upsert of the rest. PostgreSQL: the rows are COPYed into a temporary table (on
     the driver's cursor, unseen by these events), then one INSERT ... SELECT ... ON CONFLICT per table."""
     monkeypatch.setattr(sql_module, "BATCH_ROWS", 7)
     monkeypatch.setattr(sql_module, "SQLITE_VARIABLES", 27)  # 3 forecast rows (8 columns), 3 anomaly rows (9)
@@ -358,8 +358,8 @@ def test_sql_batches(backend, tmp_path, request, make_forecasts, make_anomalies,
     if backend == "sqlite":
         def expected(rows: int) -> list[tuple[int, bool]]:  # (rows a statement, executemany) per run
             out = []
-            for start in range(0, rows, 7):
-                batch = min(7, rows - start)
+            for start in range(0, rows, 6):  # 7 rows cut to whole statements of 3
+                batch = min(6, rows - start)
                 out += [(3, batch >= 6)] * (batch >= 3) + [(batch % 3, False)] * (batch % 3 > 0)
             return out
         got = [(s.count("), (") + 1, many) for s, many in upserts]
