@@ -102,8 +102,7 @@ def stream_forecasts(
     values = {c: frame.loc[frame["series_id"] == c, "value"].to_numpy()[first_row:] for c in columns}
     start = int(grid.index(ts[:1])[0])
     segments = [Segment(c, True, start + first_row, values[c]) for c in columns]
-    empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas),
-                             (mc.num_layers * (2 if mc.cell == "lstm" else 1), mc.hidden_size))
+    empty = StreamState.empty(mc)
     lo = start + first_origin
     t0 = time.perf_counter()
     out, _ = run_segments(model, empty, segments, scales, grid, mc, AnomalyConfig(), 0,

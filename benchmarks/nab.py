@@ -63,7 +63,7 @@ from forecastd.models import Forecaster  # noqa: E402
 from forecastd.state import StreamState, plan  # noqa: E402
 from forecastd.pipeline import warm_weights  # noqa: E402
 from forecastd.retrain import decide, tail_loss  # noqa: E402
-from forecastd.streaming import Emit, Outputs, run_segments  # noqa: E402
+from forecastd.streaming import Carried, Emit, Outputs, run_segments  # noqa: E402
 from forecastd.training import fit, prepare  # noqa: E402
 from forecastd.windowing import n_features, resolve_lookback, robust_scale, series_steps  # noqa: E402
 
@@ -125,8 +125,8 @@ class Schedule:
     warm: the challenger starts from the live weights (a warm start) rather than from fresh ones.
     track: what a promoted model's stream keeps of the previous stream's anomaly track: "fresh" (start
     over from the warm-up window), "range" (the pipeline's rule for a new version, `streaming.Carried`:
-    the lowest/highest value seen, for novelty, and the open incident, for the cooldown) or "all" (also
-    the likelihood's history of surprise).
+    the lowest/highest value seen, for novelty, and the open incident, for the cooldown, passed to
+    `run_segments` as the pipeline passes it) or "all" (also the likelihood's history of surprise).
     """
 
     rows: tuple[int, ...] = ()
@@ -201,12 +201,6 @@ def train_file(name: str, raw: pd.DataFrame, mc: ModelConfig, tc: TrainingConfig
     return Trained(grid, frame, versions, time.perf_counter() - t0, report.by_reason(), lines)
 
 
-def _empty(mc: ModelConfig, ac: AnomalyConfig) -> StreamState:
-    rows = mc.num_layers * (2 if mc.cell == "lstm" else 1)
-    return StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (rows, mc.hidden_size), ac.forecasts,
-                             mc.lookback)
-
-
 def stream_file(name: str, raw: pd.DataFrame, t: Trained, ac: AnomalyConfig, data: DataConfig,
                 track: str = "range") -> tuple[np.ndarray, int]:
     """Every point through the streaming step, each by the model live at its time; scores per input
@@ -216,20 +210,23 @@ def stream_file(name: str, raw: pd.DataFrame, t: Trained, ac: AnomalyConfig, dat
     points up to the switch (outputs discarded: the old model wrote them), then streaming on from there.
     """
     steps, values = series_steps(t.frame, t.grid)[name]
-    state, parts = _empty(t.versions[0].mc, ac), []
+    state, parts = StreamState.empty(t.versions[0].mc, ac.forecasts), []
     for i, v in enumerate(t.versions):
         lo = -1 if v.cut is None else v.cut
         hi = t.versions[i + 1].cut if i + 1 < len(t.versions) else np.iinfo(np.int64).max
         if v.cut is not None:
-            old = state.anomaly if len(state) else None
+            old = state if len(state) else None
             warm = (steps > v.cut - data.warmup) & (steps <= v.cut)
             segs = plan(name, steps[warm], values[warm], None, data.max_gap)
-            _, state = run_segments(v.model, _empty(v.mc, ac), segs, {name: v.scale}, t.grid, v.mc, ac, i, Emit(0))
-            if len(state) and old is not None and track != "fresh":
-                a = state.anomaly
-                # "range" is the pipeline's rule (`streaming.Carried`): the range and the open incident.
-                kept = old if track == "all" else a.with_(lo=old.lo, hi=old.hi, peak=old.peak, since=old.since)
-                state = dataclasses.replace(state, anomaly=kept)
+            carried = None
+            if old is not None and track == "range":  # the pipeline's own rule and code path
+                a = old.anomaly
+                carried = {name: Carried(float(a.lo[0]), float(a.hi[0]), float(a.peak[0]), int(a.since[0]),
+                                         int(old.step[0]))}
+            _, state = run_segments(v.model, StreamState.empty(v.mc, ac.forecasts), segs, {name: v.scale}, t.grid,
+                                    v.mc, ac, i, Emit(0), carried=carried)
+            if len(state) and old is not None and track == "all":
+                state = dataclasses.replace(state, anomaly=old.anomaly)
         sel = (steps > lo) & (steps <= hi)
         at = int(state.step[0]) if len(state) else None
         segs = plan(name, steps[sel], values[sel], at, data.max_gap)

@@ -69,17 +69,13 @@ def _best(fn, repeat: int = 5, min_time: float = 0.2) -> float:
     return best
 
 
-def _empty(mc: ModelConfig) -> StreamState:
-    return StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (mc.num_layers, mc.hidden_size))
-
-
 def _state(model: Forecaster, mc: ModelConfig, n: int) -> StreamState:
     """A warmed-up state for n series (20 steps of random walk each)."""
     rng = np.random.default_rng(0)
     values = 100 + np.cumsum(rng.normal(size=(n, 20)), axis=1)
     segs = [Segment(f"s{i}", True, 0, values[i]) for i in range(n)]
-    _, state = run_segments(model, _empty(mc), segs, {f"s{i}": 1.0 for i in range(n)}, GRID, mc, AnomalyConfig(),
-                            1, Emit(10**9))
+    _, state = run_segments(model, StreamState.empty(mc), segs, {f"s{i}": 1.0 for i in range(n)}, GRID, mc,
+                            AnomalyConfig(), 1, Emit(10**9))
     return state
 
 
@@ -137,7 +133,7 @@ def latency(mc: ModelConfig, device: torch.device) -> None:
     print(f"\n2. Single-series tick (whole streaming step incl. output rows): p50 {np.percentile(times, 50):.3f} ms, "
           f"p99 {np.percentile(times, 99):.3f} ms")
     values = 100 + np.cumsum(np.random.default_rng(2).normal(size=LONG))
-    t = _best(lambda: run_segments(model, _empty(mc), [Segment("s", True, 0, values)], {"s": 1.0}, GRID, mc,
+    t = _best(lambda: run_segments(model, StreamState.empty(mc), [Segment("s", True, 0, values)], {"s": 1.0}, GRID, mc,
                                    AnomalyConfig(), 1, Emit(0, LONG - 2_880)), repeat=3, min_time=1.0)
     print(f"   One series, {LONG:,} steps in one call (run_segments, rows for the last 2,880): {t:.3f} s")
 
@@ -148,7 +144,7 @@ def backfill(n: int, steps: int, mc: ModelConfig, device: torch.device) -> None:
     values = 100 + np.cumsum(np.random.default_rng(3).normal(size=(n, steps)), axis=1)
     segs = [Segment(f"s{i}", True, 0, values[i]) for i in range(n)]
     scales = {f"s{i}": 1.0 for i in range(n)}
-    t = _best(lambda: run_segments(model, _empty(mc), segs, scales, GRID, mc, AnomalyConfig(), 1, Emit(0)),
+    t = _best(lambda: run_segments(model, StreamState.empty(mc), segs, scales, GRID, mc, AnomalyConfig(), 1, Emit(0)),
               repeat=2, min_time=0.0)
     print(f"   Backfill, {n:,} series x {steps} steps in one call (run_segments, all rows): {t:.2f} s, "
           f"{n * steps / t:,.0f} series-steps/s")

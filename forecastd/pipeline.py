@@ -213,7 +213,9 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     mv = store.load_live(resolve_device(config.serve.device, "[serve] device"))
     grid = mv.grid
     state, info = store.load_stream(mv.version)
-    state = _fit_judges(state, config.anomaly.forecasts) if state is not None else _empty_state(mv, config)
+    if state is None:
+        state = StreamState.empty(mv.model_config, config.anomaly.forecasts)
+    state = _fit_judges(state, config.anomaly.forecasts)
     report = TickReport(mv.version)
     clock.lap("load")
 
@@ -308,7 +310,7 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
     planned = plan_backfill(frame, grid, lo, mv.scales, warmup, config.data.max_gap)
     report.series = planned.series
     report.points = planned.points
-    empty = _empty_state(mv, config)
+    empty = StreamState.empty(mv.model_config, config.anomaly.forecasts)
     outputs, _ = run_segments(mv.model, empty, planned.segments, planned.fresh_scale, grid, mv.model_config,
                               config.anomaly, mv.version, Emit(warmup, lo, hi))
     clock.lap("model")
@@ -326,12 +328,6 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
 def _utc(t: dt.datetime | pd.Timestamp) -> pd.Timestamp:
     t = pd.Timestamp(t)
     return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
-
-
-def _empty_state(mv: ModelVersion, config: Config) -> StreamState:
-    mc = mv.model_config
-    rows = mc.num_layers * (2 if mc.cell == "lstm" else 1)
-    return StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (rows, mc.hidden_size), config.anomaly.forecasts)
 
 
 def _fit_judges(state: StreamState, m: int) -> StreamState:

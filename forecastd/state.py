@@ -86,6 +86,13 @@ class StreamState:
             AnomalyTrack.fresh(B),
         )
 
+    @classmethod
+    def empty(cls, mc: ModelConfig, judges: int = 1) -> StreamState:
+        """No series yet: `streaming.run_segments` adds each as it first comes, shaped by the model."""
+        rows = mc.num_layers * (2 if mc.cell == "lstm" else 1)  # an LSTM carries h and c
+        return cls.fresh([], np.zeros(0), len(mc.level_alphas), (rows, mc.hidden_size), judges,
+                         mc.lookback if isinstance(mc.lookback, int) else 0)
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {
             "step": self.step, "age": self.age, "scale": self.scale,
