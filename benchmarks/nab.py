@@ -121,7 +121,8 @@ class Schedule:
     """When the benchmark retrains, as the daemon's `[serve] retrain_cron` would: after `rows` input rows.
 
     rows: input-row counts at which a challenger is trained on every row seen so far (never a later one)
-    and promoted only if it beats the live model on its own validation tail (`retrain.decide`, margin 0).
+    and promoted only if it beats the live model on its own validation tail (`retrain.decide`) by
+    `margin` of its loss, as `[serve] promote_margin` asks of the daemon's challengers.
     warm: the challenger starts from the live weights (a warm start) rather than from fresh ones.
     track: what a promoted model's stream keeps of the previous stream's anomaly track: "fresh" (start
     over from the warm-up window), "range" (the pipeline's rule for a new version, `streaming.Carried`:
@@ -132,6 +133,7 @@ class Schedule:
     rows: tuple[int, ...] = ()
     warm: bool = True
     track: str = "range"
+    margin: float = 0.0
 
 
 def retrain_rows(spec: str, n_rows: int) -> tuple[int, ...]:
@@ -193,7 +195,7 @@ def train_file(name: str, raw: pd.DataFrame, mc: ModelConfig, tc: TrainingConfig
         # The daemon's verdict: both models on the challenger's validation tail, each with its own scale.
         losses = [tail_loss(v.model, v.mc, {name: v.scale}, seen, grid, data, tc.validation_fraction)
                   for v in (live, challenger)]
-        promote, _ = decide(losses[0], losses[1], 0.0, False)
+        promote, _ = decide(losses[0], losses[1], schedule.margin, False)
         lines.append(f"row {rows}: lookback {challenger.mc.lookback}, live {losses[0]:.3f} challenger "
                      f"{losses[1]:.3f} {'promoted' if promote else 'kept'}")
         if promote:
@@ -271,7 +273,8 @@ def _cached(cache: Path, relpath: str, raw: pd.DataFrame, mc: ModelConfig, tc: T
             schedule: Schedule) -> Trained:
     """Trained models from an earlier run with the same settings, else train and store them: iterating
     on the anomaly pipeline need not retrain. Weights only (torch.load(weights_only=True))."""
-    key = repr((mc, tc, data, schedule.rows, schedule.warm, "lookback resolved per training, widened warm"))
+    key = repr((mc, tc, data, schedule.rows, schedule.warm, "lookback resolved per training, widened warm")
+               + ((schedule.margin,) if schedule.margin else ()))  # margin 0 keeps the older caches
     # One file per settings: another model size or schedule gets its own slot instead of replacing this one.
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = cache / f"{relpath.replace('/', '__')}.seed{tc.seed}.{digest}.pt"
@@ -347,6 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retrain", default="doubling",
                    help='"doubling" (at 2, 4, 8, ... x the probationary rows), an integer N (every N rows), or "none"')
     p.add_argument("--cold", action="store_true", help="retrain from fresh weights instead of the live ones")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="promote a challenger only if it beats the live loss by this fraction ([serve] promote_margin)")
     p.add_argument("--track", choices=("fresh", "range", "all"), default="range",
                    help="what a promoted model keeps of the previous anomaly track (see Schedule); "
                         "range is what the product does")
@@ -379,12 +384,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[anomaly] {ac}")
     print(f"NAB corpus {args.data}: {len(corpus)} files; forecastd {mc.cell} hidden {mc.hidden_size} horizon "
           f"{mc.horizon}, lookback {mc.lookback}, lr {tc.learning_rate}, weight average {tc.weight_average}, {tc.epochs} epochs max, seed {tc.seed}; retrain {args.retrain} "
-          f"({'cold' if args.cold else 'warm'} start, anomaly track on a switch: {args.track}); "
+          f"({'cold' if args.cold else 'warm'} start, promote margin {args.margin:g}, anomaly track on a switch: "
+          f"{args.track}); "
           f"torch {torch.__version__}, {args.threads} thread(s) x {args.jobs} job(s)")
     print(f"{'file':<52} {'rows':>6} {'freq':>6} {'unscored':>8} {'train s':>7} {'stream s':>8}  repairs; retrains")
     # The first seed runs every variant and writes the results files; further seeds (--seeds) the defaults only.
     seeds = [dataclasses.replace(tc, seed=tc.seed + k) for k in range(args.seeds)]
-    jobs = [(relpath, raw, mc, tck, data, Schedule(retrain_rows(args.retrain, len(raw)), not args.cold, args.track),
+    jobs = [(relpath, raw, mc, tck, data, Schedule(retrain_rows(args.retrain, len(raw)), not args.cold, args.track, args.margin),
              variants if k == 0 else variants[:1], args.threads, args.models)
             for k, tck in enumerate(seeds) for relpath, raw in corpus.items()]
     if args.jobs > 1:
