@@ -1,22 +1,22 @@
 """SQL sink: upserts into two tables with SQLAlchemy 2 Core (SQLite and PostgreSQL).
 
-Tables are created when missing, with the contract columns and a primary key on the contract key (time first);
-an existing table is checked column by column before the first write. Upserts use the dialect's
-INSERT ... ON CONFLICT (key) DO UPDATE, and skip rows whose values are unchanged, so a replay rewrites
-nothing. Both tables of one write() commit in one transaction: durable when it returns (PostgreSQL
+Tables are created when missing, with the contract columns and a primary key on the contract key,
+time first; an existing table is checked column by column before the first write. Upserts use the
+dialect's INSERT ... ON CONFLICT (key) DO UPDATE, and skip rows whose values are unchanged, so a replay
+rewrites nothing. Both tables of one write() commit in one transaction: durable when it returns (PostgreSQL
 commits are synchronous by default, SQLite's default journal syncs at commit).
 
 Bulk writes, because a tick of 10,000 series is 250,000 rows and SQLAlchemy's per-row parameter
 handling (a dict per row, a Python bind processor per value) took 4 to 16 s for them:
-- the columns are converted whole (numpy, pandas) into plain Python values and zipped into tuples;
+- the columns are converted whole (numpy, pandas) into plain Python values;
 - SQLite: an upsert of up to SQLITE_VARIABLES // columns rows in one VALUES list is compiled once and
   run with the driver's executemany (which loops in C) over those rows, in batches of BATCH_ROWS.
   Staging in a temp table first measured no faster, nor did one JSON parameter read by json_each;
 - PostgreSQL: the rows are COPYed into a temporary table (psycopg 3 `cursor.copy`), then one
   INSERT ... SELECT ... ON CONFLICT moves them into the output table, or a plain INSERT ... SELECT
-  where the table holds nothing at or after the rows' first time (a tick's new rows). Row-at-a-time executemany, even
-  pipelined, costs a statement's worth of server work per row. COPY gets CSV written by pyarrow in
-  one call per batch: psycopg's write_row spent 8 us a row converting values in Python.
+  where the table holds nothing at or after the rows' first time (a tick's new rows). Row-at-a-time
+  executemany, even pipelined, costs a statement's worth of server work per row. COPY gets CSV written
+  by pyarrow in one call per batch: psycopg's write_row spent 8 us a row converting values in Python.
 Every statement that names a user's table is built by SQLAlchemy, which quotes identifiers; values are
 always bound or copied, never formatted into SQL.
 
