@@ -13,12 +13,14 @@ rows up to it only). Nothing is tuned to a file and labels are read only by the 
 Retraining (`--retrain`, default "doubling"), as the daemon retrains on a schedule: when 2, 4, 8, ...
 times the probationary rows have been seen, a challenger is trained on every row seen so far (warm
 started from the live weights unless --cold), judged as `retrain.retrain` judges (`retrain.tail_loss`
-of both models on the challenger's validation tail, `retrain.decide`, margin 0) and, if promoted, takes
+of both models on the challenger's validation tail, `retrain.decide`, margin 0 or --margin) and, if promoted, takes
 over as the pipeline switches versions: a fresh state run over the last `[data] warmup` points up to the
 switch, then streaming on. A doubling schedule keeps the cost at a few trainings per file where the
 daemon's daily cron would retrain dozens of times on the longest files; it never uses a row not yet seen.
 As `pipeline.train` does, every training resolves "auto" lookback for the history it learns from, so a
-later model may carry a longer window, warm started with zero weight on the added lags.
+later model may carry a longer window, warm started with zero weight on the added lags. With --clean
+(not what the daemon does), the points the live stream flagged by then are left out of the challenger's
+training and of the tail both models are judged on.
 
 The score of each grid point is mapped back to the input rows by timestamp; rows the product does not
 score (a duplicate whose value the rule discarded, a row before the likelihood has history) get 0 and
@@ -134,6 +136,7 @@ class Schedule:
     warm: bool = True
     track: str = "range"
     margin: float = 0.0
+    clean: bool = False  # leave the points the live model flags out of a challenger's training and tail
 
 
 def retrain_rows(spec: str, n_rows: int) -> tuple[int, ...]:
@@ -190,6 +193,15 @@ def train_file(name: str, raw: pd.DataFrame, mc: ModelConfig, tc: TrainingConfig
     for rows in schedule.rows:
         cutoff = _cutoff(raw, rows)
         seen = frame[frame["ts"] <= cutoff]
+        if schedule.clean:
+            # The points the live stream flagged by then (scores as the stream gave them, threshold 0.5),
+            # dropped: a challenger would learn them as normal, and win on a tail that holds them.
+            ac = AnomalyConfig()
+            so_far = Trained(grid, seen, list(versions), 0.0, {}, [])
+            part = raw.iloc[:rows]
+            scores, _ = stream_file(name, part, so_far, ac, data, schedule.track)
+            flagged = pd.DatetimeIndex(part["timestamp"][scores >= ac.threshold]).tz_localize("UTC")
+            seen = seen[~seen["ts"].isin(flagged)]
         live = versions[-1]
         challenger = _fit(seen, grid, name, mc, tc, data, live if schedule.warm else None)
         # The daemon's verdict: both models on the challenger's validation tail, each with its own scale.
@@ -274,7 +286,8 @@ def _cached(cache: Path, relpath: str, raw: pd.DataFrame, mc: ModelConfig, tc: T
     """Trained models from an earlier run with the same settings, else train and store them: iterating
     on the anomaly pipeline need not retrain. Weights only (torch.load(weights_only=True))."""
     key = repr((mc, tc, data, schedule.rows, schedule.warm, "lookback resolved per training, widened warm")
-               + ((schedule.margin,) if schedule.margin else ()))  # margin 0 keeps the older caches
+               + ((schedule.margin,) if schedule.margin else ())  # margin 0 keeps the older caches
+               + (("clean",) if schedule.clean else ()))
     # One file per settings: another model size or schedule gets its own slot instead of replacing this one.
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = cache / f"{relpath.replace('/', '__')}.seed{tc.seed}.{digest}.pt"
@@ -350,6 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--retrain", default="doubling",
                    help='"doubling" (at 2, 4, 8, ... x the probationary rows), an integer N (every N rows), or "none"')
     p.add_argument("--cold", action="store_true", help="retrain from fresh weights instead of the live ones")
+    p.add_argument("--clean", action="store_true",
+                   help="leave the points the live model flagged (score >= 0.5) out of a challenger's training "
+                        "and validation tail")
     p.add_argument("--margin", type=float, default=0.0,
                    help="promote a challenger only if it beats the live loss by this fraction ([serve] promote_margin)")
     p.add_argument("--track", choices=("fresh", "range", "all"), default="range",
@@ -390,8 +406,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'file':<52} {'rows':>6} {'freq':>6} {'unscored':>8} {'train s':>7} {'stream s':>8}  repairs; retrains")
     # The first seed runs every variant and writes the results files; further seeds (--seeds) the defaults only.
     seeds = [dataclasses.replace(tc, seed=tc.seed + k) for k in range(args.seeds)]
-    jobs = [(relpath, raw, mc, tck, data, Schedule(retrain_rows(args.retrain, len(raw)), not args.cold, args.track, args.margin),
-             variants if k == 0 else variants[:1], args.threads, args.models)
+    def schedule(raw: pd.DataFrame) -> Schedule:
+        return Schedule(retrain_rows(args.retrain, len(raw)), not args.cold, args.track, args.margin, args.clean)
+
+    jobs = [(relpath, raw, mc, tck, data, schedule(raw), variants if k == 0 else variants[:1], args.threads,
+             args.models)
             for k, tck in enumerate(seeds) for relpath, raw in corpus.items()]
     if args.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:

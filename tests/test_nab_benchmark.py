@@ -45,3 +45,30 @@ def test_nab_benchmark_writes_results_and_averages_seeds(tmp_path, capsys):
         # The spike is the file's strongest score after the probationary period.
         scored = written["anomaly_score"].to_numpy()[nab.probation_length(len(written)):]
         assert scored.max() == 1.0
+
+
+def test_clean_retrain_leaves_flagged_points_out_of_the_challengers_data(tmp_path, monkeypatch):
+    """--clean: a challenger trains and is judged without the points the live stream flagged by then."""
+    import dataclasses
+
+    from forecastd.config import DataConfig
+
+    _corpus(tmp_path)
+    raw = pd.read_csv(tmp_path / "data" / "cat" / "a.csv")
+    spike = pd.Timestamp(raw["timestamp"][1500], tz="UTC")
+    seen: dict[bool, list[pd.DataFrame]] = {False: [], True: []}
+    fit = nab._fit
+
+    def spy(train, *args, **kwargs):
+        seen[clean].append(train)
+        return fit(train, *args, **kwargs)
+
+    monkeypatch.setattr(nab, "_fit", spy)
+    tc = dataclasses.replace(nab.TRAINING, epochs=1, min_epoch_steps=2)
+    for clean in (False, True):
+        schedule = nab.Schedule((1800,), True, "range", 0.0, clean)
+        nab.train_file("cat/a.csv", raw, nab.MODEL, tc, DataConfig(), schedule)
+    # [0] is the probation model, [1] the challenger at row 1,800, after the spike at row 1,500.
+    assert spike in set(seen[False][1]["ts"])
+    assert spike not in set(seen[True][1]["ts"])
+    assert len(seen[True][1]) < len(seen[False][1]) < len(seen[True][1]) + 20  # the spike and few others
