@@ -232,11 +232,8 @@ def stream_file(name: str, raw: pd.DataFrame, t: Trained, ac: AnomalyConfig, dat
             old = state if len(state) else None
             warm = (steps > v.cut - data.warmup) & (steps <= v.cut)
             segs = plan(name, steps[warm], values[warm], None, data.max_gap)
-            carried = None
-            if old is not None and track == "range":  # the pipeline's own rule and code path
-                a = old.anomaly
-                carried = {name: Carried(float(a.lo[0]), float(a.hi[0]), float(a.peak[0]), int(a.since[0]),
-                                         int(old.step[0]))}
+            # "range": the pipeline's own rule and code path.
+            carried = {name: Carried.of(old, 0)} if old is not None and track == "range" else None
             _, state = run_segments(v.model, StreamState.empty(v.mc, ac.forecasts), segs, {name: v.scale}, t.grid,
                                     v.mc, ac, i, Emit(0), carried=carried)
             if len(state) and old is not None and track == "all":

@@ -190,11 +190,9 @@ def _prior(store: StateStore, live: int) -> tuple[dict[str, int], dict[str, Carr
     for v in sorted((v for v in store.versions() if v != live), reverse=True):
         state, _ = store.load_stream(v)
         if state is not None:
-            a = state.anomaly
             rows = [i for i, st in enumerate(state.step) if st >= 0]
             return ({state.series_ids[i]: int(state.step[i]) for i in rows},
-                    {state.series_ids[i]: Carried(float(a.lo[i]), float(a.hi[i]), float(a.peak[i]),
-                                                  int(a.since[i]), int(state.step[i])) for i in rows})
+                    {state.series_ids[i]: Carried.of(state, i) for i in rows})
     return {}, {}
 
 

@@ -112,6 +112,12 @@ class Carried:
     since: int
     step: int
 
+    @classmethod
+    def of(cls, state: StreamState, i: int) -> Carried:
+        """What row `i` of the old version's `state` hands over."""
+        a = state.anomaly
+        return cls(float(a.lo[i]), float(a.hi[i]), float(a.peak[i]), int(a.since[i]), int(state.step[i]))
+
 
 @dataclass(frozen=True)
 class Emit:
