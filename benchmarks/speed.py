@@ -1,8 +1,7 @@
 """Speed of the carried state against recomputing a window, measured in one run on synthetic series.
 
     python benchmarks/speed.py [--sizes 1 100 10000 100000] [--e2e 10000] [--e2e-ticks 4] [--device cpu|cuda]
-                               [--threads N]
-                               [--lookback auto|N] [--backfill 1000] [--system-malloc]
+                               [--threads N] [--lookback auto|N] [--backfill 1000] [--system-malloc]
                                [--pg-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
 
 Prints:
@@ -15,8 +14,8 @@ Prints:
 3. training throughput (target-steps/s) of the TBPTT loop;
 4. end-to-end `run_once` ticks over N series on Parquet and on SQLite (read, step, write H=24
    forecasts and anomaly rows, checkpoint), each timed (a write may slow as the tables fill), the last
-   split by stage; with --pg-url also Parquet in, PostgreSQL
-   out (into tables named speed_*_<pid>, dropped afterwards);
+   split by stage; with --pg-url also Parquet in, PostgreSQL out (into tables named speed_*_<pid>,
+   dropped afterwards);
 5. peak memory and streaming-state bytes per series; threads used.
 
 On a machine shared with other jobs, `--threads 1` gives steadier figures: with 2 threads every op
@@ -133,8 +132,8 @@ def latency(mc: ModelConfig, device: torch.device) -> None:
     print(f"\n2. Single-series tick (whole streaming step incl. output rows): p50 {np.percentile(times, 50):.3f} ms, "
           f"p99 {np.percentile(times, 99):.3f} ms")
     values = 100 + np.cumsum(np.random.default_rng(2).normal(size=LONG))
-    t = _best(lambda: run_segments(model, StreamState.empty(mc), [Segment("s", True, 0, values)], {"s": 1.0}, GRID, mc,
-                                   AnomalyConfig(), 1, Emit(0, LONG - 2_880)), repeat=3, min_time=1.0)
+    t = _best(lambda: run_segments(model, StreamState.empty(mc), [Segment("s", True, 0, values)], {"s": 1.0}, GRID,
+                                   mc, AnomalyConfig(), 1, Emit(0, LONG - 2_880)), repeat=3, min_time=1.0)
     print(f"   One series, {LONG:,} steps in one call (run_segments, rows for the last 2,880): {t:.3f} s")
 
 
@@ -144,8 +143,8 @@ def backfill(n: int, steps: int, mc: ModelConfig, device: torch.device) -> None:
     values = 100 + np.cumsum(np.random.default_rng(3).normal(size=(n, steps)), axis=1)
     segs = [Segment(f"s{i}", True, 0, values[i]) for i in range(n)]
     scales = {f"s{i}": 1.0 for i in range(n)}
-    t = _best(lambda: run_segments(model, StreamState.empty(mc), segs, scales, GRID, mc, AnomalyConfig(), 1, Emit(0)),
-              repeat=2, min_time=0.0)
+    t = _best(lambda: run_segments(model, StreamState.empty(mc), segs, scales, GRID, mc, AnomalyConfig(), 1,
+                                   Emit(0)), repeat=2, min_time=0.0)
     print(f"   Backfill, {n:,} series x {steps} steps in one call (run_segments, all rows): {t:.2f} s, "
           f"{n * steps / t:,.0f} series-steps/s")
 

@@ -243,9 +243,9 @@ class ServeConfig:
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     # Seconds between listings of every series id in the source. A tick finds new series among the rows
     # past the watermarks it reads anyway; only a listing finds a series whose rows are all older than
-    # the oldest watermark (one loaded with its history), and a listing scans the whole table or every
-    # file: 0.3 s of a 10,000-series SQLite tick over 2 M rows, and growing with the table. 0 lists on
-    # every tick.
+    # the oldest watermark (one loaded with its history), and a listing reads every file's id column, or
+    # a SQL table's series index (10,000 series in 2 M SQLite rows: 42 ms), or without one the whole table
+    # (1.1 s, growing with the table). 0 lists on every tick.
     list_series_every: float = 3600.0
 
 

@@ -227,7 +227,8 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     clock.lap("read")
     # New series: those among the rows just read, and, at most every [serve] list_series_every seconds,
     # those whose every row is older than the oldest watermark (a series loaded with its history).
-    # Only a listing finds the latter, and it scans the whole table (or every file) each time.
+    # Only a listing finds the latter: every file's id column, or a SQL table's series index (the whole
+    # table where it has none).
     listed_at = info.get("listed_at")
     every = config.serve.list_series_every
     if not known or listed_at is None or every <= 0 or \
