@@ -35,3 +35,8 @@ def test_importing_the_benchmark_needs_no_peer_library() -> None:
 def test_unknown_peer_is_a_usage_error() -> None:
     with pytest.raises(SystemExit):
         peers.main(["--data", "x.csv", "--peers", "prophet"])
+
+
+def test_updates_of_many_series_are_timed_fewer_times():
+    assert [peers.scaled_reps(30, n) for n in (1, 100, 1000, 10000)] == [30, 30, 5, 5]
+    assert [peers.scaled_reps(300, n) for n in (1, 100, 1000, 10000)] == [300, 300, 30, 5]
