@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import math
 import multiprocessing
 import sys
 import time
@@ -140,15 +141,17 @@ class Schedule:
 
 
 def retrain_rows(spec: str, n_rows: int) -> tuple[int, ...]:
-    """"none"; "doubling" (2, 4, 8, ... times the probationary period); or an integer N (every N rows)."""
+    """"none"; "doubling" (2, 4, 8, ... times the probationary period); "growth:G" (whenever the rows seen
+    reach 1 + G times the rows of the last training, as `[serve] retrain_growth = G` has the daemon do;
+    "growth:1" is "doubling"); or an integer N (every N rows)."""
     n_prob = probation_length(n_rows)
     if spec == "none" or n_prob == 0:
         return ()
-    if spec == "doubling":
-        out, k = [], 2 * n_prob
-        while k < n_rows:
+    if spec == "doubling" or spec.startswith("growth:"):
+        growth = 1.0 if spec == "doubling" else float(spec.removeprefix("growth:"))
+        out, k = [], n_prob
+        while (k := max(math.ceil(k * (1 + growth)), k + 1)) < n_rows:
             out.append(k)
-            k *= 2
         return tuple(out)
     every = int(spec)
     return tuple(range(n_prob + every, n_rows, every))
@@ -358,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-ablation", action="store_true", help="score the full pipeline only")
     p.add_argument("--no-baselines", action="store_true", help="skip the windowed Gaussian and null detectors")
     p.add_argument("--retrain", default="doubling",
-                   help='"doubling" (at 2, 4, 8, ... x the probationary rows), an integer N (every N rows), or "none"')
+                   help='"doubling" (at 2, 4, 8, ... x the probationary rows), "growth:G" (each time the rows '
+                        'seen reach 1 + G x those of the last training), an integer N (every N rows), or "none"')
     p.add_argument("--cold", action="store_true", help="retrain from fresh weights instead of the live ones")
     p.add_argument("--clean", action="store_true",
                    help="leave the points the live model flagged (score >= 0.5) out of a challenger's training "

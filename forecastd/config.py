@@ -217,6 +217,15 @@ class ServeConfig:
     retrain_cron: str = "0 3 * * *"
     # Steps of recent history a retrain learns from (0 = all).
     retrain_window: int = 0
+    # A scheduled retrain trains only once the points the newest model version did not learn from
+    # number at least this fraction of those it learnt from (1.0: each model learns from twice the
+    # history of the one before); 0 retrains at every run of the cron. Retrains then come often while
+    # history is short and rarer as it grows, and their total cost stays within a few times one
+    # training on all the history, where a daily retrain on everything costs more every day. On NAB,
+    # a challenger every 1,000 rows scored 56.4 against 69.2 for one each time the history doubled:
+    # every promotion restarts the stream's learnt likelihood, and a challenger trained over an
+    # anomaly wins on a validation tail that holds it.
+    retrain_growth: float = 1.0
     # A challenger must beat the live model's validation loss by this fraction to be promoted.
     promote_margin: float = 0.0
     always_promote: bool = False
@@ -527,6 +536,8 @@ def _validate(c: Config) -> None:
     _require(v.max_backoff >= 0, f"[serve] max_backoff = {v.max_backoff} must be 0 or more seconds")
     _require(v.tick_timeout >= 0, f"[serve] tick_timeout = {v.tick_timeout} must be 0 (off) or more seconds")
     _require(v.retrain_timeout >= 0, f"[serve] retrain_timeout = {v.retrain_timeout} must be 0 (off) or more seconds")
+    _require(v.retrain_growth >= 0, f"[serve] retrain_growth = {v.retrain_growth} must be 0 (retrain at every run of "
+             "retrain_cron) or a fraction of the last training's points, e.g. 1.0")
     _require(v.retrain_window >= 0, f"[serve] retrain_window = {v.retrain_window} must be 0 (all) or more steps")
     _require(v.list_series_every >= 0,
              f"[serve] list_series_every = {v.list_series_every} must be 0 (every tick) or more seconds")
@@ -603,6 +614,7 @@ keep_versions = 5
 [serve]
 interval = 60.0                  # seconds between ticks
 retrain_cron = "0 3 * * *"       # UTC cron for retraining; "" disables
+retrain_growth = 1.0             # train once the new points reach this fraction of the last training's; 0 = every run
 http_host = "127.0.0.1"
 http_port = 9108                 # /metrics and /healthz; 0 disables
 promote_margin = 0.0             # a challenger must beat the live model's validation loss by this fraction

@@ -416,7 +416,7 @@ class Daemon:
         outcome = {"keep": "kept"}.get(result.outcome, result.outcome)
         result.outcome = outcome
         self.metrics.retrains.labels(outcome).inc()
-        if outcome != "abandoned":
+        if outcome not in ("abandoned", "skipped"):  # what trained, so the histogram stays training times
             self.metrics.train_seconds.observe(result.seconds)
         level = logging.WARNING if outcome == "failed" else logging.INFO
         figures = ""

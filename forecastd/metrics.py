@@ -63,7 +63,7 @@ class Metrics:
         self.train_seconds = Histogram("forecastd_train_duration_seconds",
                                        "Wall time of a retrain (challenger training and evaluation).",
                                        buckets=_TRAIN_BUCKETS, registry=r)
-        self.retrains = Counter("forecastd_retrains", "Retrains, by outcome (promoted, kept, failed, abandoned).",
+        self.retrains = Counter("forecastd_retrains", "Retrains, by outcome (promoted, kept, failed, abandoned, skipped).",
                                 ["outcome"], registry=r)
         self.live_version = Gauge("forecastd_live_model_version", "Version number of the model that serves.",
                                   registry=r)
@@ -78,7 +78,7 @@ class Metrics:
             self.ticks.labels(outcome)
         for table in ("forecasts", "anomalies"):
             self.rows_written.labels(table)
-        for outcome in ("promoted", "kept", "failed", "abandoned"):
+        for outcome in ("promoted", "kept", "failed", "abandoned", "skipped"):
             self.retrains.labels(outcome)
 
     def tick_ok(self, report: object, seconds: float, wall: float) -> None:

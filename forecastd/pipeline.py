@@ -36,7 +36,7 @@ from forecastd.streaming import Carried, Emit, Outputs, run_segments
 from forecastd.training import fit, prepare, resolve_device
 from forecastd.windowing import n_features, resolve_lookback, robust_scale, series_steps
 
-__all__ = ["TrainSummary", "TickReport", "train", "run_once", "backfill", "state_store"]
+__all__ = ["TrainSummary", "TickReport", "History", "read_history", "train", "run_once", "backfill", "state_store"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,25 @@ def _read(config: Config, grid_freq: str | None, **kwargs) -> tuple[pd.DataFrame
     return frame, grid, report, len(raw)
 
 
+@dataclass
+class History:
+    """What a training learns from: the validated rows, their grid and the repairs made reading them."""
+
+    frame: pd.DataFrame
+    grid: Grid
+    report: FrameReport
+
+
+def read_history(config: Config, now: dt.datetime, window: int = 0) -> History:
+    """Every row the source holds, validated; with `window`, the last `window` grid steps only."""
+    frame, grid, report, _ = _read(config, None, now=now)
+    report.log()
+    if window and not frame.empty:
+        steps = grid.index(frame["ts"])
+        frame = frame[steps > steps.max() - window]
+    return History(frame, grid, report)
+
+
 def train(
     config: Config,
     now: dt.datetime,
@@ -107,18 +126,17 @@ def train(
     make_live: bool = True,
     window: int = 0,
     init: ModelVersion | None = None,
+    history: History | None = None,
 ) -> TrainSummary:
     """Train a model on what the source holds and save it as a new version (live by default).
 
     window: learn from the last `window` grid steps only (0 = all history). init: start from this
     model's weights (a warm start) when the new model has the same shape and grid; otherwise, and
-    without it, from fresh weights.
+    without it, from fresh weights. history: what `read_history(config, now, window)` gave, when the
+    caller has read it already.
     """
-    frame, grid, report, _ = _read(config, None, now=now)
-    report.log()
-    if window and not frame.empty:
-        steps = grid.index(frame["ts"])
-        frame = frame[steps > steps.max() - window]
+    history = history or read_history(config, now, window)
+    frame, grid, report = history.frame, history.grid, history.report
     if frame.empty:
         raise DataError("the source has no usable rows to train on; check [source] path/table and the column mapping")
     series = series_steps(frame, grid)

@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +41,14 @@ from forecastd.config import Config, DataConfig, ModelConfig, config_from_dict, 
 from forecastd.errors import CheckpointError, ForecastdError, ModelError
 from forecastd.files import atomic_write_bytes
 from forecastd.frames import Grid, validate
-from forecastd.pipeline import state_store, train
+from forecastd.pipeline import read_history, state_store, train
 from forecastd.sources import open_source
 from forecastd.state import ModelVersion, StateStore
 from forecastd.models import Forecaster
 from forecastd.training import evaluate, prepare, resolve_device
 from forecastd.windowing import robust_scale, series_steps
 
-__all__ = ["RetrainResult", "retrain", "tail_losses", "decide", "tail_loss", "switch_live", "rollback_target", "live_history"]
+__all__ = ["RetrainResult", "retrain", "growth_wait", "tail_losses", "decide", "tail_loss", "switch_live", "rollback_target", "live_history"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ _HISTORY_KEEP = 200  # switches remembered; a daily retrain fills this in half a
 
 @dataclass
 class RetrainResult:
-    """What a retrain did. `outcome`: promote (the caller switches), keep, or failed."""
+    """What a retrain did. `outcome`: promote (the caller switches), keep, failed, or skipped (too few new
+    points: `[serve] retrain_growth`)."""
 
     outcome: str
     reason: str
@@ -111,7 +112,11 @@ def retrain(config: Config, now: dt.datetime) -> RetrainResult:
         except ForecastdError as exc:
             log.warning("the challenger starts from fresh weights: the live model does not load (%s)", exc)
     try:
-        summary = train(config, now, make_live=False, window=config.serve.retrain_window, init=init)
+        history = read_history(config, now, config.serve.retrain_window)
+        wait = growth_wait(store, history.frame, config.serve.retrain_growth, config.model)
+        if wait is not None:
+            return RetrainResult("skipped", wait, live, seconds=round(time.monotonic() - started, 3))
+        summary = train(config, now, make_live=False, init=init, history=history)
     except ForecastdError as exc:
         return RetrainResult("failed", f"training failed: {exc}", live, seconds=time.monotonic() - started)
     except Exception as exc:  # a bug or a library failure: the live model must not care
@@ -139,6 +144,37 @@ def retrain(config: Config, now: dt.datetime) -> RetrainResult:
             result.outcome = "promote" if promote else "keep"
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def growth_wait(store: StateStore, frame: pd.DataFrame, growth: float, model: ModelConfig) -> str | None:
+    """Why a retrain waits, or None: fewer new points than `growth` times those the newest version
+    learnt from. New: past that version's data end, or of a series it did not learn from.
+
+    The newest version, not the live one: a challenger that was kept still learnt from those points,
+    and judging by the live model would retrain at every run until one is promoted. A version built
+    with other `[model]` settings than `model` never makes a retrain wait: the new settings need one.
+    """
+    versions = store.versions()
+    if growth <= 0 or not versions:
+        return None
+    try:
+        manifest = store.manifest(versions[-1])
+        end, points, known = pd.Timestamp(manifest["data_end"]), int(manifest["n_points"]), manifest["scales"]
+        built = config_from_dict(manifest["config"]).model
+    except (ForecastdError, KeyError, TypeError, ValueError) as exc:
+        log.warning("retraining without [serve] retrain_growth's check: v%d's manifest has no data end, point "
+                    "count or config (%s)", versions[-1], exc)
+        return None
+    # "auto" was resolved to a number of steps in the manifest.
+    if built != (model if model.lookback != "auto" else replace(model, lookback=built.lookback)):
+        log.info("retraining now: [model] settings differ from v%d's", versions[-1])
+        return None
+    new = int(((frame["ts"] > end) | ~frame["series_id"].isin(list(known))).sum())
+    need = math.ceil(growth * points)
+    if new >= need:
+        return None
+    return (f"{new} new points since v{versions[-1]} learnt from {points} (data to {end.isoformat()}); "
+            f"[serve] retrain_growth = {growth:g} waits for {need}")
 
 
 def tail_losses(config: Config, live: ModelVersion, challenger: ModelVersion, now: dt.datetime) -> tuple[float, float]:

@@ -42,7 +42,8 @@ SECTIONS: dict[str, dict[str, Any]] = {
                  "burn_in": 8, "device": "cpu"},
     "sink": {"kind": "parquet", "path": "out"},
     "state": {"dir": "state"},
-    "serve": {"interval": 0.5, "retrain_cron": "", "http_port": 0, "misfire_grace": 5.0},
+    # retrain_growth 0: every retrain these tests ask for trains (test_retrain tests the wait itself).
+    "serve": {"interval": 0.5, "retrain_cron": "", "http_port": 0, "misfire_grace": 5.0, "retrain_growth": 0.0},
 }
 
 

@@ -226,6 +226,35 @@ def test_retrain_promotes_then_sigterm_during_the_next_one_exits_0(tmp_path, not
     assert (new["model_version"] >= 2).all()
 
 
+def test_scheduled_retrains_wait_for_the_history_to_grow(tmp_path, notify):
+    """The default [serve] retrain_growth: runs of the cron with no new history train nothing, and say so."""
+    port = free_port()
+    config = clone(tmp_path, serve={"retrain_cron": "*/2 * * * * *", "http_port": port, "retrain_growth": None})
+    serve = Serve(config, notify=notify)
+    try:
+        notify.wait_for("READY", "1", proc=serve.proc)
+
+        def skipped() -> list[str]:
+            return [m["STATUS"] for m in list(notify.messages)
+                    if m.get("STATUS", "").startswith("retrain skipped: 0 new points since v1 learnt from")]
+
+        wait_until(lambda: len(skipped()) >= 2, 120, "two runs of the cron to be skipped")
+        metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
+        count = [line for line in metrics.splitlines() if line.startswith('forecastd_retrains_total{outcome="skipped"}')]
+        assert count and float(count[0].split()[-1]) >= 2, metrics
+        assert "forecastd_train_duration_seconds_count 0.0" in metrics  # nothing trained
+        assert "retrain_growth = 1 waits for" in skipped()[0]
+        serve.signal(signal.SIGTERM)
+        assert serve.wait(STOP_TIMEOUT) == 0, serve.log()
+    finally:
+        serve.kill()
+    assert "retrain skipped" in serve.log()
+    from forecastd.config import load_config
+    from forecastd.pipeline import state_store
+
+    assert state_store(load_config(config)).versions() == [1]
+
+
 def test_locked_sqlite_source_fails_ticks_then_catches_up(tmp_path):
     """Guarantee 6: the source goes away (an exclusive lock); ticks fail, /healthz says so, no gap after."""
     port = free_port()

@@ -72,3 +72,14 @@ def test_clean_retrain_leaves_flagged_points_out_of_the_challengers_data(tmp_pat
     assert spike in set(seen[False][1]["ts"])
     assert spike not in set(seen[True][1]["ts"])
     assert len(seen[True][1]) < len(seen[False][1]) < len(seen[True][1]) + 20  # the spike and few others
+
+
+def test_retrain_rows_follow_the_growth_rule():
+    n_prob = nab.probation_length(4032)  # 604
+    assert nab.retrain_rows("doubling", 4032) == nab.retrain_rows("growth:1", 4032) == (1208, 2416)
+    rows = nab.retrain_rows("growth:0.25", 4032)
+    # Each training sees at least 1.25 times the rows of the one before, never a row past the file.
+    assert [round(b / a, 2) for a, b in zip((n_prob,) + rows, rows)] == [1.25] * len(rows)
+    assert rows[0] == 755 and rows[-1] < 4032 <= rows[-1] * 1.25
+    assert nab.retrain_rows("1000", 4032) == (1604, 2604, 3604)
+    assert nab.retrain_rows("none", 4032) == ()

@@ -257,3 +257,58 @@ def test_a_longer_window_warm_starts_and_forecasts_as_the_live_model_did():
     # A shorter window or another shape cannot carry the weights over.
     assert warm_weights(live, short, dataclasses.replace(short, lookback=2)) is None
     assert warm_weights(live, short, dataclasses.replace(short, hidden_size=16)) is None
+
+
+def test_growth_wait_counts_the_points_the_newest_version_did_not_learn_from(tmp_path):
+    config = load_config(clone(tmp_path))
+    store = state_store(config)
+    _add_version(store, seed=3)  # v2: the newest, not live; it learnt from the same rows as v1
+    manifest = store.manifest(2)
+    end, points = pd.Timestamp(manifest["data_end"]), manifest["n_points"]
+    known = sorted(manifest["scales"])
+    need = math.ceil(0.25 * points)
+
+    def frame(new_points: int, new_series_points: int = 0):
+        old = pd.DataFrame({"series_id": known[0], "ts": end - pd.to_timedelta(np.arange(50), "h"), "value": 1.0})
+        new = pd.DataFrame({"series_id": known[1], "ts": end + pd.to_timedelta(np.arange(1, new_points + 1), "h"),
+                            "value": 1.0})
+        # A series the version never saw, with history older than its data end: every point is new to it.
+        other = pd.DataFrame({"series_id": "newcomer", "ts": end - pd.to_timedelta(np.arange(new_series_points), "h"),
+                              "value": 1.0})
+        return pd.concat([old, new, other], ignore_index=True)
+
+    wait = retrain_module.growth_wait(store, frame(need - 1), 0.25, config.model)
+    assert wait == (f"{need - 1} new points since v2 learnt from {points} (data to {end.isoformat()}); "
+                    f"[serve] retrain_growth = 0.25 waits for {need}")
+    assert retrain_module.growth_wait(store, frame(need), 0.25, config.model) is None
+    assert retrain_module.growth_wait(store, frame(need - 10, new_series_points=10), 0.25, config.model) is None
+    assert retrain_module.growth_wait(store, frame(need - 10, new_series_points=9), 0.25, config.model) is not None
+    assert retrain_module.growth_wait(store, frame(0), 0.0, config.model) is None  # 0: every retrain trains
+    # New [model] settings need a new model: no wait. The resolved "auto" lookback is no new setting.
+    wider = dataclasses.replace(config.model, hidden_size=config.model.hidden_size + 8)
+    assert retrain_module.growth_wait(store, frame(0), 0.25, wider) is None
+    assert config.model.lookback == "auto" and manifest["config"]["model"]["lookback"] != "auto"
+    assert retrain_module.growth_wait(store, frame(0), 0.25, config.model) is not None
+
+
+def test_a_scheduled_retrain_waits_for_the_history_to_grow(tmp_path):
+    config = load_config(clone(tmp_path, serve={"retrain_growth": 0.5}))
+    store = state_store(config)
+    result = retrain(config, NOW)
+    assert result.outcome == "skipped" and result.challenger is None and result.live == 1, result
+    assert result.reason.startswith("0 new points since v1") and "retrain_growth = 0.5" in result.reason
+    assert store.versions() == [1]  # nothing trained, nothing saved
+
+    need = math.ceil(0.5 * store.manifest(1)["n_points"])
+    added, day = 0, T0
+    while added + 3 * 24 < need:  # just short of it, in whole days of the three hourly series
+        added += append_rows(tmp_path / "src.db", day, day + pd.Timedelta(days=1))
+        day += pd.Timedelta(days=1)
+    assert retrain(config, NOW).outcome == "skipped"
+    append_rows(tmp_path / "src.db", day, day + pd.Timedelta(days=1))
+    result = retrain(config, NOW)
+    assert result.outcome in ("promote", "keep") and result.challenger == 2, result
+    # Whether or not v2 is promoted, it learnt from these points: the next run waits for growth past them.
+    result = retrain(config, NOW)
+    assert result.outcome == "skipped" and result.reason.startswith("0 new points since v2"), result
+    assert store.versions() == [1, 2]
