@@ -242,7 +242,7 @@ def validate(
     grid: Grid,
     timezone: str = "UTC",
     duplicates: str = "last",
-    watermarks: Mapping[str, pd.Timestamp] | None = None,
+    watermarks: Mapping[str, pd.Timestamp] | pd.Series | None = None,
     now: dt.datetime | pd.Timestamp | None = None,
     report: FrameReport | None = None,
 ) -> tuple[pd.DataFrame, FrameReport]:
@@ -310,7 +310,7 @@ def validate(
         else:
             frame = frame.drop_duplicates(["series_id", "ts"], keep=duplicates)
 
-    if watermarks:
+    if watermarks is not None and len(watermarks):
         wm = frame["series_id"].map(watermarks)
         late = wm.notna() & (frame["ts"] <= wm)
         if late.any():

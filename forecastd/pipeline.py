@@ -240,7 +240,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     watermarks = state.watermarks(grid)
     frames = []
     if known:
-        since = min(watermarks.values()) if watermarks else None
+        since = watermarks.min() if len(watermarks) else None
         frames.append(source.read(since=since))
     clock.lap("read")
     # New series: those among the rows just read, and, at most every [serve] list_series_every seconds,

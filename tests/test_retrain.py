@@ -153,7 +153,7 @@ def test_switches_keep_only_the_freshest_stream_and_rollback_returns(tmp_path):
     append_rows(tmp_path / "src.db", T0, T0 + pd.Timedelta(hours=2))
     assert run_once(config, NOW).anomalies_written == 2 * 3  # from v1's watermarks: no gap
     grid = store.load_model(v3).grid
-    assert set(store.load_stream(v3)[0].watermarks(grid).values()) == {T0 + pd.Timedelta(hours=2)}
+    assert set(store.load_stream(v3)[0].watermarks(grid)) == {T0 + pd.Timedelta(hours=2)}
 
     # v2 never served: rollback skips it and returns to v1, which continues from v3's fresher stream.
     assert rollback_target(store) == 1
