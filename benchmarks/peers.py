@@ -60,6 +60,7 @@ from benchmarks.ett_protocol import EttSplits, evaluate, load_ett, persistence  
 from benchmarks.speed import GRID, _state  # noqa: E402
 from forecastd.config import AnomalyConfig, ModelConfig, TrainingConfig  # noqa: E402
 from forecastd.models import Forecaster  # noqa: E402
+from forecastd.runtime import tune_malloc  # noqa: E402
 from forecastd.streaming import Emit, advance  # noqa: E402
 from forecastd.windowing import n_features  # noqa: E402
 
@@ -394,6 +395,8 @@ def report(horizon: int, windows: int, results: dict[str, Result], base_mse: flo
 
 
 def run(args: argparse.Namespace) -> None:
+    # As the CLI sets it for `forecastd serve`; process-wide, so the peers run under it too.
+    malloc = "glibc defaults" if args.system_malloc else "tuned" if tune_malloc() else "not tunable here"
     wanted = list(dict.fromkeys(args.peers))
     runnable, messages = check_peers(wanted)
     for m in messages:
@@ -411,7 +414,7 @@ def run(args: argparse.Namespace) -> None:
             versions.append(f"{module} {__import__(module).__version__}")
     print(f"ETTh1 OT, L={args.lookback}, hidden {HIDDEN}, seeds {args.seeds}, peers <= {args.epochs} epochs "
           f"(patience {args.patience}), forecastd <= {args.forecastd_epochs} epochs; {', '.join(versions)}; "
-          f"{torch.get_num_threads()} torch threads")
+          f"{torch.get_num_threads()} torch threads; malloc {malloc} (every model)")
     print("forecastd GRU: product defaults (its own robust scale, carried state); rolling evaluation = the "
           f"streaming step from a fresh state over {args.warmup} rows before the first test origin, then the test")
     print(f"Rolling evaluation seconds: the fastest of {args.rolling_repeats} runs for every model")
@@ -468,6 +471,9 @@ def main(argv: list[str] | None = None) -> None:
                         "loading compiled code, Lightning's setup)")
     p.add_argument("--reps", type=int, default=30,
                    help="timed updates per peer and size up to 100 series; fewer above (5 at 10,000)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's malloc defaults instead of the CLI's settings (forecastd/runtime.py), "
+                        "for every model")
     p.add_argument("--fd-reps", type=int, default=300, help="timed updates of forecastd per size, scaled as --reps")
     run(p.parse_args(argv))
 
