@@ -55,6 +55,7 @@ from forecastd.metrics import Health, Metrics, MetricsServer
 from forecastd.notify import Notifier, watchdog_interval
 from forecastd.pipeline import TickReport, run_once, state_store
 from forecastd.retrain import RetrainResult, request, switch_live
+from forecastd.runtime import freeze_heap
 from forecastd.status import LOCK_FILE, write_daemon_info
 
 __all__ = ["Daemon", "StateLock", "serve"]
@@ -270,6 +271,7 @@ class Daemon:
             server = MetricsServer(self.config.serve.http_host, self.config.serve.http_port, self.metrics,
                                    self.health).start()
         scheduler = self._scheduler()
+        freeze_heap()  # what is loaded by now lives as long as the daemon: no full collection walks it again
         try:
             # Before the scheduler starts: _set_info waits for a running tick, and READY must not.
             self._set_info(state="running")
