@@ -164,7 +164,7 @@ class Serve:
     """`python -m forecastd serve --config F` as a real process, its log in the config's directory."""
 
     def __init__(self, config: Path, *, notify: NotifySocket | None = None, env: dict[str, str] | None = None,
-                 log_name: str = "serve.log") -> None:
+                 log_name: str = "serve.log", log_level: str = "info") -> None:
         self.config = config
         self.log_path = config.parent / log_name
         full_env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -174,7 +174,7 @@ class Serve:
             full_env["NOTIFY_SOCKET"] = notify.path
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-X", "faulthandler", "-m", "forecastd", "--log-level", "info", "serve", "--config",
+            [sys.executable, "-X", "faulthandler", "-m", "forecastd", "--log-level", log_level, "serve", "--config",
              str(config)],
             cwd=config.parent, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )

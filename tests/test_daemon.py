@@ -226,6 +226,20 @@ def test_retrain_promotes_then_sigterm_during_the_next_one_exits_0(tmp_path, not
     assert (new["model_version"] >= 2).all()
 
 
+def test_the_daemon_freezes_its_startup_heap_before_it_is_ready(tmp_path, notify):
+    serve = Serve(clone(tmp_path), notify=notify, log_level="debug")
+    try:
+        notify.wait_for("READY", "1", proc=serve.proc)
+        serve.signal(signal.SIGTERM)
+        assert serve.wait(STOP_TIMEOUT) == 0, serve.log()
+    finally:
+        serve.kill()
+    log = serve.log()
+    frozen = [line for line in log.splitlines() if "objects frozen out of the garbage collector" in line]
+    assert frozen and int(frozen[0].split("objects frozen")[0].split()[-1]) > 100_000, log[-3000:]
+    assert log.index("objects frozen out of") < log.index("serving: model v1")
+
+
 def test_scheduled_retrains_wait_for_the_history_to_grow(tmp_path, notify):
     """The default [serve] retrain_growth: runs of the cron with no new history train nothing, and say so."""
     port = free_port()
