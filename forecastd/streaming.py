@@ -272,14 +272,16 @@ def run_segments(
     version: int,
     emit: Emit,
     *,
-    chunk: int = 1024,
+    chunk: int = 4096,
     max_cells: int = 4_000_000,
     carried: Mapping[str, Carried] | None = None,
 ) -> tuple[Outputs, StreamState]:
     """Process every series' segments in order, in batched rounds; returns outputs and the merged state.
 
     Round r takes each series' r-th segment, resetting the series first when the segment is fresh.
-    Long blocks are cut into time chunks so memory stays bounded; chunking changes no result.
+    Long blocks are cut into time chunks so memory stays bounded (`max_cells` series-steps a chunk);
+    chunking changes no result. Up to `chunk` steps a chunk: each chunk's outputs are copied once more
+    to join them, so one series over 3,880 steps took 30 ms in chunks of 1,024 and 20 ms in one.
     `carried` gives a series that `state` does not hold yet what it keeps from the model version it
     takes over from (`Carried`); its fresh state starts from that.
     """
