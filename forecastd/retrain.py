@@ -103,19 +103,14 @@ def retrain(config: Config, now: dt.datetime) -> RetrainResult:
     started = time.monotonic()
     store = state_store(config)
     live = store.live_version()
-    # Warm: the challenger starts from the live weights (when the shapes agree), so a retrain refines
-    # what serves rather than relearning it; [serve] retrain_window bounds what it reads.
     init = None
-    if live is not None:
-        try:
-            init = store.load_live(resolve_device(config.training.device))
-        except ForecastdError as exc:
-            log.warning("the challenger starts from fresh weights: the live model does not load (%s)", exc)
     try:
         history = read_history(config, now, config.serve.retrain_window)
         wait = growth_wait(store, history.frame, config.serve.retrain_growth, config.model)
         if wait is not None:
             return RetrainResult("skipped", wait, live, seconds=round(time.monotonic() - started, 3))
+        # Only once it trains: on a GPU host, loading the live weights onto [training] device starts CUDA.
+        init = _warm_start(store, live, config)
         summary = train(config, now, make_live=False, init=init, history=history)
     except ForecastdError as exc:
         return RetrainResult("failed", f"training failed: {exc}", live, seconds=time.monotonic() - started)
@@ -144,6 +139,18 @@ def retrain(config: Config, now: dt.datetime) -> RetrainResult:
             result.outcome = "promote" if promote else "keep"
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def _warm_start(store: StateStore, live: int | None, config: Config) -> ModelVersion | None:
+    """The live model, for the challenger to start from its weights (when the shapes agree), so a
+    retrain refines what serves rather than relearning it; None when there is none or it does not load."""
+    if live is None:
+        return None
+    try:
+        return store.load_live(resolve_device(config.training.device))
+    except ForecastdError as exc:
+        log.warning("the challenger starts from fresh weights: the live model does not load (%s)", exc)
+        return None
 
 
 def growth_wait(store: StateStore, frame: pd.DataFrame, growth: float, model: ModelConfig) -> str | None:
