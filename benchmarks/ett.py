@@ -11,6 +11,9 @@ the protocol's standardised scale; each figure is the mean ± std over seeds. Th
 (learning rate, lookback) were chosen on the validation split only.
 
     python benchmarks/ett.py --data ../shared/data/ett/ETTh1.csv --jobs 16   # on a machine with cores
+
+Any ETT file works (ETTh2, or ETTm1/ETTm2 every 15 minutes): the splits, the grid and the seasonal naive's
+period of a day follow the step of its date column (ett_protocol.layout_of).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.ett_protocol import ETT_COLUMNS, evaluate, load_ett, persistence, seasonal_naive  # noqa: E402
+from benchmarks.ett_protocol import (  # noqa: E402
+    ETT_COLUMNS, Layout, evaluate, layout_of, load_ett, persistence, seasonal_naive,
+)
 from forecastd.config import AnomalyConfig, Config, ModelConfig, TrainingConfig  # noqa: E402
 from forecastd.frames import Grid  # noqa: E402
 from forecastd.models import Forecaster  # noqa: E402
@@ -37,16 +42,16 @@ from forecastd.streaming import Emit, run_segments  # noqa: E402
 from forecastd.training import fit, prepare, resolve_device  # noqa: E402
 from forecastd.windowing import n_features, resolve_lookback, robust_scale  # noqa: E402
 
-TRAIN_END, VAL_END, TEST_END = 8640, 11520, 14400
 LOOKBACK = 96
 
 
-def _frame(path: Path, columns: tuple[str, ...]) -> tuple[pd.DataFrame, np.ndarray]:
-    """Long frame of the standardised columns over rows [0, 14400), and the raw timestamps."""
+def _frame(path: Path, columns: tuple[str, ...]) -> tuple[pd.DataFrame, pd.DatetimeIndex]:
+    """Long frame of the standardised columns over the rows of the three splits, and their timestamps."""
     raw = pd.read_csv(path)
     splits = load_ett(path, columns, LOOKBACK)
-    values = (raw[list(columns)].to_numpy(np.float64)[:TEST_END] - splits.mean) / splits.std
-    ts = pd.DatetimeIndex(pd.to_datetime(raw["date"][:TEST_END]), tz="UTC").as_unit("ns")
+    end = splits.layout.test_end
+    values = (raw[list(columns)].to_numpy(np.float64)[:end] - splits.mean) / splits.std
+    ts = pd.DatetimeIndex(pd.to_datetime(raw["date"][:end]), tz="UTC").as_unit("ns")
     frame = pd.concat(
         [pd.DataFrame({"series_id": c, "ts": ts, "value": values[:, i]}) for i, c in enumerate(columns)],
         ignore_index=True,
@@ -64,15 +69,16 @@ def forecastd_forecasts(
     repeat: stream this many times; infer_seconds is the fastest pass.
     """
     config = Config()
-    grid = Grid("1h")
+    layout = _layout(ts)
+    grid = Grid(layout.freq)
     # As pipeline.train does: "auto" lookback for the grid and the training history.
-    lookback = resolve_lookback(model_config.lookback, grid.step_ns, TRAIN_END)
+    lookback = resolve_lookback(model_config.lookback, grid.step_ns, layout.train_end)
     mc = dataclasses.replace(model_config, horizon=horizon, lookback=lookback)
     tc = dataclasses.replace(training, seed=seed)
-    history = frame[frame["ts"] < ts[VAL_END]]
-    train_part = frame[frame["ts"] < ts[TRAIN_END]]
+    history = frame[frame["ts"] < ts[layout.val_end]]
+    train_part = frame[frame["ts"] < ts[layout.train_end]]
     scales = {c: robust_scale(train_part.loc[train_part["series_id"] == c, "value"].to_numpy()) for c in columns}
-    prepared = prepare(history, grid, scales, mc, config.data, 0.0, val_start=ts[TRAIN_END])
+    prepared = prepare(history, grid, scales, mc, config.data, 0.0, val_start=ts[layout.train_end])
     torch.manual_seed(seed)
     model = Forecaster(n_features(len(mc.level_alphas)), mc)
     t0 = time.perf_counter()
@@ -94,10 +100,11 @@ def stream_forecasts(
     """The product's streaming step from a fresh state, in one batched pass, from row 0 (or `warmup` rows
     before the first test origin) to the end of the test split: the forecast of every test origin
     (N, H, C), and the seconds it took."""
-    grid = Grid("1h")
+    layout = _layout(ts)
+    grid = Grid(layout.freq)
     horizon = mc.horizon
-    first_origin = VAL_END - 1
-    n = (TEST_END - (VAL_END - LOOKBACK)) - LOOKBACK - horizon + 1
+    first_origin = layout.val_end - 1
+    n = (layout.test_end - layout.val_end) - horizon + 1
     first_row = 0 if warmup is None else max(0, first_origin - warmup)
     values = {c: frame.loc[frame["series_id"] == c, "value"].to_numpy()[first_row:] for c in columns}
     start = int(grid.index(ts[:1])[0])
@@ -115,6 +122,10 @@ def stream_forecasts(
     pred[f["origin"].to_numpy(), f["step"].to_numpy() - 1, f["col"].to_numpy()] = f["mean"].to_numpy()
     assert np.isfinite(pred).all(), "every test origin must have a forecast"
     return pred, seconds
+
+
+def _layout(ts: pd.DatetimeIndex) -> Layout:
+    return layout_of(ts.to_series(), "the ETT file")
 
 
 def _run(job: tuple) -> tuple[float, float, float, float]:
@@ -149,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     threads = 1 if args.jobs > 1 else max(1, torch.get_num_threads())
 
     settings = [("S", ("OT",), h) for h in args.horizons] + [("M", ETT_COLUMNS, h) for h in args.multivariate_horizons]
-    print(f"ETT {args.data.name}: forecastd {mc.cell} hidden {mc.hidden_size} lookback {resolve_lookback(mc.lookback, Grid('1h').step_ns, TRAIN_END)}, "
+    layout = load_ett(args.data, ("OT",), LOOKBACK).layout
+    lookback = resolve_lookback(mc.lookback, Grid(layout.freq).step_ns, layout.train_end)
+    print(f"ETT {args.data.name} (a row every {layout.freq}): forecastd {mc.cell} hidden {mc.hidden_size} lookback {lookback}, "
           f"{args.seeds} seeds; torch {torch.__version__}, training on {resolve_device(args.device)}, "
           f"{args.jobs} job(s) x {threads} thread(s)")
     print(f"{'set':3} {'H':>4} | {'forecastd MSE':>16} {'forecastd MAE':>16} | {'persist MSE':>11} {'MAE':>6} | "
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     for kind, columns, h in settings:
         splits = load_ett(args.data, columns, LOOKBACK)
         base_p = evaluate(splits.test, LOOKBACK, h, lambda x: persistence(x, h))
-        base_s = evaluate(splits.test, LOOKBACK, h, lambda x: seasonal_naive(x, h))
+        base_s = evaluate(splits.test, LOOKBACK, h, lambda x: seasonal_naive(x, h, layout.day))
         mses, maes, tsec, isec = np.array([next(results) for _ in range(args.seeds)]).T
         print(f"{kind:3} {h:>4} | {np.mean(mses):>8.4f} ± {np.std(mses):.4f} {np.mean(maes):>8.4f} ± {np.std(maes):.4f} | "
               f"{base_p.mse:>11.4f} {base_p.mae:>6.4f} | {base_s.mse:>12.4f} {base_s.mae:>6.4f} | "

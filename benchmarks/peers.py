@@ -64,7 +64,6 @@ from forecastd.runtime import tune_malloc  # noqa: E402
 from forecastd.streaming import Emit, advance  # noqa: E402
 from forecastd.windowing import n_features  # noqa: E402
 
-TRAIN_END, VAL_END, TEST_END = 8640, 11520, 14400
 HIDDEN = 64
 INSTALL_HINT = "pip install 'forecastd[bench]'"
 
@@ -94,10 +93,11 @@ def check_peers(
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """What every model sees: the standardised OT rows [0, 14400) with their hourly timestamps."""
+    """What every model sees: the standardised OT rows of the three splits ([0, 14400) of an hourly file)
+    with their timestamps."""
 
     splits: EttSplits
-    values: np.ndarray  # (14400,)
+    values: np.ndarray  # (14400,) hourly
     times: pd.DatetimeIndex  # (14400,), tz-naive, as the peers want them
     horizon: int
     epochs: int
@@ -107,6 +107,12 @@ class Task:
     @property
     def lookback(self) -> int:
         return self.splits.lookback
+
+    @property
+    def borders(self) -> tuple[int, int, int]:
+        """Where train, validation and test end (rows)."""
+        layout = self.splits.layout
+        return layout.train_end, layout.val_end, layout.test_end
 
 
 class Peer(Protocol):
@@ -173,9 +179,10 @@ class DartsPeer:
         from pytorch_lightning.callbacks import EarlyStopping
 
         L, H = task.lookback, task.horizon
-        self.scaler = Scaler().fit(self._series(task, 0, TRAIN_END))
-        train = self.scaler.transform(self._series(task, 0, TRAIN_END))
-        val = self.scaler.transform(self._series(task, TRAIN_END - L, VAL_END))
+        train_end, val_end, _ = task.borders
+        self.scaler = Scaler().fit(self._series(task, 0, train_end))
+        train = self.scaler.transform(self._series(task, 0, train_end))
+        val = self.scaler.transform(self._series(task, train_end - L, val_end))
         self._dir = tempfile.TemporaryDirectory()
         common = dict(
             model="GRU", hidden_dim=HIDDEN, n_rnn_layers=1, input_chunk_length=L, n_epochs=task.epochs,
@@ -200,7 +207,8 @@ class DartsPeer:
 
     def rolling(self, task: Task) -> tuple[np.ndarray, float]:
         L, H = task.lookback, task.horizon
-        test = self._series(task, VAL_END - L, TEST_END)
+        _, val_end, test_end = task.borders
+        test = self._series(task, val_end - L, test_end)
         t0 = time.perf_counter()
         forecasts = self.model.historical_forecasts(
             test, start=L, start_format="position", forecast_horizon=H, stride=1, retrain=False,
@@ -215,7 +223,8 @@ class DartsPeer:
         from darts import TimeSeries
 
         windows = _tick_windows(task, n_series, 64)
-        times = task.times[VAL_END - task.lookback: VAL_END]  # a series' timestamps do not change the cost
+        val_end = task.borders[1]
+        times = task.times[val_end - task.lookback: val_end]  # a series' timestamps do not change the cost
         ticks = [[TimeSeries.from_times_and_values(times, w[:, None].astype(np.float32)) for w in tick]
                  for tick in windows]
         ticks = [[self.scaler.transform(s) for s in tick] for tick in ticks]
@@ -246,9 +255,10 @@ class NeuralForecastPeer:
         from neuralforecast.models import GRU, LSTM
 
         L, H = task.lookback, task.horizon
+        train_end, val_end, _ = task.borders
         windows_batch = 128
         # NeuralForecast counts optimiser steps; an "epoch" here is one pass's worth of train windows.
-        steps = math.ceil((TRAIN_END - L - H + 1) / windows_batch)
+        steps = math.ceil((train_end - L - H + 1) / windows_batch)
         cls = GRU if self.cell == "GRU" else LSTM
         model = cls(
             h=H, input_size=L, encoder_hidden_size=HIDDEN, encoder_n_layers=1, loss=MSE(), scaler_type="robust",
@@ -256,18 +266,19 @@ class NeuralForecastPeer:
             windows_batch_size=windows_batch, random_seed=task.seed, accelerator="cpu", enable_progress_bar=False,
             enable_model_summary=False, logger=False,
         )
-        self.nf = NeuralForecast(models=[model], freq="h")
+        self.nf = NeuralForecast(models=[model], freq=task.splits.layout.freq)
         t0 = time.perf_counter()
-        self.nf.fit(df=self._frame(task, 0, VAL_END), val_size=VAL_END - TRAIN_END)
+        self.nf.fit(df=self._frame(task, 0, val_end), val_size=val_end - train_end)
         seconds = time.perf_counter() - t0
         done = getattr(getattr(self.nf.models[0], "trainer", None), "global_step", task.epochs * steps)
         return seconds, math.ceil(done / steps)
 
     def rolling(self, task: Task) -> tuple[np.ndarray, float]:
         H = task.horizon
+        _, val_end, test_end = task.borders
         t0 = time.perf_counter()
-        cv = self.nf.cross_validation(df=self._frame(task, 0, TEST_END), n_windows=None,
-                                      test_size=TEST_END - VAL_END, step_size=1, use_fitted=True, refit=False)
+        cv = self.nf.cross_validation(df=self._frame(task, 0, test_end), n_windows=None,
+                                      test_size=test_end - val_end, step_size=1, use_fitted=True, refit=False)
         seconds = time.perf_counter() - t0
         cv = cv.sort_values(["cutoff", "ds"])
         pred = cv[self.cell].to_numpy().reshape(-1, H)  # N, K
@@ -277,7 +288,8 @@ class NeuralForecastPeer:
         L = task.lookback
         windows = _tick_windows(task, n_series, 64)
         ids = np.repeat([f"s{i}" for i in range(n_series)], L)
-        ds = np.tile(task.times[VAL_END - L: VAL_END], n_series)
+        val_end = task.borders[1]
+        ds = np.tile(task.times[val_end - L: val_end], n_series)
         frames = [pd.DataFrame({"unique_id": ids, "ds": ds, "y": w.ravel()}) for w in windows]
 
         def one(k: int) -> None:
@@ -404,7 +416,8 @@ def run(args: argparse.Namespace) -> None:
     _quiet()
     splits = load_ett(args.data, ("OT",), args.lookback)
     values = np.concatenate([splits.train, splits.val[args.lookback:], splits.test[args.lookback:]])[:, 0]
-    times = pd.DatetimeIndex(pd.to_datetime(pd.read_csv(args.data, usecols=["date"])["date"][:TEST_END]))
+    end = splits.layout.test_end
+    times = pd.DatetimeIndex(pd.to_datetime(pd.read_csv(args.data, usecols=["date"])["date"][:end]))
     frame, ts = _frame(args.data, ("OT",))
     mc = ModelConfig(hidden_size=HIDDEN)
     tc = TrainingConfig(epochs=args.forecastd_epochs, device="cpu")
@@ -412,7 +425,7 @@ def run(args: argparse.Namespace) -> None:
     for module in ("darts", "neuralforecast", "pytorch_lightning"):
         if importlib.util.find_spec(module) is not None:
             versions.append(f"{module} {__import__(module).__version__}")
-    print(f"ETTh1 OT, L={args.lookback}, hidden {HIDDEN}, seeds {args.seeds}, peers <= {args.epochs} epochs "
+    print(f"{args.data.name} OT, L={args.lookback}, hidden {HIDDEN}, seeds {args.seeds}, peers <= {args.epochs} epochs "
           f"(patience {args.patience}), forecastd <= {args.forecastd_epochs} epochs; {', '.join(versions)}; "
           f"{torch.get_num_threads()} torch threads; malloc {malloc} (every model)")
     print("forecastd GRU: product defaults (its own robust scale, carried state); rolling evaluation = the "

@@ -305,3 +305,55 @@ def test_persistence_reproduces_published_anchors():
         test = ett.load_ett(path, columns, 96).test
         got = ett.evaluate(test, 96, horizon, lambda x, h=horizon: ett.persistence(x, h), drop).mse
         assert round(got, 3) == anchor
+
+
+def _ett_file(path: Path, rows: int, freq: str) -> Path:
+    """An ETT-layout file: every column a daily cycle (whatever the step) on a slow ramp."""
+    dates = pd.date_range("2016-07-01", periods=rows, freq=freq)
+    day = (dates - dates[0]) / pd.Timedelta(days=1)
+    frame = pd.DataFrame({"date": dates.astype(str)})
+    for k, column in enumerate(ett.ETT_COLUMNS):
+        frame[column] = np.sin(2 * np.pi * np.asarray(day)) * (k + 1) + np.arange(rows) * 1e-4
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_the_splits_follow_the_files_step(tmp_path):
+    hourly = ett.load_ett(_ett_file(tmp_path / "h.csv", 14_400, "h"), ("OT",), 96)
+    assert (hourly.layout.train_end, hourly.layout.val_end, hourly.layout.test_end) == (8640, 11520, 14400)
+    assert (hourly.layout.freq, hourly.layout.day) == ("h", 24)
+    # ETTm: 12, 4 and 4 months of 15-minute rows, as Informer's Dataset_ETT_minute cuts them.
+    minute = ett.load_ett(_ett_file(tmp_path / "m.csv", 57_700, "15min"), ("OT",), 96)
+    assert (minute.layout.train_end, minute.layout.val_end, minute.layout.test_end) == (34560, 46080, 57600)
+    assert (minute.layout.freq, minute.layout.day) == ("15min", 96)
+    assert minute.train.shape == (34560, 1) and minute.test.shape == (11520 + 96, 1)
+    # The seasonal naive of a 15-minute file looks one day (96 rows) back: exact on a daily cycle.
+    daily = ett.evaluate(minute.test, 96, 96, lambda x: ett.seasonal_naive(x, 96, minute.layout.day))
+    assert daily.mse < 1e-4 < ett.evaluate(minute.test, 96, 96, lambda x: ett.seasonal_naive(x, 96)).mse
+    with pytest.raises(ValueError, match="needs at least 57600 at one row every"):
+        ett.load_ett(_ett_file(tmp_path / "short.csv", 20_000, "15min"))
+    with pytest.raises(ValueError, match="an hour or a whole fraction of one"):
+        ett.load_ett(_ett_file(tmp_path / "odd.csv", 14_400, "7min"))
+
+
+def test_forecastd_reads_the_test_origins_of_a_15_minute_file(tmp_path):
+    """benchmarks/ett.py on a 15-minute file: an untrained model forecasts no change, so at every test
+    origin it must give exactly what persistence gives on the protocol's own windows."""
+    import dataclasses
+
+    from benchmarks import ett as ett_run
+    from forecastd.config import ModelConfig
+    from forecastd.models import Forecaster
+    from forecastd.windowing import n_features, robust_scale
+
+    path = _ett_file(tmp_path / "ETTm.csv", 57_700, "15min")
+    frame, ts = ett_run._frame(path, ("OT",))
+    assert len(ts) == 57_600 and ts[1] - ts[0] == pd.Timedelta(minutes=15)
+    mc = dataclasses.replace(ModelConfig(hidden_size=8, lookback=0), horizon=6)
+    scales = {"OT": robust_scale(frame["value"].to_numpy()[:34560])}
+    pred, _ = ett_run.stream_forecasts(Forecaster(n_features(len(mc.level_alphas)), mc).eval(), mc, frame, ts,
+                                       ("OT",), scales, warmup=200)
+    test = ett.load_ett(path, ("OT",), 96).test
+    assert pred.shape == (11520 - 6 + 1, 6, 1)
+    want = ett.evaluate(test, 96, 6, lambda x: ett.persistence(x, 6))
+    assert ett.evaluate(test, 96, 6, pred).mse == pytest.approx(want.mse, rel=1e-9)
