@@ -570,7 +570,8 @@ value_column = "value"           # long layout: the value column
 timezone = "UTC"                 # zone for naive timestamps
 
 [data]
-# freq = "1h"                    # grid step; default: inferred from the data
+# freq = "1h"                    # grid step; default: the data's most common step (irregular
+                                 # timestamps: the round step nearest the median, with a warning)
 max_gap = 48                     # longer gaps (in steps) restart a series from a warm-up
 warmup = 96                      # steps run before a fresh state's outputs are written
 duplicates = "last"              # "last", "first" or "mean" for repeated timestamps

@@ -91,6 +91,24 @@ def test_infer_freq():
         infer_freq(_raw(["a"], ts[:1], [0.0]))
 
 
+def test_irregular_timestamps_get_the_round_step_nearest_their_median_and_a_warning(caplog):
+    rng = np.random.default_rng(0)
+    start = pd.Timestamp("2024-01-01", tz="UTC")
+    # Event-driven: a point every 10 minutes on average, at any second. The most common step is a few
+    # seconds long, by chance; a grid of it would be mostly empty steps.
+    events = start + pd.to_timedelta(np.cumsum(rng.exponential(600, 500).astype(int) + 1), unit="s")
+    with caplog.at_level("WARNING", logger="forecastd.frames"):
+        assert infer_freq(_raw(["a"] * 500, events, np.zeros(500))) == "10min"  # median step 7 min 59 s
+    assert "irregular" in caplog.text and "[data] freq" in caplog.text
+    # Ragged but regular (NAB's traffic files): the sampling interval is most steps, and it wins.
+    caplog.clear()
+    steps = np.where(rng.random(300) < 0.6, 300, rng.integers(1, 900, 300))
+    ragged = start + pd.to_timedelta(np.cumsum(steps), unit="s")
+    with caplog.at_level("WARNING", logger="forecastd.frames"):
+        assert infer_freq(_raw(["a"] * 300, ragged, np.zeros(300))) == "5min"
+    assert caplog.text == ""
+
+
 def test_monthly_grid_roundtrip():
     g = Grid("MS")
     ts = pd.DatetimeIndex(["1949-01-01", "1949-02-01", "1960-12-01"], tz="UTC")
