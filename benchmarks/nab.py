@@ -61,6 +61,7 @@ from benchmarks.nab_scoring import (  # noqa: E402
     write_results,
 )
 from forecastd.config import AnomalyConfig, DataConfig, ModelConfig, TrainingConfig  # noqa: E402
+from forecastd.errors import ForecastdError  # noqa: E402
 from forecastd.frames import Grid, infer_freq, validate  # noqa: E402
 from forecastd.models import Forecaster  # noqa: E402
 from forecastd.state import StreamState, plan  # noqa: E402
@@ -206,7 +207,11 @@ def train_file(name: str, raw: pd.DataFrame, mc: ModelConfig, tc: TrainingConfig
             flagged = pd.DatetimeIndex(part["timestamp"][scores >= ac.threshold]).tz_localize("UTC")
             seen = seen[~seen["ts"].isin(flagged)]
         live = versions[-1]
-        challenger = _fit(seen, grid, name, mc, tc, data, live if schedule.warm else None)
+        try:
+            challenger = _fit(seen, grid, name, mc, tc, data, live if schedule.warm else None)
+        except ForecastdError as exc:  # as the daemon does: the live model goes on
+            lines.append(f"row {rows}: retrain failed ({exc}); live kept")
+            continue
         # The daemon's verdict: both models on the challenger's validation tail, each with its own scale.
         losses = [tail_loss(v.model, v.mc, {name: v.scale}, seen, grid, data, tc.validation_fraction)
                   for v in (live, challenger)]
@@ -271,10 +276,20 @@ class FileRun:
 
 
 def run_file(job: tuple) -> FileRun:
-    """Train (and retrain) one file, then stream it under every anomaly variant; one process per file."""
+    """Train (and retrain) one file, then stream it under every anomaly variant; one process per file.
+
+    A file forecastd cannot learn from (too short for the horizon, no usable values) detects nothing: every
+    row scores 0, which NAB counts as its windows missed, and the reason is printed with the file's row.
+    The other files go on, as a bad series does not stop the daemon's other series."""
     relpath, raw, mc, tc, data, schedule, variants, threads, cache = job
     torch.set_num_threads(threads)
-    t = _cached(cache, relpath, raw, mc, tc, data, schedule) if cache else train_file(relpath, raw, mc, tc, data, schedule)
+    try:
+        t = _cached(cache, relpath, raw, mc, tc, data, schedule) if cache else train_file(relpath, raw, mc, tc, data, schedule)
+    except ForecastdError as exc:
+        print(f"{relpath}: no detections, forecastd could not train on it: {exc}", file=sys.stderr)
+        zeros = np.zeros(len(raw))
+        return FileRun({label: zeros for label, _ in variants}, len(raw), 0.0, 0.0, "-", {},
+                       [f"not trained: {exc}"])
     t0 = time.perf_counter()
     scores = {label: stream_file(relpath, raw, t, ac, data, schedule.track)[0] for label, ac in variants}
     _, unscored = stream_file(relpath, raw, t, variants[0][1], data, schedule.track)

@@ -52,7 +52,8 @@ def windowed_gaussian(values: np.ndarray, window_size: int = 6400, step_size: in
     """NAB's windowed Gaussian: 1 − Q((x − mean) / std) over the preceding window, mirrored below the mean.
 
     The window grows to ``window_size`` values, then slides forward ``step_size`` values at a time; the
-    statistics are refreshed only when the window changes, exactly as NAB does. The first row scores 0.
+    statistics are refreshed only when the window changes, exactly as NAB does. The first row scores 0,
+    and so does a missing value (NaN), which stays out of the window (NAB's corpus has none).
     """
     values = np.asarray(values, dtype=float)
     scores = np.zeros(len(values))
@@ -63,6 +64,8 @@ def windowed_gaussian(values: np.ndarray, window_size: int = 6400, step_size: in
     pending: list[float] = []
     mean, std = 0.0, 1.0
     for i, x in enumerate(values):
+        if x != x:  # NaN
+            continue
         if filled > 0:
             scores[i] = 1.0 - _normal_tail(x, mean, std)
         if filled < window_size:

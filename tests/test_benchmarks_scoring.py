@@ -210,6 +210,11 @@ def test_windowed_gaussian_by_hand():
     np.testing.assert_allclose(got, [0.0, 1.0, 0.5, 0.977249868, 0.5, 0.841344746], atol=1e-9)
 
 
+def test_windowed_gaussian_leaves_missing_values_out():
+    got = windowed_gaussian(np.array([1.0, 3.0, np.nan, 2.0, 4.0, 3.0, 2.0]), window_size=2, step_size=2)
+    np.testing.assert_allclose(got, [0.0, 1.0, 0.0, 0.5, 0.977249868, 0.5, 0.841344746], atol=1e-9)
+
+
 def test_windowed_gaussian_matches_nab_published_results():
     # First rows of NAB's results/windowedGaussian/realAWSCloudwatch/windowedGaussian_ec2_cpu_utilization_24ae8d.csv
     values = [0.132, 0.134, 0.134, 0.134, 0.134, 0.134, 0.134, 0.134, 0.066, 0.132, 0.134, 0.066]

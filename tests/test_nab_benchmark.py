@@ -47,6 +47,26 @@ def test_nab_benchmark_writes_results_and_averages_seeds(tmp_path, capsys):
         assert scored.max() == 1.0
 
 
+def test_a_file_forecastd_cannot_learn_from_scores_zero_and_the_others_go_on(tmp_path, capsys):
+    _corpus(tmp_path)
+    ts = pd.date_range("2024-01-01", periods=8, freq="5min")  # 1 probationary row: nothing to train on
+    pd.DataFrame({"timestamp": ts.strftime("%Y-%m-%d %H:%M:%S"), "value": np.arange(8.0)}).to_csv(
+        tmp_path / "data" / "cat" / "short.csv", index=False)
+    windows = json.loads((tmp_path / "combined_windows.json").read_text())
+    (tmp_path / "combined_windows.json").write_text(json.dumps({**windows, "cat/short.csv": []}))
+    out = tmp_path / "out"
+    nab.main(["--data", str(tmp_path), "--out", str(out), "--no-ablation", "--train", "epochs=1",
+              "--train", "min_epoch_steps=2"])
+    captured = capsys.readouterr()
+    assert "cat/short.csv: no detections, forecastd could not train on it: no training targets" in captured.err
+    assert "not trained: no training targets" in captured.out
+    short = pd.read_csv(out / "forecastd" / "cat" / "forecastd_short.csv")
+    assert len(short) == 8 and (short["anomaly_score"] == 0).all()
+    for name in ("a", "b"):  # still trained and scored
+        scored = pd.read_csv(out / "forecastd" / "cat" / f"forecastd_{name}.csv")["anomaly_score"].to_numpy()
+        assert scored[nab.probation_length(len(scored)):].max() == 1.0
+
+
 def test_clean_retrain_leaves_flagged_points_out_of_the_challengers_data(tmp_path, monkeypatch):
     """--clean: a challenger trains and is judged without the points the live stream flagged by then."""
     import dataclasses
