@@ -594,7 +594,7 @@ weight_average = 0.99            # moving average of the weights that is validat
 clip = 1.0                       # gradient-norm clip
 patience = 6                     # early stopping on the validation tail
 validation_fraction = 0.15
-seed = 0
+seed = 0                         # start weights and shuffling: same seed and data, same model on a CPU
 device = "auto"                  # "auto" (CUDA when present), "cpu" or "cuda"
 
 [anomaly]

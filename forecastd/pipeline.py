@@ -148,6 +148,9 @@ def train(
     config = dataclasses.replace(config, model=mc)
     prepared = prepare(frame, grid, scales, mc, config.data, config.training.validation_fraction)
     device = resolve_device(config.training.device)
+    # The start weights are drawn here, before fit seeds its own shuffling: without the seed they came from
+    # whatever the process had drawn before, and the same [training] seed trained another model each run.
+    torch.manual_seed(config.training.seed)
     model = Forecaster(n_features(len(mc.level_alphas)), mc)
     weights = warm_weights(init.model, init.model_config, mc) if init is not None and init.grid.freq == grid.freq else None
     warm = weights is not None

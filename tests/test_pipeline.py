@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from forecastd.config import load_config
 from forecastd.errors import DataError, ModelError
@@ -118,6 +119,23 @@ def test_train_saves_a_live_version_with_metrics(trained):
     assert m["freq"] == "h" and set(m["scales"]) == {"sine", "walk", "drift"}
     assert np.isfinite(m["metrics"]["val_mse"]) and m["metrics"]["epochs_run"] >= 1
     assert m["config"]["model"]["lookback"] == 24 and store.load_live().model.lookback == 24
+
+
+def test_the_same_seed_trains_the_same_model_and_another_seed_another(trained, tmp_path):
+    src, data = trained
+    data[data["ts"] < _ts(400)].to_parquet(tmp_path / "data.parquet")
+    weights = []
+    for run, seed in (("a", 1), ("b", 1), ("c", 2)):
+        d = tmp_path / run
+        d.mkdir()
+        cfg = _write_config(d, tmp_path / "data.parquet").read_text().replace("seed = 1", f"seed = {seed}")
+        (d / "forecastd.toml").write_text(cfg)
+        torch.randn(1 + "abc".index(run))  # the process's random state differs between the runs
+        train(load_config(d / "forecastd.toml"), _ts(400))
+        weights.append((d / "state" / "models" / "v000001" / "weights.safetensors").read_bytes())
+    assert weights[0] == weights[1] != weights[2]
+    # The trained fixture used seed 1 too, in another state of the process.
+    assert weights[0] == (src / "state" / "models" / "v000001" / "weights.safetensors").read_bytes()
 
 
 def test_backfill_equals_ticks_one_and_several_points_per_tick(trained, tmp_path):
