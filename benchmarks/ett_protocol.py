@@ -69,9 +69,6 @@ class Layout:
         return int(pd.Timedelta(days=1) / self.step)
 
 
-HOURLY = Layout(_HOUR, _TRAIN_HOURS, _VAL_HOURS, _TEST_HOURS)
-
-
 def layout_of(dates: pd.Series, source: str | Path = "the file") -> Layout:
     """The layout of a file whose `date` column is `dates`: its step is the most common difference, an
     hour or a whole fraction of one (ETTh every hour, ETTm every 15 minutes)."""
@@ -97,7 +94,7 @@ class EttSplits:
     test: np.ndarray  # (2880 + L, C)
     mean: np.ndarray  # (C,) train mean
     std: np.ndarray  # (C,) train population std
-    layout: Layout = HOURLY
+    layout: Layout
 
 
 @dataclass(frozen=True)
