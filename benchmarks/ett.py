@@ -19,9 +19,11 @@ period of a day follow the step of its date column (ett_protocol.layout_of).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -31,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import cores  # noqa: E402
 from benchmarks.ett_protocol import (  # noqa: E402
     ETT_COLUMNS, Layout, evaluate, layout_of, load_ett, persistence, seasonal_naive,
 )
@@ -151,9 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lookback", type=lambda v: v if v == "auto" else int(v), default=ModelConfig.lookback,
                    help="steps of recent changes the model carries (the product default; 0 = none)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="train this many (horizon, seed) runs at once, one torch thread each; timings are "
-                        "then per run on a shared machine")
+    p.add_argument("--jobs", type=int, default=cores(),
+                   help="train this many (horizon, seed) runs at once, one torch thread each (default: one per "
+                        "core; 1 gives one run all of torch's threads); timings are then per run on a shared machine")
     args = p.parse_args(argv)
     mc = ModelConfig(cell=args.cell, hidden_size=args.hidden, lookback=args.lookback)
     tc = TrainingConfig(epochs=args.epochs, device=args.device)
@@ -168,11 +171,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'set':3} {'H':>4} | {'forecastd MSE':>16} {'forecastd MAE':>16} | {'persist MSE':>11} {'MAE':>6} | "
           f"{'seasonal MSE':>12} {'MAE':>6} | {'train s':>7} {'infer s':>7}")
     jobs = [(args.data, columns, h, seed, mc, tc, threads) for _, columns, h in settings for seed in range(args.seeds)]
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            results = iter(list(pool.map(_run, jobs)))
-    else:
-        results = map(_run, jobs)
+    with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else contextlib.nullcontext() as pool:
+        # In order as they finish, so a row prints as soon as its seeds are done.
+        results = pool.map(_run, jobs) if pool else map(_run, jobs)
+        _report(args, settings, layout, results)
+
+
+def _report(args: argparse.Namespace, settings: list, layout: Layout, results: Iterator[tuple]) -> None:
     for kind, columns, h in settings:
         splits = load_ett(args.data, columns, LOOKBACK)
         base_p = evaluate(splits.test, LOOKBACK, h, lambda x: persistence(x, h))

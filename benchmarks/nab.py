@@ -50,6 +50,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import cores  # noqa: E402
 from benchmarks.nab_baselines import null_scores, run_detector, windowed_gaussian  # noqa: E402
 from benchmarks.nab_scoring import (  # noqa: E402
     PROFILES,
@@ -273,6 +274,7 @@ class FileRun:
     freq: str
     repairs: dict
     retrains: list[str]
+    error: str = ""  # why forecastd could not train on the file; printed by the parent, not a worker
 
 
 def run_file(job: tuple) -> FileRun:
@@ -286,10 +288,9 @@ def run_file(job: tuple) -> FileRun:
     try:
         t = _cached(cache, relpath, raw, mc, tc, data, schedule) if cache else train_file(relpath, raw, mc, tc, data, schedule)
     except ForecastdError as exc:
-        print(f"{relpath}: no detections, forecastd could not train on it: {exc}", file=sys.stderr)
         zeros = np.zeros(len(raw))
         return FileRun({label: zeros for label, _ in variants}, len(raw), 0.0, 0.0, "-", {},
-                       [f"not trained: {exc}"])
+                       [f"not trained: {exc}"], str(exc))
     t0 = time.perf_counter()
     scores = {label: stream_file(relpath, raw, t, ac, data, schedule.track)[0] for label, ac in variants}
     _, unscored = stream_file(relpath, raw, t, variants[0][1], data, schedule.track)
@@ -397,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                    help="override a [model] setting of the benchmark's model, e.g. hidden_size=64 or cell=lstm")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the benchmark machine has 2 cores)")
-    p.add_argument("--jobs", type=int, default=1, help="files processed in parallel (results do not depend on it)")
+    p.add_argument("--jobs", type=int, default=cores(),
+                   help="files processed in parallel (default: one per core; results do not depend on it)")
     p.add_argument("--seeds", type=int, default=1,
                    help="train with this many seeds (the [training] seed, +1, ...) and print each and their mean; "
                         "results files, per-file table and ablation are of the first")
@@ -433,6 +435,9 @@ def main(argv: list[str] | None = None) -> None:
             done = pool.map(run_file, jobs, chunksize=1)
     else:
         done = [run_file(job) for job in jobs]
+    for (relpath, *_), r in zip(jobs, done):
+        if r.error:
+            print(f"{relpath}: no detections, forecastd could not train on it: {r.error}", file=sys.stderr)
     by_seed = [dict(zip(corpus, done[k * len(corpus):(k + 1) * len(corpus)])) for k in range(len(seeds))]
     runs = by_seed[0]
     results = {}
