@@ -17,6 +17,7 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 import torch
+from numba import njit
 
 from forecastd import anomaly
 from forecastd.config import AnomalyConfig, ModelConfig
@@ -162,16 +163,14 @@ def advance(
         inputs = torch.from_numpy(x).to(device)  # B, T, F
         # Ragged blocks: each series' state stops at its own last step.
         mean, spread, carried = model(inputs, carried, torch.from_numpy(lengths) if ragged else None)  # B, T, K
-    s = state.scale[:, None, None]
-    # float32 times float64 is computed in float64, as after .double(): one conversion pass fewer.
-    fc_mean = origin[:, :, None] + mean.cpu().numpy() * s  # B, T, K in the series' own units
-    fc_std = spread.cpu().numpy() * s
+    mean, spread = mean.cpu().numpy(), spread.cpu().numpy()  # B, T, K in units of each series' scale
 
     # Predict, then learn: the forecasts issued before each point judge it. ext holds, per origin, the
     # first m steps of its forecast: the last m origins of the previous block, then this block's.
     m = state.pending_mean.shape[1]
-    ext_mean = np.concatenate([state.pending_mean, fc_mean[:, :, :m]], axis=1)  # B, m+T, m
-    ext_std = np.concatenate([state.pending_std, fc_std[:, :, :m]], axis=1)
+    s = state.scale[:, None, None]
+    ext_mean = np.concatenate([state.pending_mean, origin[:, :, None] + mean[:, :, :m] * s], axis=1)  # B, m+T, m
+    ext_std = np.concatenate([state.pending_std, spread[:, :, :m] * s], axis=1)
     # judge_*[j-1]: the forecast issued j steps before each point. One surprise call for all judges
     # (elementwise, so the same numbers as one call per judge).
     judge_mean = np.stack([ext_mean[:, m - j : m - j + T, j - 1] for j in range(1, m + 1)])  # m, B, T
@@ -205,8 +204,8 @@ def advance(
         out &= steps >= emit.lo
     if emit.hi is not None:
         out &= steps <= emit.hi
-    return _frames(state.series_ids, out, steps, values, fc_mean, fc_std, expected, expected_sd, scores,
-                   grid, K, ac, version), new
+    return _frames(state.series_ids, out, steps, values, (mean, spread, origin, state.scale), expected, expected_sd,
+                   scores, grid, K, ac, version), new
 
 
 @functools.lru_cache(maxsize=16)
@@ -214,7 +213,9 @@ def _z(coverage: float) -> float:
     return NormalDist().inv_cdf(0.5 + coverage / 2)
 
 
-def _frames(ids, out, steps, values, fc_mean, fc_std, expected, expected_sd, scores, grid, K, ac, version) -> Outputs:
+def _frames(ids, out, steps, values, forecast, expected, expected_sd, scores, grid, K, ac, version) -> Outputs:
+    """Output rows of the steps where `out` [B, T] is set. forecast: the model's mean and spread [B, T, K]
+    (float32, in units of each series' scale), the origin values [B, T] and the scales [B]."""
     b, t = np.nonzero(out)
     n = b.size
     if n == 0:
@@ -231,20 +232,21 @@ def _frames(ids, out, steps, values, fc_mean, fc_std, expected, expected_sd, sco
     z = _z(ac.coverage)
     origin_steps = pick(steps)
     issued = grid.ns(origin_steps)
-    k = np.arange(1, K + 1, dtype=np.int64)
-    m = pick(fc_mean).ravel()
-    half = z * pick(fc_std).ravel()
     forecasts = {
         # Broadcast then copied flat: half the time of np.repeat on an object array (6 ms for 960,000 rows).
         "series_id": np.broadcast_to(sid[:, None], (n, K)).ravel(),
-        "issued_at": np.repeat(issued, K),
-        "step": np.tile(k, n),
-        "target_ts": grid.ns((origin_steps[:, None] + k).ravel()),
-        "mean": m,
-        "lower": m - half,
-        "upper": m + half,
+        **{c: np.empty(n * K, dtype=np.int64) for c in ("issued_at", "step", "target_ts")},
+        **{c: np.empty(n * K) for c in ("mean", "lower", "upper")},
         "model_version": np.full(n * K, version, dtype=np.int64),
     }
+    # One pass writes every numeric column (n x K rows: 960,000 for 10,000 series at H = 96); numpy took
+    # a pass or two per column and operation, 8 of a 28 ms tick there.
+    f = forecasts
+    _forecast_rows(*forecast, b, t, z, steps, 0 if grid.monthly else grid.step_ns, f["mean"], f["lower"], f["upper"],
+                   f["issued_at"], f["step"], f["target_ts"])
+    if grid.monthly:  # calendar months: pandas' offsets, not a multiple of a step
+        forecasts["issued_at"][:] = np.repeat(issued, K)
+        forecasts["target_ts"][:] = grid.ns((origin_steps[:, None] + np.arange(1, K + 1)).ravel())
     e, half = pick(expected), z * pick(expected_sd)
     sc = np.where(np.isnan(s := pick(scores)), 0.0, s)  # unscored points; scores are otherwise in [0, 1]
     anomalies = {
@@ -259,6 +261,28 @@ def _frames(ids, out, steps, values, fc_mean, fc_std, expected, expected_sd, sco
         "model_version": np.full(n, version, dtype=np.int64),
     }
     return Outputs(forecasts, anomalies)
+
+
+@njit(cache=True, nogil=True)
+def _forecast_rows(mean, spread, origin, scale, b, t, z, steps, step_ns, out_mean, out_lower, out_upper,
+                   out_issued, out_step, out_target):  # pragma: no cover - compiled
+    """Row i*K + k-1: step k ahead of origin (b[i], t[i]), in the series' own units: origin + mean x scale,
+    the band +- z x spread x scale, in float64 as numpy computed it. Times only when step_ns (a regular grid)."""
+    K = mean.shape[2]
+    for i in range(b.size):
+        r, c = b[i], t[i]
+        o, s, at = origin[r, c], scale[r], steps[r, c]
+        for k in range(K):
+            j = i * K + k
+            m = o + np.float64(mean[r, c, k]) * s
+            half = z * (np.float64(spread[r, c, k]) * s)
+            out_mean[j] = m
+            out_lower[j] = m - half
+            out_upper[j] = m + half
+            out_step[j] = k + 1
+            if step_ns:
+                out_issued[j] = at * step_ns
+                out_target[j] = (at + k + 1) * step_ns
 
 
 def run_segments(

@@ -7,6 +7,8 @@ the compiled loop over the ragged tails; the ticks run the compiled one-step pat
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,7 +19,7 @@ from forecastd.frames import Grid
 from forecastd.models import _LOOP_MAX_ROWS, Forecaster
 from forecastd.state import Segment, StreamState
 from forecastd.streaming import Emit, Outputs, run_segments
-from forecastd.windowing import n_features
+from forecastd.windowing import Track, encode, n_features
 
 GRID = Grid("1h")
 KEYS = {"forecasts": ["series_id", "issued_at", "step"], "anomalies": ["series_id", "ts"]}
@@ -100,3 +102,42 @@ def test_each_point_is_judged_by_the_forecast_issued_one_step_before():
     for col in ("lower", "upper"):
         np.testing.assert_allclose(judged[col], judged[f"{col}_fc"], rtol=1e-12)
     np.testing.assert_allclose(judged["expected"], judged["mean"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("freq", ["1h", "MS"])
+def test_forecast_rows_are_the_models_forecasts_in_the_series_own_units(freq):
+    """Every forecast row, against the model run by hand over the encoded block: mean = last value +
+    change x scale, the band z x spread x scale either side, issued at the origin's time and aimed k grid
+    steps later (calendar months on a monthly grid). Only the emitted origins have rows."""
+    model, mc = _model("gru", 4)
+    ac = AnomalyConfig()
+    grid, scale = Grid(freq), 2.5
+    values = 50 + np.cumsum(np.random.default_rng(1).normal(size=30))
+    values[[7, 8, 20]] = np.nan
+    start = int(grid.index(pd.DatetimeIndex(["2024-01-01"], tz="UTC"))[0])
+    empty = StreamState.empty(mc)
+    out, _ = run_segments(model, empty, [Segment("a", True, start, values)], {"a": scale}, grid, mc, ac, 1,
+                          Emit(3, start + 5, start + 25))
+
+    steps = start + np.arange(values.size)
+    x, origin, _ = encode(values[None], grid.ns(steps)[None], Track.fresh(1, len(mc.level_alphas)),
+                          np.array([scale]), mc.level_alphas, mc.input_clip)
+    with torch.no_grad():
+        mean, spread, _ = model(torch.from_numpy(x))
+    emitted = np.flatnonzero(np.isfinite(values) & (np.arange(values.size) >= 5) & (np.arange(values.size) <= 25))
+    k = np.arange(1, mc.horizon + 1)
+    want_mean = (origin[0, emitted, None] + mean[0, emitted].double().numpy() * scale).ravel()
+    half = (NormalDist().inv_cdf(0.5 + ac.coverage / 2) * spread[0, emitted].double().numpy() * scale).ravel()
+
+    f = out.forecasts
+    assert len(f) == emitted.size * mc.horizon
+    assert (f["step"].to_numpy() == np.tile(k, emitted.size)).all()
+    issued = grid.ts(steps[emitted])
+    assert (f["issued_at"].to_numpy() == np.repeat(issued.to_numpy(), mc.horizon)).all()
+    assert (f["target_ts"].to_numpy() == grid.ts((steps[emitted, None] + k).ravel()).to_numpy()).all()
+    if freq == "MS":  # a month ahead is a calendar month, not a fixed number of nanoseconds
+        assert (f["target_ts"][f["step"] == 1].dt.day == 1).all()
+    np.testing.assert_allclose(f["mean"], want_mean, rtol=1e-6)
+    np.testing.assert_allclose(f["upper"] - f["mean"], half, rtol=1e-5)
+    np.testing.assert_allclose(f["mean"] - f["lower"], half, rtol=1e-5)
+    assert (f["model_version"] == 1).all() and (f["series_id"] == "a").all()
