@@ -81,6 +81,13 @@ def calendar(ts_ns: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     `out` [..., 6] (any float32 view, such as the calendar columns of a feature block) is written in place.
     """
     ts_ns = np.asarray(ts_ns, dtype=np.int64)
+    if out is None:
+        out = np.empty((*ts_ns.shape, 6), dtype=np.float32)
+    if ts_ns.ndim == 2 and ts_ns.shape[0] > 1 and (ts_ns == ts_ns[:1]).all():
+        # Series on one grid that advance together (every tick, most backfills) share their times: the
+        # terms of one row, copied, instead of six transcendentals per series (1.1 ms at 10,000 series).
+        out[:] = calendar(ts_ns[:1])
+        return out
     days = ts_ns / _NS_DAY
     phases = np.empty((*days.shape, 3))
     np.mod(days, 1.0, out=phases[..., 0])  # day fraction
@@ -89,8 +96,6 @@ def calendar(ts_ns: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     np.mod(days, _YEAR_DAYS, out=phases[..., 2])
     phases[..., 2] /= _YEAR_DAYS
     phases *= 2 * np.pi
-    if out is None:
-        out = np.empty((*days.shape, 6), dtype=np.float32)
     out[..., :3] = np.sin(phases)
     out[..., 3:] = np.cos(phases)
     return out

@@ -59,6 +59,20 @@ def test_calendar_is_periodic_per_day_and_week():
     assert n_features(3) == 11
 
 
+def test_calendar_of_a_block_is_each_rows_own_whether_or_not_rows_share_their_times():
+    hour = 3_600_000_000_000
+    row = 1_700_000_000_000_000_000 + hour * np.arange(5)
+    shared = np.tile(row, (4, 1))  # series on one grid, advancing together
+    apart = shared + hour * np.arange(4)[:, None]  # each series at its own times
+    for ts in (shared, apart):
+        out = np.zeros((4, 5, 8), dtype=np.float32)
+        calendar(ts, out=out[:, :, 2:])  # a view, as encode passes the feature block's columns
+        for i in range(4):
+            np.testing.assert_array_equal(out[i, :, 2:], calendar(ts[i]))
+        assert (out[:, :, :2] == 0).all()
+    assert not np.array_equal(calendar(apart)[0], calendar(apart)[1])
+
+
 def test_robust_scale_handles_constant_spiky_and_tiny_series():
     assert robust_scale(np.full(50, 5.0)) == pytest.approx(5e-3)
     assert robust_scale(np.zeros(10)) == 1.0
