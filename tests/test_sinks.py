@@ -344,8 +344,8 @@ def test_sql_write_is_one_transaction(backend, tmp_path, request, make_forecasts
 @pytest.mark.parametrize("backend", _backends())
 def test_sql_batches(backend, tmp_path, request, make_forecasts, make_anomalies, monkeypatch):
     """SQLite: BATCH_ROWS rows at a time (cut to whole statements), as upserts of SQLITE_VARIABLES //
-    columns rows each (run by executemany) and one upsert of the rest. PostgreSQL: the rows are COPYed into a temporary table (on
-    the driver's cursor, unseen by these events), then one INSERT ... SELECT ... ON CONFLICT per table."""
+    columns rows each (run by executemany) and one upsert of the rest. PostgreSQL: new tables' rows are
+    COPYed straight in (on the driver's cursor, unseen by these events), with no INSERT at all."""
     monkeypatch.setattr(sql_module, "BATCH_ROWS", 7)
     monkeypatch.setattr(sql_module, "SQLITE_VARIABLES", 27)  # 3 forecast rows (8 columns), 3 anomaly rows (9)
     sink = sql_sink(backend, tmp_path, request)
@@ -364,9 +364,8 @@ def test_sql_batches(backend, tmp_path, request, make_forecasts, make_anomalies,
             return out
         got = [(s.count("), (") + 1, many) for s, many in upserts]
         assert got == expected(len(fc)) + expected(len(make_anomalies()))
-    else:  # new tables: plain inserts (see test_postgresql_inserts_what_is_new_and_upserts_a_replay)
-        inserts = [s for s, _ in statements if s.startswith("INSERT") and "SELECT" in s]
-        assert len(inserts) == 2 and not upserts
+    else:  # new tables: COPY alone (see test_postgresql_copies_what_is_new_and_upserts_a_replay)
+        assert not [s for s, _ in statements if s.startswith("INSERT")]
     assert all(NASTY_ID not in s for s, _ in statements)
     pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc, "forecasts"))
     sink.engine.dispose()
@@ -405,36 +404,43 @@ def test_sql_large_batch_round_trip_and_overwrite(backend, tmp_path, request, ma
 
 
 @pytest.mark.postgres
-@pytest.mark.postgres
-def test_postgresql_inserts_what_is_new_and_upserts_a_replay(pg_url, make_forecasts, make_anomalies, monkeypatch):
-    """Rows later than everything in a time-keyed table are inserted without ON CONFLICT; a replay, rows
-    overlapping the table's times, or a key another writer added after the check are upserted."""
+def test_postgresql_copies_what_is_new_and_upserts_a_replay(pg_url, make_forecasts, make_anomalies, monkeypatch):
+    """Rows later than everything in a time-keyed table are COPYed straight into it; a replay, rows
+    overlapping the table's times, or a key another writer added after the check are staged and upserted."""
     sink = SqlSink(pg_url)
-    statements: list[str] = []
-    sa.event.listen(sink.engine, "before_cursor_execute",
-                    lambda conn, cursor, statement, params, context, many: statements.append(statement))
+    events: list[str] = []
+    sa.event.listen(sink.engine, "before_cursor_execute", lambda conn, cursor, statement, params, context, many:
+                    events.extend(["upsert" if "ON CONFLICT" in statement else "insert"] * statement.startswith("INSERT")))
+    copy = SqlSink._copy
+
+    def spy(self, conn, spec, frame, target):
+        if "forecastd_stage_" not in repr(target):
+            events.append("copy")  # straight into the output table
+        return copy(self, conn, spec, frame, target)
+
+    monkeypatch.setattr(SqlSink, "_copy", spy)
 
     def writes() -> list[str]:
-        got = ["upsert" if "ON CONFLICT" in s else "insert" for s in statements if s.startswith("INSERT")]
-        statements.clear()
+        got = events[:]
+        events.clear()
         return got
 
     early = pd.date_range(START, periods=2, freq="h")
     late = pd.date_range(START + 2 * H, periods=2, freq="h")
     sink.write(make_forecasts(issued=early), make_anomalies(ts=early))
-    assert writes() == ["insert", "insert"]
+    assert writes() == ["copy", "copy"]
     sink.write(make_forecasts(issued=late), make_anomalies(ts=late))  # after everything there
-    assert writes() == ["insert", "insert"]
+    assert writes() == ["copy", "copy"]
     sink.write(make_forecasts(issued=late, offset=1), make_anomalies(ts=late))  # a replay, with a new value
     assert writes() == ["upsert", "upsert"]
     both = early.append(late)
     want = pd.concat([make_forecasts(issued=early), make_forecasts(issued=late, offset=1)])
     pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(want, "forecasts"))
-    # Another writer's keys landing between the check and the insert: the insert fails inside its
-    # savepoint and the same rows are upserted, in the same transaction.
+    # Another writer's keys landing between the check and the COPY: the COPY fails inside its savepoint
+    # and the same rows are upserted, in the same transaction.
     monkeypatch.setattr(SqlSink, "_all_new", lambda *args: True)
     sink.write(make_forecasts(issued=both, offset=2), make_anomalies(ts=both).iloc[:0])
-    assert writes() == ["insert", "upsert"]
+    assert writes() == ["copy", "upsert"]
     pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(make_forecasts(issued=both, offset=2), "forecasts"))
     sink.engine.dispose()
 
