@@ -310,6 +310,72 @@ def test_postgresql_timestamp_without_zone_is_refused(pg_url, make_forecasts, ma
     sink.engine.dispose()
 
 
+def _decode_copy(stream: bytes, spec) -> pd.DataFrame:
+    """PostgreSQL's binary COPY format read back by hand, the spec's columns in order."""
+    import struct
+
+    assert stream[:19] == b"PGCOPY\n\xff\r\n\x00" + bytes(8) and stream[-2:] == b"\xff\xff"
+    at, rows = 19, []
+    while at < len(stream) - 2:
+        (count,), at = struct.unpack_from(">h", stream, at), at + 2
+        assert count == len(spec.columns)
+        row = []
+        for dtype in spec.columns.values():
+            (size,), at = struct.unpack_from(">i", stream, at), at + 4
+            raw, at = (None if size < 0 else stream[at : at + size]), at + max(size, 0)
+            if raw is None:
+                row.append(pd.NaT if dtype.startswith("datetime64") else float("nan"))
+            elif dtype == "object":
+                row.append(raw.decode())
+            elif dtype.startswith("datetime64"):
+                row.append(pd.Timestamp("2000-01-01", tz="UTC") + pd.Timedelta(microseconds=struct.unpack(">q", raw)[0]))
+            else:
+                row.append(struct.unpack({"float64": ">d", "int64": ">q", "bool": ">?"}[dtype], raw)[0])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(spec.columns))
+
+
+def test_postgresql_binary_copy_stream_holds_every_row_and_value(make_anomalies):
+    """Ids of several lengths (and bytes), NaN, times before 2000 and finer than a microsecond, in chunks:
+    every row comes back once, each value as written (NaN as NULL, times floored to microseconds)."""
+    from forecastd.sinks import pgbinary
+    from forecastd.sinks.schema import SPECS, conform
+
+    ids = ["a", "bb", NASTY_ID, "zürich-7", "ccc"]
+    an = conform(make_anomalies(series=ids, ts=pd.date_range("1999-12-31 22:00:00.0000015", periods=5, freq="h",
+                                                                 tz="UTC")), SPECS["anomalies"])
+    an.loc[::3, "expected"] = float("nan")
+    an.loc[1::4, "is_anomaly"] = True
+    spec = SPECS["anomalies"]
+    stream = b"".join(pgbinary.copy_chunks(spec, an, batch=7))
+    got = _decode_copy(stream, spec).sort_values(["series_id", "ts"], ignore_index=True)
+    want = an.assign(ts=an["ts"].dt.floor("us")).sort_values(["series_id", "ts"], ignore_index=True)
+    pd.testing.assert_frame_equal(got, want[list(spec.columns)], check_dtype=False)
+    assert b"".join(pgbinary.copy_chunks(spec, an.iloc[:0], batch=7)) == pgbinary.HEADER + pgbinary.TRAILER
+
+
+@pytest.mark.postgres
+def test_postgresql_table_of_other_compatible_types_is_written_through_a_cast(pg_url, make_forecasts, make_anomalies,
+                                                                              monkeypatch):
+    """An existing table with varchar, integer and numeric columns gets no binary COPY of forecastd's own
+    types (the server would misread them): its rows are staged and cast, and read back as written."""
+    sink = SqlSink(pg_url)
+    with sink.engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE forecasts (series_id VARCHAR(64), issued_at TIMESTAMPTZ, step INTEGER, "
+                             "target_ts TIMESTAMPTZ, mean FLOAT8, lower FLOAT8, upper FLOAT8, model_version INTEGER, "
+                             "PRIMARY KEY (issued_at, series_id, step))"))
+    targets: list[str] = []
+    copy = SqlSink._copy
+    monkeypatch.setattr(SqlSink, "_copy", lambda self, conn, spec, frame, target: (
+        targets.append(repr(target)), copy(self, conn, spec, frame, target))[1])
+    fc = make_forecasts(issued=pd.date_range(START, periods=3, freq="h"))
+    sink.write(fc, make_anomalies())
+    assert len(targets) == 2 and "forecastd_stage_" in targets[0]  # forecasts staged; the new anomalies table not
+    assert "forecastd_stage_" not in targets[1]
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc, "forecasts"))
+    sink.engine.dispose()
+
+
 @pytest.mark.postgres
 def test_postgresql_schema_and_quoted_names(pg_server, pg_schema, make_forecasts, make_anomalies):
     sink = SqlSink(pg_server, db_schema=pg_schema, forecasts_table='fc"; DROP TABLE x;--', anomalies_table="Anomalies")

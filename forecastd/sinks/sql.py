@@ -15,8 +15,9 @@ handling (a dict per row, a Python bind processor per value) took 4 to 16 s for 
 - PostgreSQL: where the table holds nothing at or after the rows' first time (a tick's new rows), they
   are COPYed straight into it (psycopg 3 `cursor.copy`); other rows are COPYed into a temporary table,
   then one INSERT ... SELECT ... ON CONFLICT moves them into the output table. Row-at-a-time
-  executemany, even pipelined, costs a statement's worth of server work per row. COPY gets CSV written
-  by pyarrow in one call per batch: psycopg's write_row spent 8 us a row converting values in Python.
+  executemany, even pipelined, costs a statement's worth of server work per row. COPY takes the binary
+  format, built by numpy (`pgbinary`): psycopg's write_row spent 8 us a row converting values in Python,
+  and CSV (pyarrow) made the server parse every float and time as text.
 Every statement that names a user's table is built by SQLAlchemy, which quotes identifiers; values are
 always bound or copied, never formatted into SQL.
 
@@ -34,12 +35,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.csv as pa_csv
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from forecastd.errors import SinkError
+from forecastd.sinks import pgbinary
 from forecastd.sinks.schema import SPECS, TableName, TableSpec, conform, empty, spec_for
 from forecastd.sources.mapping import utc_bound
 from forecastd.sources.sql import SERIES_CHUNK, connect, db_reason, describe_url, make_engine
@@ -102,6 +102,7 @@ class SqlSink:
         self._tables: dict[str, sa.Table] = {}  # checked or created, by output name
         self._compiled: dict[tuple[str, int], str] = {}  # SQLite upserts, by output name and rows
         self._time_led: dict[str, bool] = {}  # whether an index starts with the time column, by output name
+        self._exact: dict[str, bool] = {}  # whether every column has the very type forecastd creates, by output name
 
     def __repr__(self) -> str:
         return f"SqlSink({describe_url(self.engine.url)!r})"
@@ -194,7 +195,7 @@ class SqlSink:
                     )
                 table.create(conn, checkfirst=True)
                 log.info("created table %s", self._qualified(spec))
-                self._time_led[spec.name] = True
+                self._time_led[spec.name] = self._exact[spec.name] = True
             else:
                 self._time_led[spec.name] = self._check(inspector, spec, table)
         except sa.exc.SQLAlchemyError as exc:
@@ -237,6 +238,7 @@ class SqlSink:
                 "new table name"
             )
         leads = uniques + [i["column_names"] for i in indexes]
+        self._exact[spec.name] = all(_exact(found[c]["type"], d) for c, d in spec.columns.items())
         return any(cols and cols[0] == spec.time for cols in leads)
 
     # -- statements --------------------------------------------------------------------------------
@@ -293,19 +295,17 @@ class SqlSink:
         from psycopg import errors, sql
 
         # A tick's rows straight in: the staging pass and the INSERT ... SELECT took a third of the write
-        # (240,000 rows: 1.35-1.79 s against 0.91-1.30 s). The savepoint covers a writer that got in between.
-        if self._all_new(conn, spec, table, frame):
+        # (240,000 rows: 1.35-1.79 s against 0.91-1.30 s). Only into columns of exactly the types
+        # forecastd writes, which the binary format needs. The savepoint covers a writer that got in between.
+        if self._exact.get(spec.name) and self._all_new(conn, spec, table, frame):
             try:
                 with conn.begin_nested():
-                    # The CSV's times are UTC wall times, which timestamptz reads in the session's TimeZone:
-                    # UTC until this write's transaction ends (nothing else in it depends on the zone).
-                    conn.exec_driver_sql("SET LOCAL TimeZone = 'UTC'")
                     self._copy(conn, spec, frame, sql.Identifier(*filter(None, (table.schema, table.name))))
                 return
             except errors.UniqueViolation:
                 log.info("%s: another writer added some of these keys; upserting them", self._qualified(spec))
-        # Times are staged as UTC wall time (timestamp without time zone) and turned into instants by
-        # timezone('UTC', ...) below, whatever the session's TimeZone: Arrow writes zoned times 10x slower.
+        # Staged as timestamp without time zone (the same binary value, microseconds of UTC) and turned
+        # into instants by timezone('UTC', ...), which also casts to whatever compatible types the table has.
         stage = sa.Table(
             f"forecastd_stage_{uuid.uuid4().hex[:12]}", sa.MetaData(),
             *(sa.Column(c, sa.DateTime() if d.startswith("datetime64") else _SQL_TYPES[d])
@@ -322,14 +322,15 @@ class SqlSink:
         conn.execute(self._on_conflict(spec, table, insert.from_select(list(spec.columns), source)))
 
     def _copy(self, conn: sa.Connection, spec: TableSpec, frame: pd.DataFrame, target: Any) -> None:
-        """COPY the frame's rows into `target` (a psycopg sql.Identifier), BATCH_ROWS at a time."""
+        """COPY the frame's rows into `target` (a psycopg sql.Identifier) in the binary format, BATCH_ROWS
+        rows a chunk (`pgbinary`)."""
         from psycopg import sql
 
-        copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+        copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
             target, sql.SQL(", ").join(sql.Identifier(c) for c in spec.columns))
         with conn.connection.driver_connection.cursor() as cursor, cursor.copy(copy) as pipe:
-            for start in range(0, len(frame), BATCH_ROWS):
-                pipe.write(_csv(spec, frame.iloc[start:start + BATCH_ROWS]))
+            for chunk in pgbinary.copy_chunks(spec, frame, BATCH_ROWS):
+                pipe.write(chunk)
 
     def _all_new(self, conn: sa.Connection, spec: TableSpec, table: sa.Table, frame: pd.DataFrame) -> bool:
         """Whether the table holds nothing at or after the frame's first time, so none of its keys can be
@@ -381,6 +382,16 @@ class SqlSink:
             raise SinkError(f"reading table {self._qualified(spec)!r} failed: {db_reason(exc)}") from exc
 
 
+def _exact(have: sa.types.TypeEngine, dtype: str) -> bool:
+    """Whether a column of type `have` takes the binary values forecastd COPYs for `dtype` as they are
+    (text or varchar, timestamptz, bigint, double precision, boolean); others go through a cast."""
+    if dtype == "object":
+        return isinstance(have, sa.String) and not isinstance(have, sa.CHAR)
+    if dtype == "float64":
+        return isinstance(have, postgresql.DOUBLE_PRECISION)
+    return isinstance(have, {"int64": sa.BigInteger, "bool": sa.Boolean}.get(dtype, sa.DateTime))
+
+
 def _in_stored_order(frame: pd.DataFrame, spec: TableSpec) -> pd.DataFrame:
     """A conformed frame (sorted by key, series first) in the order of the stored key, time first, so
     rows reach the index in its own order. A stable sort on time alone keeps the rest of the key's order."""
@@ -402,26 +413,3 @@ def _sqlite_times(col: pd.Series) -> list[str | None]:
     out = np.full(len(utc), None, dtype=object)
     out[~missing] = formatted[inverse.reshape(-1)]
     return out.tolist()
-
-
-def _csv(spec: TableSpec, frame: pd.DataFrame) -> bytes:
-    """The rows as CSV for COPY ... (FORMAT csv): NULL where missing (an unquoted empty field; text is
-    always quoted), floats in shortest round-trip form, timestamps as UTC wall time floored to
-    microseconds (PostgreSQL would round finer digits, where reads and _bind_time floor)."""
-    columns = {}
-    for name, dtype in spec.columns.items():
-        col = frame[name]
-        if dtype.startswith("datetime64"):
-            utc = pd.DatetimeIndex(col).tz_convert("UTC")
-            us = np.floor_divide(utc.asi8, 1000)
-            columns[name] = pa.array(us, type=pa.timestamp("us"), mask=utc.isna())
-        elif dtype == "float64":
-            v = col.to_numpy(dtype=np.float64)
-            columns[name] = pa.array(v, mask=np.isnan(v))  # NaN is stored as NULL, as on SQLite
-        elif dtype == "object":
-            columns[name] = pa.array(col.tolist(), type=pa.string())
-        else:
-            columns[name] = pa.array(col.to_numpy())
-    out = pa.BufferOutputStream()
-    pa_csv.write_csv(pa.table(columns), out, pa_csv.WriteOptions(include_header=False))
-    return out.getvalue().to_pybytes()
