@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     p.add_argument("--jobs", type=int, default=cores(),
                    help="train this many (horizon, seed) runs at once, one torch thread each (default: one per "
-                        "core; 1 gives one run all of torch's threads); timings are then per run on a shared machine")
+                        "core, as free memory allows; 1 gives one run all of torch's threads); timings are then per run on a shared machine")
     args = p.parse_args(argv)
     mc = ModelConfig(cell=args.cell, hidden_size=args.hidden, lookback=args.lookback)
     tc = TrainingConfig(epochs=args.epochs, device=args.device)

@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="override a [model] setting of the benchmark's model, e.g. hidden_size=64 or cell=lstm")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (the benchmark machine has 2 cores)")
     p.add_argument("--jobs", type=int, default=cores(),
-                   help="files processed in parallel (default: one per core; results do not depend on it)")
+                   help="files processed in parallel (default: one per core, as free memory allows; results do not depend on it)")
     p.add_argument("--seeds", type=int, default=1,
                    help="train with this many seeds (the [training] seed, +1, ...) and print each and their mean; "
                         "results files, per-file table and ablation are of the first")
