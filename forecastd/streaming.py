@@ -245,8 +245,8 @@ def _frames(ids, out, steps, values, forecast, expected, expected_sd, scores, gr
     _forecast_rows(*forecast, b, t, z, steps, 0 if grid.monthly else grid.step_ns, f["mean"], f["lower"], f["upper"],
                    f["issued_at"], f["step"], f["target_ts"])
     if grid.monthly:  # calendar months: pandas' offsets, not a multiple of a step
-        forecasts["issued_at"][:] = np.repeat(issued, K)
-        forecasts["target_ts"][:] = grid.ns((origin_steps[:, None] + np.arange(1, K + 1)).ravel())
+        f["issued_at"][:] = np.repeat(issued, K)
+        f["target_ts"][:] = grid.ns((origin_steps[:, None] + np.arange(1, K + 1)).ravel())
     e, half = pick(expected), z * pick(expected_sd)
     sc = np.where(np.isnan(s := pick(scores)), 0.0, s)  # unscored points; scores are otherwise in [0, 1]
     anomalies = {
@@ -267,7 +267,8 @@ def _frames(ids, out, steps, values, forecast, expected, expected_sd, scores, gr
 def _forecast_rows(mean, spread, origin, scale, b, t, z, steps, step_ns, out_mean, out_lower, out_upper,
                    out_issued, out_step, out_target):  # pragma: no cover - compiled
     """Row i*K + k-1: step k ahead of origin (b[i], t[i]), in the series' own units: origin + mean x scale,
-    the band +- z x spread x scale, in float64 as numpy computed it. Times only when step_ns (a regular grid)."""
+    the band +- z x spread x scale, each in float64 in the order numpy computed it before, so the same bits.
+    Times only with step_ns (a regular grid)."""
     K = mean.shape[2]
     for i in range(b.size):
         r, c = b[i], t[i]
