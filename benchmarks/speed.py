@@ -14,7 +14,7 @@ Prints:
 3. training throughput (target-steps/s) of the TBPTT loop;
 4. end-to-end `run_once` ticks over N series on Parquet and on SQLite (read, step, write H=24
    forecasts and anomaly rows, checkpoint), each timed (a write may slow as the tables fill), the last
-   split by stage; with --pg-url also Parquet in, PostgreSQL out (into tables named speed_*_<pid>,
+   split by stage; with --pg-url also Parquet in, PostgreSQL out, and PostgreSQL in and out (into tables named speed_*_<pid>,
    dropped afterwards);
 5. peak memory and streaming-state bytes per series; threads used.
 
@@ -182,12 +182,17 @@ def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None
     ids = np.array([f"s{i:06d}" for i in range(n)], dtype=object)
     values = 100 + np.cumsum(rng.normal(size=(n, T + ticks)), axis=1)
     frame = pd.DataFrame({"series_id": np.repeat(ids, T + ticks), "ts": np.tile(ts, n), "value": values.ravel()})
-    pg_tables = (f"speed_forecasts_{os.getpid()}", f"speed_anomalies_{os.getpid()}")
+    pg_tables = (f"speed_forecasts_{os.getpid()}", f"speed_anomalies_{os.getpid()}", f"speed_readings_{os.getpid()}")
     lookback = '"auto"' if mc.lookback == "auto" else mc.lookback
-    for kind in ("parquet", "sqlite") + (("postgresql",) if pg_url else ()):
+    for kind in ("parquet", "sqlite") + (("postgresql", "pg-pg") if pg_url else ()):
         with tempfile.TemporaryDirectory() as d:
             d = Path(d)
-            if kind in ("parquet", "postgresql"):
+            if kind == "pg-pg":  # readings in PostgreSQL too, keyed and indexed as a kept table is
+                pg = _pg_readings(pg_url, pg_tables[2], frame[frame["ts"] < ts[T]])
+                src = f'kind = "sql"\nurl = "{pg_url}"\ntable = "{pg_tables[2]}"'
+                sink = (f'kind = "sql"\nurl = "{pg_url}"\nforecasts_table = "{pg_tables[0]}"\n'
+                        f'anomalies_table = "{pg_tables[1]}"')
+            elif kind in ("parquet", "postgresql"):
                 frame[frame["ts"] < ts[T]].to_parquet(d / "data.parquet")
                 src = f'kind = "parquet"\npath = "{d / "data.parquet"}"'
                 sink = f'kind = "parquet"\npath = "{d / "out"}"\npartition = "hour"'
@@ -222,7 +227,12 @@ def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None
                 freeze_heap()  # as the daemon does once started (forecastd/runtime.py)
                 totals = []
                 for k in range(T, T + ticks):
-                    if kind != "sqlite":
+                    if kind == "pg-pg":
+                        with pg.cursor().copy(f"COPY {pg_tables[2]} (series_id, ts, value) FROM STDIN") as cp:
+                            for i, v in zip(ids, values[:, k]):
+                                cp.write_row((i, ts[k].to_pydatetime(), float(v)))
+                        pg.commit()
+                    elif kind != "sqlite":
                         frame[frame["ts"] <= ts[k]].to_parquet(d / "data.parquet")
                     else:
                         stamp = ts[k].strftime("%Y-%m-%d %H:%M:%S")
@@ -233,7 +243,7 @@ def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None
                     r = run_once(config, ts[k], **kept)
                     totals.append(time.perf_counter() - t0)
                 stages = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in r.seconds.items())
-                label = "parquet -> postgresql" if kind == "postgresql" else kind
+                label = {"postgresql": "parquet -> postgresql", "pg-pg": "postgresql -> postgresql"}.get(kind, kind)
                 each = " / ".join(f"{t * 1e3:,.0f}" for t in totals) + " ms" + ("; the last one" if ticks > 1 else "")
                 t0 = time.perf_counter()
                 n_ids = len(kept["source"].series_ids())
@@ -242,8 +252,27 @@ def end_to_end(n: int, mc: ModelConfig, device: torch.device, pg_url: str | None
                       f"{r.anomalies_written:,} anomaly rows ({stages}); a listing of the {n_ids:,} series ids, "
                       f"which a tick adds at most every list_series_every: {listing * 1e3:,.0f} ms")
             finally:
-                if kind == "postgresql":
+                if kind == "pg-pg":
+                    pg.close()
+                if kind in ("postgresql", "pg-pg"):
                     _drop_tables(pg_url, pg_tables)
+
+
+def _pg_readings(url: str, table: str, frame: pd.DataFrame):
+    """A readings table in PostgreSQL holding `frame`, with the key (series_id, ts) and an index on ts;
+    returns an open psycopg connection for the ticks' new rows."""
+    import psycopg
+    import sqlalchemy as sa
+
+    con = psycopg.connect(sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
+    con.execute(f"CREATE TABLE {table} (series_id text, ts timestamptz, value double precision, "
+                "PRIMARY KEY (series_id, ts))")
+    con.execute(f"CREATE INDEX {table}_ts ON {table} (ts)")
+    with con.cursor().copy(f"COPY {table} (series_id, ts, value) FROM STDIN") as cp:
+        for row in zip(frame["series_id"], frame["ts"].dt.to_pydatetime(), frame["value"].tolist()):
+            cp.write_row(row)
+    con.commit()
+    return con
 
 
 def _drop_tables(url: str, names: tuple[str, ...]) -> None:
