@@ -17,6 +17,7 @@ clipping keeps a backfill one batched pass, and identical to ticking.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +88,11 @@ def calendar(ts_ns: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         # Series on one grid that advance together (every tick, most backfills) share their times: the
         # terms of one row, copied, instead of six transcendentals per series (1.1 ms at 10,000 series).
         out[:] = calendar(ts_ns[:1])
+        return out
+    if ts_ns.size == 1:  # such a row of a tick: a dozen numpy calls cost 25 us, scalar math 3
+        days = int(ts_ns.flat[0]) / _NS_DAY
+        phases = [2 * math.pi * p for p in (days % 1.0, (days + 3.0) % 7.0 / 7.0, days % _YEAR_DAYS / _YEAR_DAYS)]
+        out[...] = [*map(math.sin, phases), *map(math.cos, phases)]
         return out
     days = ts_ns / _NS_DAY
     phases = np.empty((*days.shape, 3))

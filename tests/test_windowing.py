@@ -73,6 +73,14 @@ def test_calendar_of_a_block_is_each_rows_own_whether_or_not_rows_share_their_ti
     assert not np.array_equal(calendar(apart)[0], calendar(apart)[1])
 
 
+def test_calendar_of_one_time_is_the_vectorised_terms():
+    """A single time (every tick) takes a scalar path: the same terms to float32 round-off, before 1970 too."""
+    ts = np.random.default_rng(0).integers(-2 * 10**18, 3 * 10**18, size=2000)
+    one_by_one = np.stack([calendar(ts[i : i + 1])[0] for i in range(ts.size)])
+    np.testing.assert_allclose(one_by_one, calendar(ts), rtol=0, atol=1.2e-7)
+    assert calendar(np.array([[ts[0]]])).shape == (1, 1, 6)
+
+
 def test_robust_scale_handles_constant_spiky_and_tiny_series():
     assert robust_scale(np.full(50, 5.0)) == pytest.approx(5e-3)
     assert robust_scale(np.zeros(10)) == 1.0
