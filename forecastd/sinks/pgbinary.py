@@ -32,9 +32,9 @@ HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags 0, no header ext
 TRAILER = b"\xff\xff"
 _EPOCH_US = 946_684_800_000_000  # 2000-01-01 UTC in Unix microseconds: PostgreSQL's timestamp zero
 
-# A field: per-row payload lengths [n] (0 for NULL), the NULL mask (None: none), and the values: an
-# [n] array of a fixed-width big-endian dtype, or for text the UTF-8 bytes and each row's offset into them.
-_Field = tuple[np.ndarray, np.ndarray | None, "np.ndarray | tuple[np.ndarray, np.ndarray]"]
+# A field: per-row lengths as written [n] (-1 for NULL), and the values: an [n] array of a fixed-width
+# big-endian dtype, or for text the UTF-8 bytes and each row's offset into them.
+_Field = tuple[np.ndarray, "np.ndarray | tuple[np.ndarray, np.ndarray]"]
 
 
 def copy_chunks(spec: TableSpec, frame: pd.DataFrame, batch: int) -> Iterator[bytes]:
@@ -50,15 +50,14 @@ def _rows(spec: TableSpec, frame: pd.DataFrame) -> bytes:
     if not n:
         return b""
     fields = [_field(frame[name], dtype) for name, dtype in spec.columns.items()]
-    lengths = np.stack([length if null is None else np.where(null, -1, length) for length, null, _ in fields],
-                       axis=1)  # n, C as written
+    lengths = np.stack([length for length, _ in fields], axis=1)  # n, C
     blocks = []
     for rows, layout in _layouts(lengths):
         every = rows.size == n
         block = np.empty((rows.size, 2 + sum(4 + max(int(x), 0) for x in layout)), dtype=np.uint8)
         block[:, :2] = _bytes(len(fields), ">i2")
         at = 2
-        for (_, _, values), length in zip(fields, layout):
+        for (_, values), length in zip(fields, layout):
             block[:, at : at + 4] = _bytes(length, ">i4")
             at += 4
             if length <= 0:  # NULL, or empty text
@@ -79,8 +78,10 @@ def _field(col: pd.Series, dtype: str) -> _Field:
         arr = pa.array(col, type=pa.string())
         offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32, count=n + 1, offset=4 * arr.offset).astype(np.int64)
         data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.empty(0, np.uint8)
-        null = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
-        return np.diff(offsets), null, (data, offsets[:-1])
+        lengths = np.diff(offsets)
+        if arr.null_count:
+            lengths[arr.is_null().to_numpy(zero_copy_only=False)] = -1
+        return lengths, (data, offsets[:-1])
     if dtype.startswith("datetime64"):
         times = pd.DatetimeIndex(col)
         null = np.asarray(times.isna())
@@ -94,9 +95,8 @@ def _field(col: pd.Series, dtype: str) -> _Field:
         null, values = None, col.to_numpy(dtype=bool).astype(np.uint8)
     else:
         null, values = None, col.to_numpy(dtype=np.int64).astype(">i8")
-    null = null if null is not None and null.any() else None
     width = values.dtype.itemsize
-    return np.full(n, width, dtype=np.int64) if null is None else np.where(null, 0, width), null, values
+    return np.full(n, width, dtype=np.int64) if null is None else np.where(null, -1, width), values
 
 
 def _layouts(lengths: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
