@@ -512,10 +512,14 @@ def test_postgresql_copies_what_is_new_and_upserts_a_replay(pg_url, make_forecas
 
 
 def test_postgresql_session_time_zone_does_not_shift_instants(pg_url, make_forecasts, make_anomalies):
-    """Rows are staged as UTC wall time; the session's TimeZone must not reinterpret them."""
+    """Times go in as instants, COPYed straight in (new rows) or staged and upserted (a replay); the
+    session's TimeZone must not reinterpret them."""
     sink = SqlSink(f"{pg_url}%20-cTimeZone%3DAsia/Kolkata")
-    fc, an = make_forecasts(), make_anomalies()
+    fc, an = make_forecasts(offset=1), make_anomalies()
     sink.write(fc, an)
+    pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc, "forecasts"))
+    fc = make_forecasts()
+    sink.write(fc, an)  # the same keys: staged, then upserted
     pd.testing.assert_frame_equal(sink.read("forecasts"), canonical(fc, "forecasts"))
     pd.testing.assert_frame_equal(sink.read("anomalies"), canonical(an, "anomalies"))
     with sink.engine.connect() as conn:

@@ -304,22 +304,16 @@ class SqlSink:
                 return
             except errors.UniqueViolation:
                 log.info("%s: another writer added some of these keys; upserting them", self._qualified(spec))
-        # Staged as timestamp without time zone (the same binary value, microseconds of UTC) and turned
-        # into instants by timezone('UTC', ...), which also casts to whatever compatible types the table has.
+        # Staged in forecastd's own types; the INSERT casts them to whatever compatible types the table has.
         stage = sa.Table(
             f"forecastd_stage_{uuid.uuid4().hex[:12]}", sa.MetaData(),
-            *(sa.Column(c, sa.DateTime() if d.startswith("datetime64") else _SQL_TYPES[d])
-              for c, d in spec.columns.items()),
+            *(sa.Column(c, _SQL_TYPES[d]) for c, d in spec.columns.items()),
             prefixes=["TEMPORARY"], postgresql_on_commit="DROP",
         )
         stage.create(conn)
         self._copy(conn, spec, frame, sql.Identifier(stage.name))
-        insert = self._insert(table)
-        source = sa.select(*(
-            sa.func.timezone("UTC", stage.c[c], type_=table.c[c].type) if d.startswith("datetime64") else stage.c[c]
-            for c, d in spec.columns.items()
-        ))
-        conn.execute(self._on_conflict(spec, table, insert.from_select(list(spec.columns), source)))
+        source = sa.select(*(stage.c[c] for c in spec.columns))
+        conn.execute(self._on_conflict(spec, table, self._insert(table).from_select(list(spec.columns), source)))
 
     def _copy(self, conn: sa.Connection, spec: TableSpec, frame: pd.DataFrame, target: Any) -> None:
         """COPY the frame's rows into `target` (a psycopg sql.Identifier) in the binary format, BATCH_ROWS
