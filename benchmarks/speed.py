@@ -44,7 +44,7 @@ from forecastd.models import Forecaster  # noqa: E402
 from forecastd.runtime import freeze_heap, tune_malloc  # noqa: E402
 from forecastd.state import Segment, StreamState  # noqa: E402
 from forecastd.streaming import Emit, advance, run_segments  # noqa: E402
-from forecastd.training import train_rows  # noqa: E402
+from forecastd.training import AdamW, train_rows  # noqa: E402
 from forecastd.windowing import n_features  # noqa: E402
 
 WINDOW = 96
@@ -153,7 +153,7 @@ def training(mc: ModelConfig, device: torch.device) -> None:
     tc = TrainingConfig()
     F = n_features(len(mc.level_alphas))
     model = Forecaster(F, mc).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = AdamW(model.parameters(), lr=tc.learning_rate)  # the optimiser `fit` uses
     B, S = tc.batch_size, tc.segment_length
     x = torch.randn(B, S, F, device=device)
     y = torch.randn(B, S, mc.horizon, device=device)

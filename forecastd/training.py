@@ -175,9 +175,60 @@ def evaluate(
     }
 
 
+class AdamW:
+    """torch.optim.AdamW (betas 0.9 and 0.999, eps 1e-8, decoupled weight decay) in the multi-tensor form
+    torch runs on a GPU, which on the CPU gives the same floats as its per-tensor form: the same
+    weights as torch's, step for step. Not torch.optim because its Optimizer imports torch._dynamo when
+    first used, 1.3-1.7 s of every `forecastd train` and every retrain child, for a few lines of update.
+    The two verbs train_rows needs: zero_grad, step; `lr` is set between epochs."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.state: dict[torch.Tensor, list] = {}  # param -> [steps, first moment, second moment]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        # As torch does, a parameter without a gradient this step is left alone, its step count too.
+        params = [p for p in self.params if p.grad is not None]
+        if not params:
+            return
+        beta1, beta2 = self.betas
+        for p in params:
+            if p not in self.state:
+                self.state[p] = [0, torch.zeros_like(p), torch.zeros_like(p)]
+            self.state[p][0] += 1
+        steps, avgs, sqs = zip(*(self.state[p] for p in params))
+        grads = [p.grad for p in params]
+        if self.weight_decay:
+            torch._foreach_mul_(params, 1 - self.lr * self.weight_decay)
+        torch._foreach_lerp_(avgs, grads, 1 - beta1)
+        torch._foreach_mul_(sqs, beta2)
+        torch._foreach_addcmul_(sqs, grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt(sqs)
+        torch._foreach_div_(denom, [(1 - beta2**n) ** 0.5 for n in steps])
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(params, avgs, denom, [(self.lr / (1 - beta1**n)) * -1 for n in steps])
+
+
+def _cosine(lr: float, epoch: int, epochs: int, floor: float) -> float:
+    """The learning rate for `epoch` from the one before it, cosine-annealed to `floor` at `epochs`:
+    torch's CosineAnnealingLR in the recursive form it steps by, so the same floats as before."""
+    return ((1 + math.cos(math.pi * epoch / epochs)) / (1 + math.cos(math.pi * (epoch - 1) / epochs))
+            * (lr - floor) + floor)
+
+
 def train_rows(
     model: Forecaster,
-    opt: torch.optim.Optimizer,
+    opt: AdamW | torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
     m: torch.Tensor,
@@ -232,13 +283,12 @@ def fit(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    opt = AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     train, val = prepared.train, prepared.val
     if not train:
         raise DataError("no training targets: every series is shorter than its horizon; use a smaller "
                         "[model] horizon or more history")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs, eta_min=config.learning_rate / 10)
 
     result = TrainResult(model)
     average = None
@@ -272,7 +322,7 @@ def fit(
                 t, n = train_rows(model, opt, xb, yb, mb, config.bptt, config.clip, autocast, wb, average)
                 total, count = total + t, count + n
                 steps += -(-x.shape[1] // config.bptt)
-        sched.step()
+        opt.lr = _cosine(opt.lr, epoch, config.epochs, config.learning_rate / 10)
         train_loss = total / max(count, 1.0)
         if not math.isfinite(train_loss):
             raise ModelError(f"training diverged at epoch {epoch} (loss {train_loss}); lower [training] "

@@ -178,6 +178,58 @@ def test_weight_average_is_what_gets_validated_and_kept():
     assert all(r.metrics["val_loss"] < 0.9 for r in runs.values())
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_takes_torchs_steps_bit_for_bit(weight_decay):
+    """training.AdamW and the cosine schedule give torch.optim's AdamW + CosineAnnealingLR weights
+    exactly, also when a parameter has no gradient for a step (it and its step count stay put)."""
+    from forecastd.training import AdamW, _cosine
+
+    torch.manual_seed(0)
+    mc = ModelConfig(hidden_size=8, horizon=3, lookback=6)
+    ours, theirs = Forecaster(4, mc), Forecaster(4, mc)
+    theirs.load_state_dict(ours.state_dict())
+    lr, epochs = 3e-3, 4
+    opt = AdamW(ours.parameters(), lr=lr, weight_decay=weight_decay)
+    ref = torch.optim.AdamW(theirs.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref, T_max=epochs, eta_min=lr / 10)
+    for epoch in range(1, epochs + 1):
+        for k in range(5):
+            x, y = torch.randn(3, 7, 4), torch.randn(3, 7, 3)
+            for model, o in ((ours, opt), (theirs, ref)):
+                o.zero_grad(set_to_none=True)
+                mean, scale, _ = model(x)
+                ((mean - y) ** 2).mean().add(scale.mean()).backward()
+                if k == 2:
+                    model.path.grad = None
+                o.step()
+        sched.step()
+        opt.lr = _cosine(opt.lr, epoch, epochs, lr / 10)
+        assert opt.lr == ref.param_groups[0]["lr"]
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            assert torch.equal(a, b)
+    assert opt.lr == pytest.approx(lr / 10)
+
+
+def test_training_leaves_torch_dynamo_unimported():
+    """torch.optim's optimisers import torch._dynamo on first use (1.3-1.7 s a process); training must
+    not, or every `forecastd train` and retrain child pays it again."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from tests.test_models import _prepared\n"
+        "from forecastd.config import TrainingConfig\n"
+        "from forecastd.models import Forecaster\n"
+        "from forecastd.training import fit\n"
+        "mc, prepared = _prepared(np.sin(np.arange(400) / 4.0))\n"
+        "fit(Forecaster(prepared.segments[0][0].shape[1], mc), prepared, TrainingConfig(epochs=2, min_epoch_steps=5, device='cpu'))\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
 def _random_state(m: Forecaster, batch: int) -> State:
     h = m.initial_state(batch)
     rnn = tuple(torch.randn_like(t) for t in h.rnn) if isinstance(h.rnn, tuple) else torch.randn_like(h.rnn)
