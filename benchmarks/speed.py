@@ -153,7 +153,7 @@ def training(mc: ModelConfig, device: torch.device) -> None:
     tc = TrainingConfig()
     F = n_features(len(mc.level_alphas))
     model = Forecaster(F, mc).to(device)
-    opt = AdamW(model.parameters(), lr=tc.learning_rate)  # the optimiser `fit` uses
+    opt = AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)  # as `fit` makes it
     B, S = tc.batch_size, tc.segment_length
     x = torch.randn(B, S, F, device=device)
     y = torch.randn(B, S, mc.horizon, device=device)

@@ -176,13 +176,13 @@ def evaluate(
 
 
 class AdamW:
-    """torch.optim.AdamW (betas 0.9 and 0.999, eps 1e-8, decoupled weight decay) in the multi-tensor form
-    torch runs on a GPU, which on the CPU gives the same floats as its per-tensor form: the same
-    weights as torch's, step for step. Not torch.optim because its Optimizer imports torch._dynamo when
-    first used, 1.3-1.7 s of every `forecastd train` and every retrain child, for a few lines of update.
+    """torch.optim.AdamW with its defaults, in the multi-tensor form torch runs on a GPU, which on the
+    CPU gives the same floats as its per-tensor form: the same weights as torch's, step for step, on
+    either device. Not torch.optim because its Optimizer imports torch._dynamo when first used, 1.3-1.7 s
+    of every `forecastd train` and every retrain child, for a few lines of update.
     The two verbs train_rows needs: zero_grad, step; `lr` is set between epochs."""
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0,
+    def __init__(self, params, lr: float, weight_decay: float = 1e-2,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps

@@ -178,10 +178,11 @@ def test_weight_average_is_what_gets_validated_and_kept():
     assert all(r.metrics["val_loss"] < 0.9 for r in runs.values())
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1, None])
 def test_adamw_takes_torchs_steps_bit_for_bit(weight_decay):
     """training.AdamW and the cosine schedule give torch.optim's AdamW + CosineAnnealingLR weights
-    exactly, also when a parameter has no gradient for a step (it and its step count stay put)."""
+    exactly, with torch's default weight decay too (None), and when a parameter has no gradient for a
+    step (it and its step count stay put)."""
     from forecastd.training import AdamW, _cosine
 
     torch.manual_seed(0)
@@ -189,8 +190,9 @@ def test_adamw_takes_torchs_steps_bit_for_bit(weight_decay):
     ours, theirs = Forecaster(4, mc), Forecaster(4, mc)
     theirs.load_state_dict(ours.state_dict())
     lr, epochs = 3e-3, 4
-    opt = AdamW(ours.parameters(), lr=lr, weight_decay=weight_decay)
-    ref = torch.optim.AdamW(theirs.parameters(), lr=lr, weight_decay=weight_decay)
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
+    opt = AdamW(ours.parameters(), lr=lr, **decay)
+    ref = torch.optim.AdamW(theirs.parameters(), lr=lr, **decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref, T_max=epochs, eta_min=lr / 10)
     for epoch in range(1, epochs + 1):
         for k in range(5):
