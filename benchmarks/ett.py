@@ -131,14 +131,15 @@ def _layout(ts: pd.DatetimeIndex) -> Layout:
     return layout_of(ts.to_series(), "the ETT file")
 
 
-def _run(job: tuple) -> tuple[float, float, float, float]:
-    """One (setting, horizon, seed): test MSE, MAE, train and streaming seconds. Runs in a worker."""
+def _run(job: tuple) -> tuple[float, float, float, float, float]:
+    """One (setting, horizon, seed): test MSE, MAE, train and streaming seconds, and the validation loss
+    training was judged by. Runs in a worker."""
     path, columns, h, seed, mc, tc, threads = job
     torch.set_num_threads(threads)
     frame, ts = _frame(path, columns)
     pred, info = forecastd_forecasts(frame, ts, columns, h, seed, mc, tc)
     m = evaluate(load_ett(path, columns, LOOKBACK).test, LOOKBACK, h, pred)
-    return m.mse, m.mae, info["train_seconds"], info["infer_seconds"]
+    return m.mse, m.mae, info["train_seconds"], info["infer_seconds"], info["val_loss"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,7 +170,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.seeds} seeds; torch {torch.__version__}, training on {resolve_device(args.device)}, "
           f"{args.jobs} job(s) x {threads} thread(s)")
     print(f"{'set':3} {'H':>4} | {'forecastd MSE':>16} {'forecastd MAE':>16} | {'persist MSE':>11} {'MAE':>6} | "
-          f"{'seasonal MSE':>12} {'MAE':>6} | {'train s':>7} {'infer s':>7}")
+          f"{'seasonal MSE':>12} {'MAE':>6} | {'train s':>7} {'infer s':>7} | {'val loss':>8}")
+    # val loss: what early stopping judged, the mean over series of the validation MSE relative to
+    # persistence's; settings are to be compared on it, not on the test columns.
     jobs = [(args.data, columns, h, seed, mc, tc, threads) for _, columns, h in settings for seed in range(args.seeds)]
     with ProcessPoolExecutor(args.jobs) if args.jobs > 1 else contextlib.nullcontext() as pool:
         # In order as they finish, so a row prints as soon as its seeds are done.
@@ -182,10 +185,10 @@ def _report(args: argparse.Namespace, settings: list, layout: Layout, results: I
         splits = load_ett(args.data, columns, LOOKBACK)
         base_p = evaluate(splits.test, LOOKBACK, h, lambda x: persistence(x, h))
         base_s = evaluate(splits.test, LOOKBACK, h, lambda x: seasonal_naive(x, h, layout.day))
-        mses, maes, tsec, isec = np.array([next(results) for _ in range(args.seeds)]).T
+        mses, maes, tsec, isec, vals = np.array([next(results) for _ in range(args.seeds)]).T
         print(f"{kind:3} {h:>4} | {np.mean(mses):>8.4f} ± {np.std(mses):.4f} {np.mean(maes):>8.4f} ± {np.std(maes):.4f} | "
               f"{base_p.mse:>11.4f} {base_p.mae:>6.4f} | {base_s.mse:>12.4f} {base_s.mae:>6.4f} | "
-              f"{np.mean(tsec):>7.1f} {np.mean(isec):>7.2f}", flush=True)
+              f"{np.mean(tsec):>7.1f} {np.mean(isec):>7.2f} | {np.mean(vals):>8.4f}", flush=True)
 
 
 if __name__ == "__main__":
