@@ -94,10 +94,11 @@ ABLATION: list[tuple[str, dict]] = [
     ("- soft scale (linear, saturating)", {"scale": "linear"}),
     ("- point gate", {"point_gate": False}),
     ("- empirical tail (Gaussian only)", {"empirical_tail": False}),
+    ("- slow channel", {"slow_window": 0}),
     ("two judges (forecasts = 2)", {"forecasts": 2}),
     ("previous pipeline (none of the above)", {"raw_cap": 0.0, "novelty_tolerance": -1.0, "scale": "linear",
                                                "point_gate": True, "cooldown": 0,
-                                               "empirical_tail": False, "forecasts": 2}),
+                                               "empirical_tail": False, "forecasts": 2, "slow_window": 0}),
 ]
 
 

@@ -17,6 +17,11 @@
    own z. A bursty series (tweet volumes, busy hosts) has bursts whose short average lies ten standard
    deviations out, every few hundred points: the Gaussian calls each a one-in-10^20 event, the count
    calls it one in a few hundred. A series that never did it before keeps the Gaussian's verdict.
+   `slow_window`: a second likelihood over a longer average (about 100 points) of the surprise capped
+   lower (`slow_cap`, one in 10): how often the series has been mildly unusual lately. A pattern that
+   changes without any one striking point (a daily jump that does not come, a rhythm that drifts) shows
+   there first; the short average forgets such points before they add up. Ungated: no single point of
+   such a change is rare. Each point's score is the higher of the two channels'.
 3. `final`: the likelihood's rarity (optionally gated by the point's own rarity: the smaller of the
    two) on a log scale in [0, 1]: 0.5 is a one-in-100,000 event. `linear` reaches 1 at one in 10^10
    and saturates there; `soft` (1 - 2^(-x/5)) keeps ranking rarer events above each other, which
@@ -64,7 +69,7 @@ class AnomalyTrack:
     """Per series [B]: short moving average of surprise, long-run mean and variance of its cube root, count;
     lowest and highest value seen (NaN before the first); the open incident's highest reported score
     and the points scored since it was reported (`cooldown`); how often the likelihood's z reached each
-    edge (`empirical_tail`)."""
+    edge (`empirical_tail`); the same average, moments, count and edges for the slow channel."""
 
     short: np.ndarray
     mean: np.ndarray
@@ -75,16 +80,24 @@ class AnomalyTrack:
     peak: np.ndarray
     since: np.ndarray
     exceed: np.ndarray  # B, E: running fraction of scored points whose z reached each of EXCEED_EDGES
+    # The slow channel's short average, long-run moments, count and exceedances (`slow_window`): its own
+    # count, as a model switch carries this channel over and starts the main one afresh.
+    slow_short: np.ndarray
+    slow_mean: np.ndarray
+    slow_var: np.ndarray
+    slow_count: np.ndarray
+    slow_exceed: np.ndarray  # B, E
 
     @classmethod
     def fresh(cls, batch: int) -> AnomalyTrack:
         z = np.zeros(batch)
         nan = np.full(batch, np.nan)
         return cls(z.copy(), z.copy(), z.copy(), np.zeros(batch, dtype=np.int64), nan.copy(), nan.copy(),
-                   z.copy(), np.full(batch, NO_INCIDENT, dtype=np.int64), np.zeros((batch, len(EXCEED_EDGES))))
+                   z.copy(), np.full(batch, NO_INCIDENT, dtype=np.int64), np.zeros((batch, len(EXCEED_EDGES))),
+                   z.copy(), z.copy(), z.copy(), np.zeros(batch, dtype=np.int64), np.zeros((batch, len(EXCEED_EDGES))))
 
     def with_(self, **changes: np.ndarray) -> AnomalyTrack:
-        """This track with some arrays replaced; dataclasses.replace costs 18 µs a call, a tick makes four."""
+        """This track with some arrays replaced; dataclasses.replace costs 18 µs a call, a tick makes five."""
         return AnomalyTrack(**{**self.__dict__, **changes})
 
 
@@ -102,16 +115,19 @@ def surprise(values: np.ndarray, expected: np.ndarray, spread: np.ndarray) -> np
 
 
 def likelihood(
-    raw: np.ndarray, track: AnomalyTrack, short_window: int, long_window: int, empirical_tail: bool = False
+    raw: np.ndarray, track: AnomalyTrack, short_window: int, long_window: int, empirical_tail: bool = False,
+    slow: bool = False,
 ) -> tuple[np.ndarray, AnomalyTrack]:
     """Log10 tail probability of the short average of `raw` [B, T] under its long-run distribution;
     with `empirical_tail`, no smaller than the observed frequency of such a z (module docstring).
+    `slow`: on the slow channel's average, moments, count and edges instead.
 
     Sequential in T (compiled); NaN steps (missing points) leave the track untouched and score NaN.
     """
-    short, mean, var = track.short.astype(np.float64), track.mean.astype(np.float64), track.var.astype(np.float64)
-    count = track.count.astype(np.int64)  # copies: the caller's track is left as it was
-    exceed = track.exceed.astype(np.float64)
+    a = (track.slow_short, track.slow_mean, track.slow_var, track.slow_exceed) if slow else (
+        track.short, track.mean, track.var, track.exceed)
+    short, mean, var, exceed = (x.astype(np.float64) for x in a)  # copies: the caller's track is left as it was
+    count = (track.slow_count if slow else track.count).astype(np.int64)
     zs, seen = _likelihood_steps(np.ascontiguousarray(raw, dtype=np.float64), short, mean, var, count, exceed,
                                  2.0 / (short_window + 1.0), float(long_window), EXCEED_EDGES)
     # No alarm yet (-inf) reads as z = -40, whose tail is 1 to double precision, as is any z below it.
@@ -120,6 +136,9 @@ def likelihood(
     if empirical_tail:
         with np.errstate(divide="ignore"):  # log10(0): never seen, the Gaussian decides
             log_tail = np.maximum(log_tail, np.log10(seen))
+    if slow:
+        return log_tail, track.with_(slow_short=short, slow_mean=mean, slow_var=var, slow_count=count,
+                                     slow_exceed=exceed)
     return log_tail, track.with_(short=short, mean=mean, var=var, count=count, exceed=exceed)
 
 
@@ -254,6 +273,8 @@ def score(
     novelty_tolerance: float | None = None,
     cooldown_steps: int = 0,
     empirical_tail: bool = False,
+    slow_window: int = 0,
+    slow_cap: float = 1.0,
 ) -> tuple[np.ndarray, AnomalyTrack]:
     """Surprise [B, T] (from `surprise`; NaN where unscored) -> scores [B, T] in [0, 1] and the new track.
 
@@ -261,10 +282,14 @@ def score(
     scale; [anomaly] in the config chooses what the product runs). values [B, T] are needed for novelty.
     """
     fed = np.minimum(raw, raw_cap) if raw_cap > 0 else raw
-    log_tail, new = likelihood(fed, track, short_window, long_window, empirical_tail)
+    slow_tail, slowed = (likelihood(np.minimum(raw, slow_cap), track, slow_window, long_window, empirical_tail,
+                                    slow=True) if slow_window > 0 else (None, track))
+    log_tail, new = likelihood(fed, slowed, short_window, long_window, empirical_tail)
     if not use_likelihood:  # the point's own rarity only (the ablation's "no likelihood")
         log_tail = -raw
     out = final(log_tail, raw, gate=gate, scale=scale)
+    if slow_tail is not None:
+        out = np.fmax(out, final(slow_tail, raw, gate=False, scale=scale))  # NaN stays NaN where both are
     if novelty_tolerance is not None and values is not None:
         flags, nt = novel(values, track, novelty_tolerance)
         new = new.with_(lo=nt.lo, hi=nt.hi)

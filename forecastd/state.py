@@ -45,7 +45,8 @@ __all__ = ["StreamState", "Segment", "plan", "StateStore", "ModelVersion", "FORM
 log = logging.getLogger(__name__)
 
 # Anomaly-track arrays added after FORMAT 2 checkpoints were first written, in AnomalyTrack's field order.
-_LATER_TRACK_KEYS = ("a_lo", "a_hi", "a_peak", "a_since", "a_exceed")
+_LATER_TRACK_KEYS = ("a_lo", "a_hi", "a_peak", "a_since", "a_exceed", "a_slow_short", "a_slow_mean",
+                     "a_slow_var", "a_slow_count", "a_slow_exceed")
 FORMAT = 2  # bump when the layout of a checkpoint or manifest changes; loaders refuse what they don't know
 
 
@@ -103,6 +104,9 @@ class StreamState:
             "a_var": self.anomaly.var, "a_count": self.anomaly.count,
             "a_lo": self.anomaly.lo, "a_hi": self.anomaly.hi,
             "a_peak": self.anomaly.peak, "a_since": self.anomaly.since, "a_exceed": self.anomaly.exceed,
+            "a_slow_short": self.anomaly.slow_short, "a_slow_mean": self.anomaly.slow_mean,
+            "a_slow_var": self.anomaly.slow_var, "a_slow_count": self.anomaly.slow_count,
+            "a_slow_exceed": self.anomaly.slow_exceed,
         }
 
     @classmethod

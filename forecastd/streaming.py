@@ -103,21 +103,25 @@ class Outputs:
 @dataclass(frozen=True)
 class Carried:
     """What a series' stream under a new model version keeps from the old version's stream, which it
-    takes over from at the old watermark `step`: the lowest and highest value seen (novelty), and the
+    takes over from at the old watermark `step`: the lowest and highest value seen (novelty), the
     open incident, its highest reported score and the points scored since (the cooldown), so a switch
-    neither forgets the range nor reports an incident in progress a second time."""
+    neither forgets the range nor reports an incident in progress a second time; and the slow channel's
+    history, which takes thousands of points to learn (short average, moments, count, exceedances)."""
 
     lo: float
     hi: float
     peak: float
     since: int
     step: int
+    slow: tuple = ()
 
     @classmethod
     def of(cls, state: StreamState, i: int) -> Carried:
         """What row `i` of the old version's `state` hands over."""
         a = state.anomaly
-        return cls(float(a.lo[i]), float(a.hi[i]), float(a.peak[i]), int(a.since[i]), int(state.step[i]))
+        slow = (float(a.slow_short[i]), float(a.slow_mean[i]), float(a.slow_var[i]), int(a.slow_count[i]),
+                a.slow_exceed[i].copy())
+        return cls(float(a.lo[i]), float(a.hi[i]), float(a.peak[i]), int(a.since[i]), int(state.step[i]), slow)
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,8 @@ def advance(
         raw, state.anomaly, ac.short_window, ac.long_window, values=values, use_likelihood=ac.likelihood,
         raw_cap=ac.raw_cap, gate=ac.point_gate, scale=ac.scale,
         novelty_tolerance=ac.novelty_tolerance if ac.novelty_tolerance >= 0 else None,
-        cooldown_steps=ac.cooldown, empirical_tail=ac.empirical_tail,
+        cooldown_steps=ac.cooldown, empirical_tail=ac.empirical_tail, slow_window=ac.slow_window,
+        slow_cap=ac.slow_cap,
     )
 
     if ragged:
@@ -335,6 +340,9 @@ def run_segments(
                 if c is None:
                     continue
                 st.anomaly.lo[i], st.anomaly.hi[i] = c.lo, c.hi
+                if c.slow:  # the warm-up's points reach it again, as they reach the range
+                    a = st.anomaly
+                    a.slow_short[i], a.slow_mean[i], a.slow_var[i], a.slow_count[i], a.slow_exceed[i] = c.slow
                 # The warm-up from g.start re-scores the points up to the old watermark, counting them
                 # again: start the count that many points back. An incident whose highest report lies
                 # inside the warm-up is left to the re-scoring.

@@ -60,6 +60,40 @@ def test_scoring_in_blocks_equals_scoring_at_once(empirical_tail):
     assert (ta.exceed[:, 0] > 0).all()
 
 
+def _drift(n=3000, start=2000, z=1.8, seed=3):
+    """Noise, then from `start` on every point |z| sigma out: each one mildly unusual (one in 14), none
+    rare, as when a daily pattern stops and the series sits where it should not."""
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=n)
+    v[start:] = z * np.sign(rng.normal(size=n - start))
+    return surprise(v[None], np.zeros((1, n)), np.ones((1, n)))
+
+
+def test_the_slow_channel_flags_a_run_of_mildly_unusual_points_the_fast_one_cannot():
+    raw = _drift()
+    kw = dict(raw_cap=2.0, gate=True, scale="soft", empirical_tail=True)
+    fast, _ = score(raw, AnomalyTrack.fresh(1), 10, 2000, **kw)
+    both, track = score(raw, AnomalyTrack.fresh(1), 10, 2000, slow_window=100, slow_cap=1.0, **kw)
+    assert fast[0, 2000:].max() < 0.2  # gated by each point's own rarity: one in 14 is no alarm
+    # Within a slow window of the change the slow channel stands above anything plain noise scored
+    # before it (0.33 here, the fast channel's), and it never lowers a score.
+    assert both[0, 2000:2100].max() > 0.45
+    assert both[0, 100:2000].max() < 0.35
+    assert (both >= fast).all()
+    assert track.count[0] == 3000 and track.slow_short[0] > 0.5
+
+
+def test_the_slow_channel_scores_in_blocks_as_at_once():
+    raw = np.concatenate([_drift(seed=s) for s in (4, 5)])  # two series
+    kw = dict(raw_cap=2.0, gate=True, scale="soft", empirical_tail=True, slow_window=100, slow_cap=1.0)
+    a, ta = score(raw, AnomalyTrack.fresh(2), 10, 2000, **kw)
+    b1, t1 = score(raw[:, :1500], AnomalyTrack.fresh(2), 10, 2000, **kw)
+    b2, t2 = score(raw[:, 1500:], t1, 10, 2000, **kw)
+    np.testing.assert_allclose(np.concatenate([b1, b2], 1), a)
+    for name in ("slow_short", "slow_mean", "slow_var", "slow_count", "slow_exceed", "count"):
+        np.testing.assert_allclose(getattr(t2, name), getattr(ta, name))
+
+
 def _bursts(n=3000, every=300, length=6, size=5.0, seed=7):
     """Noise with a burst of `length` points `size` sigma out every `every` points, from point 600."""
     rng = np.random.default_rng(seed)

@@ -135,3 +135,23 @@ def test_the_empirical_tail_survives_a_checkpoint_and_older_checkpoints_start_it
     # Before the empirical tail: no excursion seen yet, so the Gaussian tail decides until some are.
     old = StreamState.from_arrays(["a", "b"], {k: v for k, v in s.to_arrays().items() if k != "a_exceed"})
     assert old.anomaly.exceed.shape == s.anomaly.exceed.shape and (old.anomaly.exceed == 0).all()
+
+
+def test_the_slow_channel_survives_a_checkpoint_and_older_checkpoints_start_it_empty(tmp_path):
+    store = StateStore(tmp_path)
+    s = _state(["a", "b"])
+    s.anomaly.slow_short[:] = [0.7, 0.2]
+    s.anomaly.slow_mean[:] = [0.5, 0.4]
+    s.anomaly.slow_var[:] = [0.01, 0.02]
+    s.anomaly.slow_count[:] = [300, 40]
+    s.anomaly.slow_exceed[1] = np.linspace(0.1, 0.0, s.anomaly.slow_exceed.shape[1])
+    store.save_stream(1, s, {}, keep=3)
+    loaded, _ = store.load_stream(1)
+    for name in ("slow_short", "slow_mean", "slow_var", "slow_count", "slow_exceed"):
+        np.testing.assert_array_equal(getattr(loaded.anomaly, name), getattr(s.anomaly, name))
+        np.testing.assert_array_equal(getattr(loaded.take(np.array([1, 0])).anomaly, name), getattr(s.anomaly, name)[::-1])
+    # A checkpoint from before the slow channel: its history starts empty, the rest of the track is kept.
+    old = StreamState.from_arrays(["a", "b"], {k: v for k, v in s.to_arrays().items() if not k.startswith("a_slow")})
+    assert (old.anomaly.slow_short == 0).all() and (old.anomaly.slow_exceed == 0).all()
+    assert old.anomaly.slow_exceed.shape == s.anomaly.slow_exceed.shape
+    np.testing.assert_array_equal(old.anomaly.exceed, s.anomaly.exceed)
