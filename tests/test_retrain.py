@@ -84,6 +84,7 @@ def test_retrain_promotes_and_the_switch_leaves_no_gap(tmp_path):
     old = store.load_stream(1)[0]
     old.anomaly.lo[:], old.anomaly.hi[:] = -1e6, 1e6
     old.anomaly.peak[:], old.anomaly.since[:] = 0.999, 26
+    old.anomaly.slow_count[:] = 5000  # and a slow channel with a long history behind it
     store.save_stream(1, old, {}, keep=2)
 
     append_rows(tmp_path / "src.db", T0 + pd.Timedelta(days=2), T0 + pd.Timedelta(days=3))
@@ -99,6 +100,10 @@ def test_retrain_promotes_and_the_switch_leaves_no_gap(tmp_path):
     steps_after = new_state.step - old.take(np.array([old.series_ids.index(i) for i in new_state.series_ids])).step
     assert (new_state.anomaly.peak == 0.999).all()
     assert (new_state.anomaly.since > 26 + steps_after - 5).all() and (new_state.anomaly.since <= 26 + steps_after).all()
+    # The slow channel goes on from the old stream's history (the warm-up's points reach it again);
+    # the main likelihood starts over with the new model.
+    assert (new_state.anomaly.slow_count >= 5000 + steps_after).all()
+    assert (new_state.anomaly.count < 5000).all()
     anomalies = outputs(tmp_path / "forecastd.toml")["anomalies"]
     new = anomalies[anomalies["ts"] > T0]
     assert len(new) == 3 * 24 * 3  # three days of three hourly series, none missing
