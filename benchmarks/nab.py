@@ -132,8 +132,9 @@ class Schedule:
     warm: the challenger starts from the live weights (a warm start) rather than from fresh ones.
     track: what a promoted model's stream keeps of the previous stream's anomaly track: "fresh" (start
     over from the warm-up window), "range" (the pipeline's rule for a new version, `streaming.Carried`:
-    the lowest/highest value seen, for novelty, and the open incident, for the cooldown, passed to
-    `run_segments` as the pipeline passes it) or "all" (also the likelihood's history of surprise).
+    the lowest/highest value seen, for novelty, the open incident, for the cooldown, and the slow
+    channel's history, passed to `run_segments` as the pipeline passes it) or "all" (also the main
+    likelihood's history of surprise).
     """
 
     rows: tuple[int, ...] = ()
