@@ -87,7 +87,7 @@ TRAINING = TrainingConfig(epochs=12, min_epoch_steps=60, patience=4, segment_len
 # Steps of the anomaly pipeline, each switched off alone in the ablation (name, AnomalyConfig overrides).
 ABLATION: list[tuple[str, dict]] = [
     ("all steps (the defaults)", {}),
-    ("- likelihood (point rarity only)", {"likelihood": False}),
+    ("- likelihood (point rarity only)", {"likelihood": False, "slow_window": 0}),
     ("- raw cap", {"raw_cap": 0.0}),
     ("- novelty", {"novelty_tolerance": -1.0}),
     ("- cooldown (report every point)", {"cooldown": 0}),
