@@ -33,7 +33,7 @@ from forecastd.frames import Grid
 from forecastd.models import Forecaster, State, detach_state
 from forecastd.windowing import Track, encode, series_steps, split_at_gaps, targets, training_rows
 
-__all__ = ["Prepared", "TrainResult", "prepare", "fit", "train_rows", "evaluate", "resolve_device"]
+__all__ = ["Prepared", "TrainResult", "AdamW", "prepare", "fit", "train_rows", "evaluate", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
