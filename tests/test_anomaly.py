@@ -185,3 +185,16 @@ def test_a_run_of_new_extremes_is_one_flag_with_cooldown():
     once, _ = score(raw, AnomalyTrack.fresh(1), 10, 2000, cooldown_steps=200, **kw)
     assert (every[0, 300:310] >= 0.5).sum() >= 5
     assert np.flatnonzero(once[0] >= 0.5).tolist() == [300]
+
+
+def test_slow_channel_settings_are_checked_with_the_fix_named():
+    from forecastd.config import config_from_dict
+    from forecastd.errors import ConfigError
+
+    base = {"source": {"kind": "parquet", "path": "data/*.parquet"}, "sink": {"kind": "parquet", "path": "out"}}
+    # A user who shortens long_window below the slow channel's window is told both ways out.
+    with pytest.raises(ConfigError, match=r"slow_window = 100 must be 0 \(off\) or between short_window = 10 and long_window = 50"):
+        config_from_dict({**base, "anomaly": {"long_window": 50}})
+    assert config_from_dict({**base, "anomaly": {"long_window": 50, "slow_window": 0}}).anomaly.slow_window == 0
+    with pytest.raises(ConfigError, match="slow_cap"):
+        config_from_dict({**base, "anomaly": {"slow_cap": 0.0}})
