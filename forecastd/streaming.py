@@ -113,7 +113,7 @@ class Carried:
     peak: float
     since: int
     step: int
-    slow: tuple = ()
+    slow: tuple  # slow_short, slow_mean, slow_var, slow_count, slow_exceed row
 
     @classmethod
     def of(cls, state: StreamState, i: int) -> Carried:
@@ -340,9 +340,8 @@ def run_segments(
                 if c is None:
                     continue
                 st.anomaly.lo[i], st.anomaly.hi[i] = c.lo, c.hi
-                if c.slow:  # the warm-up's points reach it again, as they reach the range
-                    a = st.anomaly
-                    a.slow_short[i], a.slow_mean[i], a.slow_var[i], a.slow_count[i], a.slow_exceed[i] = c.slow
+                a = st.anomaly  # the slow channel: the warm-up's points reach it again, as they reach the range
+                a.slow_short[i], a.slow_mean[i], a.slow_var[i], a.slow_count[i], a.slow_exceed[i] = c.slow
                 # The warm-up from g.start re-scores the points up to the old watermark, counting them
                 # again: start the count that many points back. An incident whose highest report lies
                 # inside the warm-up is left to the re-scoring.
