@@ -42,6 +42,7 @@ Pure functions over numpy arrays; state between calls is an `AnomalyTrack`, carr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,16 +103,40 @@ class AnomalyTrack:
 
 
 def _log10_normal_tail(z: np.ndarray) -> np.ndarray:
-    """log10 P(Z > z) for a standard normal, accurate far into the tail."""
+    """log10 P(Z > z) for a standard normal, accurate far into the tail. Vectorised (torch's log_ndtr):
+    the steps that need it compute every z of a block first, then call this once."""
     return torch.special.log_ndtr(torch.from_numpy(-np.asarray(z, dtype=np.float64))).numpy() / _LN10
 
 
 def surprise(values: np.ndarray, expected: np.ndarray, spread: np.ndarray) -> np.ndarray:
-    """-log10 of the two-sided tail probability of each value; NaN where any input is missing."""
-    z = np.abs(values - expected) / spread
+    """-log10 of the two-sided tail probability of each value; NaN where any input is missing.
+
+    With expected and spread [J, B, T] (the J forecasts that judge each point, `[anomaly] forecasts`)
+    and values [B, T]: the least surprised judge's, NaN only where no judge has a forecast."""
+    if np.ndim(expected) == np.ndim(values) + 1:
+        z = _nearest_judge(np.ascontiguousarray(values, dtype=np.float64),
+                           np.ascontiguousarray(expected, dtype=np.float64),
+                           np.ascontiguousarray(spread, dtype=np.float64))
+    else:
+        z = np.abs(values - expected) / spread
     # np.where rather than np.nan_to_num: the same zeros, a tenth of the fixed cost on a one-series tick.
     out = -(_log10_normal_tail(np.where(np.isnan(z), 0.0, z)) + np.log10(2.0))
     return np.where(np.isfinite(z), np.maximum(out, 0.0), np.nan)
+
+
+@njit(cache=True, nogil=True)
+def _nearest_judge(values, expected, spread):  # pragma: no cover - compiled
+    """The smallest finite |value - expected| / spread over the judges [J, B, T] of each point, NaN if
+    none: the least surprised judge, as surprise falls with z (np.fmin's rule over their surprises)."""
+    J, B, T = expected.shape
+    out = np.full((B, T), np.nan)
+    for b in range(B):
+        for t in range(T):
+            for j in range(J):
+                z = abs(values[b, t] - expected[j, b, t]) / spread[j, b, t]
+                if np.isfinite(z) and not z >= out[b, t]:  # a number beats NaN and any larger number
+                    out[b, t] = z
+    return out
 
 
 def likelihood(
@@ -130,16 +155,28 @@ def likelihood(
     count = (track.slow_count if slow else track.count).astype(np.int64)
     zs, seen = _likelihood_steps(np.ascontiguousarray(raw, dtype=np.float64), short, mean, var, count, exceed,
                                  2.0 / (short_window + 1.0), float(long_window), EXCEED_EDGES)
-    # No alarm yet (-inf) reads as z = -40, whose tail is 1 to double precision, as is any z below it.
-    missing = np.isnan(zs)
-    log_tail = np.where(missing, np.nan, _log10_normal_tail(np.where(missing, 0.0, np.maximum(zs, -40.0))))
+    log_tail = _tails(zs)
     if empirical_tail:
-        with np.errstate(divide="ignore"):  # log10(0): never seen, the Gaussian decides
-            log_tail = np.maximum(log_tail, np.log10(seen))
+        _empirical_floor(log_tail.reshape(-1), seen.reshape(-1))
     if slow:
         return log_tail, track.with_(slow_short=short, slow_mean=mean, slow_var=var, slow_count=count,
                                      slow_exceed=exceed)
     return log_tail, track.with_(short=short, mean=mean, var=var, count=count, exceed=exceed)
+
+
+def _tails(zs: np.ndarray) -> np.ndarray:
+    """The log10 tail of each likelihood z; NaN stays NaN. No alarm yet (z = -inf) reads as z = -40,
+    whose tail is 1 to double precision, as is any z below it."""
+    missing = np.isnan(zs)
+    return np.where(missing, np.nan, _log10_normal_tail(np.where(missing, 0.0, np.maximum(zs, -40.0))))
+
+
+@njit(cache=True, nogil=True)
+def _empirical_floor(log_tail, seen):  # pragma: no cover - compiled
+    """`empirical_tail`: no point rarer than the observed frequency of its z; never seen (0): the Gaussian."""
+    for i in range(log_tail.shape[0]):
+        if seen[i] > 0.0:
+            log_tail[i] = max(log_tail[i], math.log10(seen[i]))
 
 
 @njit(cache=True, nogil=True)
@@ -148,33 +185,40 @@ def _likelihood_steps(raw, short, mean, var, count, exceed, a_short, long_window
     in place. Returns z [B, T] and, per point, the fraction of earlier points whose z reached the highest
     edge at or below this one's (0 below the first edge)."""
     B, T = raw.shape
-    E = edges.shape[0]
     zs = np.full((B, T), np.nan)
     seen = np.zeros((B, T))
     for b in range(B):
         for t in range(T):
             r = raw[b, t]
-            if not np.isfinite(r):
-                continue
-            short[b] = r if count[b] == 0 else short[b] + a_short * (r - short[b])
-            # The average of surprises is gamma-like (right-skewed); its cube root is close to normal
-            # (Wilson-Hilferty), so a Gaussian tail on the cube root is honest rather than ~10x too alarmed.
-            u = np.cbrt(short[b])
-            sd = max(np.sqrt(var[b]), MIN_SPREAD)
-            z = (u - mean[b]) / sd if count[b] >= MIN_HISTORY else -np.inf
-            zs[b, t] = z
-            # Running moments: exact mean/variance until long_window points, then exponentially forgetting.
-            alpha = max(1.0 / (count[b] + 1.0), 1.0 / long_window)
-            for k in range(E):  # edges ascend: the last one reached gives the frequency, read before its update
-                reached = z >= edges[k]
-                if reached:
-                    seen[b, t] = exceed[b, k]
-                exceed[b, k] += alpha * ((1.0 if reached else 0.0) - exceed[b, k])
-            delta = u - mean[b]
-            mean[b] += alpha * delta
-            var[b] = (1.0 - alpha) * (var[b] + alpha * delta * delta)
-            count[b] += 1
+            if np.isfinite(r):
+                zs[b, t], seen[b, t] = _likelihood_point(r, b, short, mean, var, count, exceed, a_short, long_window,
+                                                         edges)
     return zs, seen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _likelihood_point(r, b, short, mean, var, count, exceed, a_short, long_window, edges):  # pragma: no cover
+    """One finite surprise `r` of series b: its z and the frequency earlier points reached it; the track's
+    row b updated in place."""
+    short[b] = r if count[b] == 0 else short[b] + a_short * (r - short[b])
+    # The average of surprises is gamma-like (right-skewed); its cube root is close to normal
+    # (Wilson-Hilferty), so a Gaussian tail on the cube root is honest rather than ~10x too alarmed.
+    u = np.cbrt(short[b])
+    sd = max(np.sqrt(var[b]), MIN_SPREAD)
+    z = (u - mean[b]) / sd if count[b] >= MIN_HISTORY else -np.inf
+    # Running moments: exact mean/variance until long_window points, then exponentially forgetting.
+    alpha = max(1.0 / (count[b] + 1.0), 1.0 / long_window)
+    seen = 0.0
+    for k in range(edges.shape[0]):  # edges ascend: the last one reached gives the frequency, read before its update
+        reached = z >= edges[k]
+        if reached:
+            seen = exceed[b, k]
+        exceed[b, k] += alpha * ((1.0 if reached else 0.0) - exceed[b, k])
+    delta = u - mean[b]
+    mean[b] += alpha * delta
+    var[b] = (1.0 - alpha) * (var[b] + alpha * delta * delta)
+    count[b] += 1
+    return z, seen
 
 
 def final(log_tail: np.ndarray, raw: np.ndarray, *, gate: bool = True, scale: str = "linear") -> np.ndarray:
@@ -186,12 +230,29 @@ def final(log_tail: np.ndarray, raw: np.ndarray, *, gate: bool = True, scale: st
     scale: "linear" is -log10(p) / 10, clipped at 1 (one in 10^10); "soft" is 1 - 2^(-x/5), equal at
     0.5 (one in 100,000) and never saturating, so rarer stays above less rare on every series.
     """
+    log_tail, raw = np.broadcast_arrays(np.asarray(log_tail, dtype=np.float64), np.asarray(raw, dtype=np.float64))
+    out = np.empty(log_tail.shape)
+    _final_steps(log_tail.ravel(), raw.ravel(), gate, scale == "soft", out.reshape(-1))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _final_steps(log_tail, raw, gate, soft, out):  # pragma: no cover - compiled
+    for i in range(log_tail.shape[0]):
+        out[i] = _final_point(log_tail[i], raw[i], gate, soft)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _final_point(log_tail, raw, gate, soft):  # pragma: no cover - compiled
+    """`final` of one point; NaN in either input gives NaN."""
     x = -log_tail
     if gate:
-        x = np.minimum(x, raw)
-    if scale == "soft":
-        return 1.0 - np.exp2(-np.maximum(x, 0.0) / 5.0)
-    return np.clip(x / 10.0, 0.0, 1.0)
+        x = x if x < raw or x != x else raw  # np.minimum: NaN if either is
+    if x != x:
+        return np.nan
+    if soft:
+        return 1.0 - 2.0 ** (-max(x, 0.0) / 5.0)
+    return min(max(x / 10.0, 0.0), 1.0)
 
 
 def novel(values: np.ndarray, track: AnomalyTrack, tolerance: float) -> tuple[np.ndarray, AnomalyTrack]:
@@ -214,17 +275,22 @@ def _novel_steps(values, lo, hi, count, tolerance):  # pragma: no cover - compil
     flags = np.zeros((B, T), dtype=np.bool_)
     for b in range(B):
         for t in range(T):
-            v = values[b, t]
-            if not np.isfinite(v):
-                continue
-            width = hi[b] - lo[b] if np.isfinite(hi[b] - lo[b]) else 0.0
-            slack = tolerance * width
-            beyond = v > hi[b] + slack or v < lo[b] - slack
-            flags[b, t] = beyond and width > 0 and count[b] >= MIN_HISTORY
-            lo[b] = v if not np.isfinite(lo[b]) else min(lo[b], v)
-            hi[b] = v if not np.isfinite(hi[b]) else max(hi[b], v)
-            count[b] += 1
+            if np.isfinite(values[b, t]):
+                flags[b, t] = _novel_point(values[b, t], b, lo, hi, count, tolerance)
     return flags
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _novel_point(v, b, lo, hi, count, tolerance):  # pragma: no cover - compiled
+    """Whether finite value v of series b is a new extreme; row b of lo, hi, count updated in place."""
+    width = hi[b] - lo[b] if np.isfinite(hi[b] - lo[b]) else 0.0
+    slack = tolerance * width
+    beyond = v > hi[b] + slack or v < lo[b] - slack
+    flag = beyond and width > 0 and count[b] >= MIN_HISTORY
+    lo[b] = v if not np.isfinite(lo[b]) else min(lo[b], v)
+    hi[b] = v if not np.isfinite(hi[b]) else max(hi[b], v)
+    count[b] += 1
+    return flag
 
 
 def cooldown(scores: np.ndarray, track: AnomalyTrack, steps: int) -> tuple[np.ndarray, AnomalyTrack]:
@@ -245,18 +311,22 @@ def _cooldown_steps(scores, peak, since, steps):  # pragma: no cover - compiled
     out = scores.copy()
     for b in range(B):
         for t in range(T):
-            s = scores[b, t]
-            if not np.isfinite(s):
-                continue
-            if since[b] >= steps:
-                peak[b] = 0.0
-            if s > peak[b]:
-                peak[b] = s
-                since[b] = 0
-            else:
-                out[b, t] = 0.0
-                since[b] += 1
+            if np.isfinite(scores[b, t]):
+                out[b, t] = _cooldown_point(scores[b, t], b, peak, since, steps)
     return out
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _cooldown_point(s, b, peak, since, steps):  # pragma: no cover - compiled
+    """What finite score s of series b reports (s or 0); row b of peak and since updated in place."""
+    if since[b] >= steps:
+        peak[b] = 0.0
+    if s > peak[b]:
+        peak[b] = s
+        since[b] = 0
+        return s
+    since[b] += 1
+    return 0.0
 
 
 def score(
@@ -281,21 +351,80 @@ def score(
     The keyword arguments switch the steps (the defaults are the plain pipeline: likelihood, gate, linear
     scale; [anomaly] in the config chooses what the product runs). values [B, T] are needed for novelty.
     """
-    fed = np.minimum(raw, raw_cap) if raw_cap > 0 else raw
-    slow_tail, slowed = (likelihood(np.minimum(raw, slow_cap), track, slow_window, long_window, empirical_tail,
-                                    slow=True) if slow_window > 0 else (None, track))
-    log_tail, new = likelihood(fed, slowed, short_window, long_window, empirical_tail)
-    if not use_likelihood:  # the point's own rarity only (the ablation's "no likelihood")
-        log_tail = -raw
-    out = final(log_tail, raw, gate=gate, scale=scale)
-    if slow_tail is not None:
-        out = np.fmax(out, final(slow_tail, raw, gate=False, scale=scale))  # NaN stays NaN where both are
-    if novelty_tolerance is not None and values is not None:
-        flags, nt = novel(values, track, novelty_tolerance)
-        new = new.with_(lo=nt.lo, hi=nt.hi)
-        # A new extreme the forecaster saw coming (a drifting sensor, a trending price) is not news.
-        with np.errstate(invalid="ignore"):
-            out = np.where(flags & (raw >= NOVELTY_MIN_SURPRISE), 1.0, out)
+    raw = np.ascontiguousarray(raw, dtype=np.float64)
+    novelty = novelty_tolerance is not None and values is not None
+    values = np.ascontiguousarray(values, dtype=np.float64) if novelty else raw
+    t = track
+    # Copies, updated in place by the compiled passes: the caller's track is left as it was.
+    main = [a.astype(np.float64) for a in (t.short, t.mean, t.var, t.exceed)] + [t.count.astype(np.int64)]
+    slow = [a.astype(np.float64) for a in (t.slow_short, t.slow_mean, t.slow_var, t.slow_exceed)] + [
+        t.slow_count.astype(np.int64)]
+    lo, hi, peak = t.lo.astype(np.float64), t.hi.astype(np.float64), t.peak.astype(np.float64)
+    since = t.since.astype(np.int64)
+    # The tracks' sequential updates, then every tail of the block in one vectorised call, then what
+    # depends on the scores (the cooldown) in a second pass; each pass runs every series' points in order.
+    zs, seen, flags = _track_steps(raw, values, *main, *slow, lo, hi, EXCEED_EDGES, float(long_window),
+                                   2.0 / (short_window + 1.0), float(raw_cap),
+                                   2.0 / (slow_window + 1.0) if slow_window > 0 else 0.0, float(slow_cap),
+                                   novelty, float(novelty_tolerance or 0.0))
+    tails = _tails(zs)  # 2, B, T: the main channel, the slow one
+    if empirical_tail:
+        _empirical_floor(tails.reshape(-1), seen.reshape(-1))
+    out = _report_steps(tails, raw, flags, peak, since, use_likelihood, gate, scale == "soft", slow_window > 0,
+                        int(cooldown_steps))
+    short, mean, var, exceed, count = main
+    changes = dict(short=short, mean=mean, var=var, exceed=exceed, count=count)
+    if slow_window > 0:
+        changes.update(zip(("slow_short", "slow_mean", "slow_var", "slow_exceed", "slow_count"), slow))
+    if novelty:
+        changes.update(lo=lo, hi=hi)
     if cooldown_steps > 0:
-        out, new = cooldown(out, new, cooldown_steps)
-    return out, new
+        changes.update(peak=peak, since=since)
+    return out, track.with_(**changes)
+
+
+@njit(cache=True, nogil=True)
+def _track_steps(raw, values, short, mean, var, exceed, count, s_short, s_mean, s_var, s_exceed, s_count, lo, hi,
+                 edges, long_window, a_short, raw_cap, a_slow, slow_cap, novelty, tolerance):  # pragma: no cover
+    """`score`'s first pass: each point's likelihood z and frequency seen on both channels [2, B, T] and its
+    novelty flag [B, T], the tracks updated in place, as `likelihood` and `novel` would."""
+    B, T = raw.shape
+    zs = np.full((2, B, T), np.nan)
+    seen = np.zeros((2, B, T))
+    flags = np.zeros((B, T), dtype=np.bool_)
+    before = count.copy()  # novelty counts on from the likelihood's count before the block
+    for b in range(B):
+        for t in range(T):
+            if novelty and np.isfinite(values[b, t]):
+                flags[b, t] = _novel_point(values[b, t], b, lo, hi, before, tolerance)
+            r = raw[b, t]
+            if not np.isfinite(r):
+                continue  # unscored: the likelihoods' history stays as it was
+            if a_slow > 0.0:
+                zs[1, b, t], seen[1, b, t] = _likelihood_point(min(r, slow_cap), b, s_short, s_mean, s_var, s_count,
+                                                               s_exceed, a_slow, long_window, edges)
+            zs[0, b, t], seen[0, b, t] = _likelihood_point(min(r, raw_cap) if raw_cap > 0.0 else r, b, short, mean,
+                                                           var, count, exceed, a_short, long_window, edges)
+    return zs, seen, flags
+
+
+@njit(cache=True, nogil=True)
+def _report_steps(tails, raw, flags, peak, since, use_likelihood, gate, soft, slow, cooldown_steps):  # pragma: no cover
+    """`score`'s second pass: each point's score from its tails, as `final`, novelty and `cooldown` make it."""
+    _, B, T = tails.shape
+    out = np.full((B, T), np.nan)
+    for b in range(B):
+        for t in range(T):
+            r = raw[b, t]
+            if not np.isfinite(r):
+                continue
+            s = _final_point(tails[0, b, t] if use_likelihood else -r, r, gate, soft)
+            if slow:
+                s = max(s, _final_point(tails[1, b, t], r, False, soft))
+            # A new extreme the forecaster saw coming (a drifting sensor, a trending price) is not news.
+            if flags[b, t] and r >= NOVELTY_MIN_SURPRISE:
+                s = 1.0
+            if cooldown_steps > 0:
+                s = _cooldown_point(s, b, peak, since, cooldown_steps)
+            out[b, t] = s
+    return out

@@ -175,11 +175,10 @@ def advance(
     s = state.scale[:, None, None]
     ext_mean = np.concatenate([state.pending_mean, origin[:, :, None] + mean[:, :, :m] * s], axis=1)  # B, m+T, m
     ext_std = np.concatenate([state.pending_std, spread[:, :, :m] * s], axis=1)
-    # judge_*[j-1]: the forecast issued j steps before each point. One surprise call for all judges
-    # (elementwise, so the same numbers as one call per judge).
+    # judge_*[j-1]: the forecast issued j steps before each point; the least surprised judge counts.
     judge_mean = np.stack([ext_mean[:, m - j : m - j + T, j - 1] for j in range(1, m + 1)])  # m, B, T
     judge_std = np.stack([ext_std[:, m - j : m - j + T, j - 1] for j in range(1, m + 1)])
-    raw = np.fmin.reduce(anomaly.surprise(values, judge_mean, judge_std), axis=0)  # the least surprised judge
+    raw = anomaly.surprise(values, judge_mean, judge_std)  # B, T
     expected, expected_sd = judge_mean[0], judge_std[0]
     scores, atrack = anomaly.score(
         raw, state.anomaly, ac.short_window, ac.long_window, values=values, use_likelihood=ac.likelihood,

@@ -1,7 +1,9 @@
+import itertools
+
 import numpy as np
 import pytest
 
-from forecastd.anomaly import AnomalyTrack, cooldown, final, likelihood, score, surprise
+from forecastd.anomaly import NOVELTY_MIN_SURPRISE, AnomalyTrack, cooldown, final, likelihood, novel, score, surprise
 
 
 def _run(values, expected, spread, short=10, long=2000):
@@ -15,6 +17,14 @@ def test_surprise_is_minus_log10_two_sided_tail():
     assert abs(s[1] - -np.log10(0.05)) < 1e-4
     assert s[2] > 20  # accurate far into the tail, no overflow to inf
     assert np.isnan(s[3])
+
+
+def test_the_least_surprised_judge_counts_and_missing_judges_are_skipped():
+    v = np.array([[3.0, 3.0, np.nan]])
+    judges = np.array([[[0.0, np.nan, 0.0]], [[2.0, np.nan, 0.0]]])  # J = 2 forecasts of each point
+    out = surprise(v, judges, np.ones_like(judges))
+    np.testing.assert_array_equal(out[0, :1], surprise(np.array([3.0]), np.array([2.0]), np.array([1.0])))
+    assert np.isnan(out[0, 1]) and np.isnan(out[0, 2])  # no judge, no value
 
 
 def test_a_spike_after_calm_is_flagged_and_calm_is_not():
@@ -198,3 +208,45 @@ def test_slow_channel_settings_are_checked_with_the_fix_named():
     assert config_from_dict({**base, "anomaly": {"long_window": 50, "slow_window": 0}}).anomaly.slow_window == 0
     with pytest.raises(ConfigError, match="slow_cap"):
         config_from_dict({**base, "anomaly": {"slow_cap": 0.0}})
+
+
+def _steps_one_by_one(raw, values, track, short, long, *, use_likelihood, raw_cap, gate, scale, novelty_tolerance,
+                      cooldown_steps, empirical_tail, slow_window, slow_cap):
+    """`score` as its docstring spells it out, one step function after another."""
+    fed = np.minimum(raw, raw_cap) if raw_cap > 0 else raw
+    slowed = track
+    if slow_window:
+        slow_tail, slowed = likelihood(np.minimum(raw, slow_cap), track, slow_window, long, empirical_tail, slow=True)
+    log_tail, new = likelihood(fed, slowed, short, long, empirical_tail)
+    out = final(-raw if not use_likelihood else log_tail, raw, gate=gate, scale=scale)
+    if slow_window:
+        out = np.fmax(out, final(slow_tail, raw, gate=False, scale=scale))
+    if novelty_tolerance is not None:
+        flags, nt = novel(values, track, novelty_tolerance)
+        new = new.with_(lo=nt.lo, hi=nt.hi)
+        with np.errstate(invalid="ignore"):
+            out = np.where(flags & (raw >= NOVELTY_MIN_SURPRISE), 1.0, out)
+    if cooldown_steps:
+        out, new = cooldown(out, new, cooldown_steps)
+    return out, new
+
+
+def test_score_in_two_passes_is_the_steps_one_after_another():
+    """`score` runs the steps per point in two compiled passes around one vectorised tail; each switch
+    of the ablation gives what the step functions give run one after another, to the bit."""
+    rng = np.random.default_rng(8)
+    v = np.cumsum(rng.normal(size=(4, 700)), axis=1)
+    v[:, ::61] += 12.0
+    v[rng.random(v.shape) < 0.03] = np.nan  # missing values
+    expected = np.concatenate([v[:, :1], v[:, :-1]], axis=1)
+    expected[:, 9] = np.nan  # a point no forecast judged: value seen, no surprise
+    raw = surprise(v, expected, np.full_like(v, 1.5))
+    for lik, cap, gate, scale, tol, cool, emp, slow in itertools.product(
+            (True, False), (0.0, 2.0), (True, False), ("soft", "linear"), (None, 0.05), (0, 100), (True, False), (0, 100)):
+        kw = dict(use_likelihood=lik, raw_cap=cap, gate=gate, scale=scale, novelty_tolerance=tol, cooldown_steps=cool,
+                  empirical_tail=emp, slow_window=slow, slow_cap=1.0)
+        out, track = score(raw, AnomalyTrack.fresh(4), 10, 300, values=v, **kw)
+        ref, ref_track = _steps_one_by_one(raw, v, AnomalyTrack.fresh(4), 10, 300, **kw)
+        np.testing.assert_array_equal(out, ref, err_msg=str(kw))
+        for name, a in ref_track.__dict__.items():
+            np.testing.assert_array_equal(getattr(track, name), a, err_msg=f"{name} {kw}")
