@@ -152,19 +152,26 @@ def likelihood(
 
     Sequential in T (compiled); NaN steps (missing points) leave the track untouched and score NaN.
     """
-    a = (track.slow_short, track.slow_mean, track.slow_var, track.slow_exceed) if slow else (
-        track.short, track.mean, track.var, track.exceed)
-    short, mean, var, exceed = (x.astype(np.float64) for x in a)  # copies: the caller's track is left as it was
-    count = (track.slow_count if slow else track.count).astype(np.int64)
+    short, mean, var, exceed, count = arrays = _channel(track, slow)
     zs, seen = _likelihood_steps(np.ascontiguousarray(raw, dtype=np.float64), short, mean, var, count, exceed,
                                  2.0 / (short_window + 1.0), float(long_window), EXCEED_EDGES)
     log_tail = _tails(zs)
     if empirical_tail:
         _empirical_floor(log_tail.reshape(-1), seen.reshape(-1))
-    if slow:
-        return log_tail, track.with_(slow_short=short, slow_mean=mean, slow_var=var, slow_count=count,
-                                     slow_exceed=exceed)
-    return log_tail, track.with_(short=short, mean=mean, var=var, count=count, exceed=exceed)
+    return log_tail, track.with_(**dict(zip(_CHANNEL_FIELDS[slow], arrays)))
+
+
+# A likelihood channel's arrays in an AnomalyTrack, in the order the compiled steps take them: the main
+# channel (False) and the slow one (True).
+_CHANNEL_FIELDS = {False: ("short", "mean", "var", "exceed", "count"),
+                   True: ("slow_short", "slow_mean", "slow_var", "slow_exceed", "slow_count")}
+
+
+def _channel(track: AnomalyTrack, slow: bool) -> list[np.ndarray]:
+    """Copies of a channel's average, moments and edges (float64) and count (int64), for the compiled
+    steps to update in place: the caller's track is left as it was."""
+    *floats, count = (getattr(track, name) for name in _CHANNEL_FIELDS[slow])
+    return [a.astype(np.float64) for a in floats] + [count.astype(np.int64)]
 
 
 def _tails(zs: np.ndarray) -> np.ndarray:
@@ -357,13 +364,11 @@ def score(
     raw = np.ascontiguousarray(raw, dtype=np.float64)
     novelty = novelty_tolerance is not None and values is not None
     values = np.ascontiguousarray(values, dtype=np.float64) if novelty else raw
-    t = track
     # Copies, updated in place by the compiled passes: the caller's track is left as it was.
-    main = [a.astype(np.float64) for a in (t.short, t.mean, t.var, t.exceed)] + [t.count.astype(np.int64)]
-    slow = [a.astype(np.float64) for a in (t.slow_short, t.slow_mean, t.slow_var, t.slow_exceed)] + [
-        t.slow_count.astype(np.int64)]
-    lo, hi, peak = t.lo.astype(np.float64), t.hi.astype(np.float64), t.peak.astype(np.float64)
-    since = t.since.astype(np.int64)
+    main = _channel(track, False)
+    slow = _channel(track, True) if slow_window > 0 else main  # off: the pass neither reads nor writes it
+    lo, hi, peak = track.lo.astype(np.float64), track.hi.astype(np.float64), track.peak.astype(np.float64)
+    since = track.since.astype(np.int64)
     # The tracks' sequential updates, then every tail of the block in one vectorised call, then what
     # depends on the scores (the cooldown) in a second pass; each pass runs every series' points in order.
     zs, seen, flags = _track_steps(raw, values, *main, *slow, lo, hi, EXCEED_EDGES, float(long_window),
@@ -375,10 +380,9 @@ def score(
         _empirical_floor(tails.reshape(-1), seen.reshape(-1))
     out = _report_steps(tails, raw, flags, peak, since, use_likelihood, gate, scale == "soft", slow_window > 0,
                         int(cooldown_steps))
-    short, mean, var, exceed, count = main
-    changes = dict(short=short, mean=mean, var=var, exceed=exceed, count=count)
+    changes = dict(zip(_CHANNEL_FIELDS[False], main))
     if slow_window > 0:
-        changes.update(zip(("slow_short", "slow_mean", "slow_var", "slow_exceed", "slow_count"), slow))
+        changes.update(zip(_CHANNEL_FIELDS[True], slow))
     if novelty:
         changes.update(lo=lo, hi=hi)
     if cooldown_steps > 0:
