@@ -154,13 +154,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cell", default=ModelConfig.cell)
     p.add_argument("--lookback", type=lambda v: v if v == "auto" else int(v), default=ModelConfig.lookback,
                    help="steps of recent changes the model carries (the product default; 0 = none)")
+    p.add_argument("--learning-rates", type=float, nargs="*", default=list(TrainingConfig.learning_rates),
+                   help="[training] learning_rates: further rates tried from the same start, the lowest "
+                        "validation loss kept (e.g. 0.0005; one training per rate)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     p.add_argument("--jobs", type=int, default=cores(),
                    help="train this many (horizon, seed) runs at once, one torch thread each (default: one per "
                         "core, as free memory allows; 1 gives one run all of torch's threads); timings are then per run on a shared machine")
     args = p.parse_args(argv)
     mc = ModelConfig(cell=args.cell, hidden_size=args.hidden, lookback=args.lookback)
-    tc = TrainingConfig(epochs=args.epochs, device=args.device)
+    tc = TrainingConfig(epochs=args.epochs, device=args.device, learning_rates=tuple(args.learning_rates))
     threads = 1 if args.jobs > 1 else max(1, torch.get_num_threads())
 
     settings = [("S", ("OT",), h) for h in args.horizons] + [("M", ETT_COLUMNS, h) for h in args.multivariate_horizons]

@@ -367,7 +367,11 @@ def _overridden(settings, items: list[str]):
     for item in items:
         key, _, value = item.partition("=")
         kind = type(getattr(settings, key))
-        settings = dataclasses.replace(settings, **{key: value.lower() == "true" if kind is bool else kind(value)})
+        if kind is tuple:  # a list of numbers, comma-separated: learning_rates=0.0005,0.0003
+            parsed = tuple(float(v) for v in value.split(",") if v)
+        else:
+            parsed = value.lower() == "true" if kind is bool else kind(value)
+        settings = dataclasses.replace(settings, **{key: parsed})
     return settings
 
 

@@ -16,6 +16,7 @@ variance term pulling the mean toward easy points.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -278,7 +279,42 @@ def fit(
     device: torch.device | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
-    """Train `model` in place (warm starts welcome) and return it with the best validation weights."""
+    """Train `model` in place (warm starts welcome) and return it with the best validation weights.
+
+    With `config.learning_rates`, each further rate trains again from the weights `model` came with;
+    the run with the lowest validation loss is kept (its rate in `metrics["learning_rate"]`, every
+    run's loss in `metrics["learning_rate_losses"]`). Without validation targets only the first rate runs:
+    nothing could judge between them.
+    """
+    rates = (config.learning_rate, *config.learning_rates)
+    if len(rates) == 1 or not prepared.val:
+        return _fit_one(model, prepared, config, device=device, progress=progress)
+    start = copy.deepcopy(model.state_dict())
+    best, losses = None, {}
+    for lr in rates:
+        model.load_state_dict(start)
+        run = _fit_one(model, prepared, dataclasses.replace(config, learning_rate=lr, learning_rates=()),
+                       device=device, progress=progress)
+        losses[lr] = run.metrics["val_loss"]
+        log.info("learning rate %g: validation loss %.4f", lr, losses[lr])
+        judged = losses[lr] if math.isfinite(losses[lr]) else math.inf
+        if best is None or judged < best[2]:
+            best = (run, copy.deepcopy(model.state_dict()), judged)
+    run, weights, _ = best
+    model.load_state_dict(weights)
+    # Keys as text and NaN as None: the metrics go into the version's JSON manifest.
+    run.metrics["learning_rate_losses"] = {f"{lr:g}": v if math.isfinite(v) else None for lr, v in losses.items()}
+    return run
+
+
+def _fit_one(
+    model: Forecaster,
+    prepared: Prepared,
+    config: TrainingConfig,
+    *,
+    device: torch.device | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
     device = device or resolve_device(config.device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -356,5 +392,6 @@ def fit(
         "val_mse": final.get("mse", math.nan),
         "val_persistence_mse": final.get("persistence_mse", math.nan),
         "device": device.type,
+        "learning_rate": config.learning_rate,
     }
     return result

@@ -178,6 +178,35 @@ def test_weight_average_is_what_gets_validated_and_kept():
     assert all(r.metrics["val_loss"] < 0.9 for r in runs.values())
 
 
+def test_further_learning_rates_keep_the_lowest_validation_loss_from_the_same_start():
+    from forecastd.training import fit
+
+    t = np.arange(800)
+    rng = np.random.default_rng(2)
+    mc, prepared = _prepared(np.sin(2 * np.pi * t / 24) * 5 + rng.normal(size=t.size) * 0.3)
+    base = TrainingConfig(epochs=2, min_epoch_steps=20, device="cpu")
+    torch.manual_seed(0)
+    start = Forecaster(prepared.segments[0][0].shape[1], mc).state_dict()
+    alone = {}
+    for lr in (3e-3, 1e-4):  # each rate on its own, from the same start weights
+        model = Forecaster(prepared.segments[0][0].shape[1], mc)
+        model.load_state_dict(start)
+        alone[lr] = (fit(model, prepared, TrainingConfig(**{**base.__dict__, "learning_rate": lr})),
+                     {k: v.clone() for k, v in model.state_dict().items()})
+    assert alone[3e-3][0].metrics["val_loss"] != alone[1e-4][0].metrics["val_loss"]
+    winner = min(alone, key=lambda lr: alone[lr][0].metrics["val_loss"])
+    for first, further in ((3e-3, (1e-4,)), (1e-4, (3e-3,))):  # the order of the candidates does not matter
+        model = Forecaster(prepared.segments[0][0].shape[1], mc)
+        model.load_state_dict(start)
+        config = TrainingConfig(**{**base.__dict__, "learning_rate": first, "learning_rates": further})
+        result = fit(model, prepared, config)
+        assert result.metrics["learning_rate"] == winner
+        assert result.metrics["val_loss"] == alone[winner][0].metrics["val_loss"]
+        assert set(result.metrics["learning_rate_losses"]) == {"0.003", "0.0001"}
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, alone[winner][1][k], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1, None])
 def test_adamw_takes_torchs_steps_bit_for_bit(weight_decay):
     """training.AdamW and the cosine schedule give torch.optim's AdamW + CosineAnnealingLR weights
@@ -303,3 +332,12 @@ def test_the_compiled_loop_serves_only_inference():
     mean, _, _ = m(x)
     mean.sum().backward()
     assert x.grad.abs().sum() > 0 and m.rnn.weight_hh_l0.grad is not None
+
+
+def test_learning_rates_are_read_from_the_config_and_checked():
+    from forecastd.config import config_from_dict
+    from forecastd.errors import ConfigError
+
+    assert config_from_dict({"source": {"path": "x.parquet"}, "sink": {"path": "out"}, "training": {"learning_rates": [5e-4, 3e-4]}}).training.learning_rates == (5e-4, 3e-4)
+    with pytest.raises(ConfigError, match=r"learning_rates = \[0.0005, -1.0\] must hold positive numbers"):
+        config_from_dict({"source": {"path": "x.parquet"}, "sink": {"path": "out"}, "training": {"learning_rates": [5e-4, -1]}})
