@@ -288,13 +288,16 @@ def fit(
     """
     rates = (config.learning_rate, *config.learning_rates)
     if len(rates) == 1 or not prepared.val:
-        return _fit_one(model, prepared, config, device=device, progress=progress)
+        return _fit_one(model, prepared, config, device, progress)
     start = copy.deepcopy(model.state_dict())
     best, losses = None, {}
-    for lr in rates:
+    for k, lr in enumerate(rates):
         model.load_state_dict(start)
-        run = _fit_one(model, prepared, dataclasses.replace(config, learning_rate=lr, learning_rates=()),
-                       device=device, progress=progress)
+        # One bar for every run: run k's epochs follow the full budget of the runs before it.
+        report = None if progress is None else (
+            lambda epoch, epochs, tl, vl, k=k: progress(k * epochs + epoch, len(rates) * epochs, tl, vl))
+        run = _fit_one(model, prepared, dataclasses.replace(config, learning_rate=lr, learning_rates=()), device,
+                       report)
         losses[lr] = run.metrics["val_loss"]
         log.info("learning rate %g: validation loss %.4f", lr, losses[lr])
         judged = losses[lr] if math.isfinite(losses[lr]) else math.inf
@@ -307,14 +310,9 @@ def fit(
     return run
 
 
-def _fit_one(
-    model: Forecaster,
-    prepared: Prepared,
-    config: TrainingConfig,
-    *,
-    device: torch.device | None = None,
-    progress: Progress | None = None,
-) -> TrainResult:
+def _fit_one(model: Forecaster, prepared: Prepared, config: TrainingConfig, device: torch.device | None,
+             progress: Progress | None) -> TrainResult:
+    """One training at `config.learning_rate` (`fit`'s body)."""
     device = device or resolve_device(config.device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)

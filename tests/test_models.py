@@ -199,7 +199,9 @@ def test_further_learning_rates_keep_the_lowest_validation_loss_from_the_same_st
         model = Forecaster(prepared.segments[0][0].shape[1], mc)
         model.load_state_dict(start)
         config = TrainingConfig(**{**base.__dict__, "learning_rate": first, "learning_rates": further})
-        result = fit(model, prepared, config)
+        seen = []
+        result = fit(model, prepared, config, progress=lambda e, n, tl, vl: seen.append((e, n)))
+        assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # one count over both runs' epochs
         assert result.metrics["learning_rate"] == winner
         assert result.metrics["val_loss"] == alone[winner][0].metrics["val_loss"]
         assert set(result.metrics["learning_rate_losses"]) == {"0.003", "0.0001"}
