@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = [(label, dataclasses.replace(ac, **o)) for label, o in (ABLATION if not args.no_ablation else ABLATION[:1])]
     print(f"[anomaly] {ac}")
     print(f"NAB corpus {args.data}: {len(corpus)} files; forecastd {mc.cell} hidden {mc.hidden_size} horizon "
-          f"{mc.horizon}, lookback {mc.lookback}, lr {tc.learning_rate}, weight average {tc.weight_average}, {tc.epochs} epochs max, seed {tc.seed}; retrain {args.retrain} "
+          f"{mc.horizon}, lookback {mc.lookback}, lr {tc.learning_rate} (or {', '.join(f'{r:g}' for r in tc.learning_rates) or 'no other'} by validation), weight average {tc.weight_average}, {tc.epochs} epochs max, seed {tc.seed}; retrain {args.retrain} "
           f"({'cold' if args.cold else 'warm'} start, promote margin {args.margin:g}, anomaly track on a switch: "
           f"{args.track}); "
           f"torch {torch.__version__}, {args.threads} thread(s) x {args.jobs} job(s)")

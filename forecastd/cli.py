@@ -350,6 +350,10 @@ def train(
     table.add_row("points", str(summary.points))
     table.add_row("frequency", summary.freq)
     table.add_row("epochs", f"{m.get('epochs_run', len(summary.history))} run, best {m.get('best_epoch', '-')}")
+    if "learning_rate" in m:
+        tried = m.get("learning_rate_losses") or {}
+        others = ", ".join(f"{lr}: {'-' if loss is None else f'{loss:.4f}'}" for lr, loss in tried.items())
+        table.add_row("learning rate", f"{m['learning_rate']:g}" + (f" (val loss {others})" if others else ""))
     table.add_row("val MSE", f"{val:.4f}{gain}")
     table.add_row("persistence MSE", f"{base:.4f}")
     table.add_row("device", str(m.get("device", "-")))

@@ -189,7 +189,9 @@ def test_train_reports_flag_overrides_and_baseline(run: Run) -> None:
     out = run.results["train"].stdout
     assert "trained model v1" in out
     assert re.search(r"epochs\s+2 run", out), out  # --epochs 2 beat the file's 30
-    assert "epoch 2/2" in out and "val loss" in out  # one progress line per epoch off a terminal
+    # One progress line per epoch off a terminal, counted over both learning rates' runs (2 x 2 epochs).
+    assert "epoch 4/4" in out and "val loss" in out
+    assert re.search(r"^learning rate\s+0\.00\d+ \(val loss 0\.001: \d\.\d{4}, 0\.0005: \d\.\d{4}\)", out, re.MULTILINE), out
     assert "persistence MSE" in out and "val MSE" in out
     assert re.search(r"^series\s+6\s*$", out, re.MULTILINE)
 
