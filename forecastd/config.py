@@ -134,7 +134,8 @@ class TrainingConfig:
     burn_in: int = 16
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Stop training after this many seconds even if epochs remain (0 = no limit).
+    # Stop training after this many seconds even if epochs remain (0 = no limit); with several learning
+    # rates each run gets an equal share.
     max_seconds: float = 0.0
 
 

@@ -296,8 +296,10 @@ def fit(
         # One bar for every run: run k's epochs follow the full budget of the runs before it.
         report = None if progress is None else (
             lambda epoch, epochs, tl, vl, k=k: progress(k * epochs + epoch, len(rates) * epochs, tl, vl))
-        run = _fit_one(model, prepared, dataclasses.replace(config, learning_rate=lr, learning_rates=()), device,
-                       report)
+        # max_seconds bounds the whole training (a retrain's timeout is set by it): each run gets its share.
+        one = dataclasses.replace(config, learning_rate=lr, learning_rates=(),
+                                  max_seconds=config.max_seconds / len(rates))
+        run = _fit_one(model, prepared, one, device, report)
         losses[lr] = run.metrics["val_loss"]
         log.info("learning rate %g: validation loss %.4f", lr, losses[lr])
         judged = losses[lr] if math.isfinite(losses[lr]) else math.inf

@@ -336,6 +336,19 @@ def test_the_compiled_loop_serves_only_inference():
     assert x.grad.abs().sum() > 0 and m.rnn.weight_hh_l0.grad is not None
 
 
+def test_max_seconds_bounds_every_learning_rates_run():
+    from forecastd.training import fit
+
+    t = np.arange(600)
+    mc, prepared = _prepared(np.sin(2 * np.pi * t / 24) * 5)
+    seen = []
+    result = fit(Forecaster(prepared.segments[0][0].shape[1], mc), prepared,
+                 TrainingConfig(epochs=5, min_epoch_steps=5, device="cpu", max_seconds=1e-6, learning_rates=(5e-4,)),
+                 progress=lambda e, n, tl, vl: seen.append((e, n)))
+    assert seen == [(1, 10), (6, 10)]  # each rate's run stops after its first epoch
+    assert result.metrics["epochs_run"] == 1
+
+
 def test_learning_rates_are_read_from_the_config_and_checked():
     from forecastd.config import config_from_dict
     from forecastd.errors import ConfigError
