@@ -155,8 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lookback", type=lambda v: v if v == "auto" else int(v), default=ModelConfig.lookback,
                    help="steps of recent changes the model carries (the product default; 0 = none)")
     p.add_argument("--learning-rates", type=float, nargs="*", default=list(TrainingConfig.learning_rates),
-                   help="[training] learning_rates: further rates tried from the same start, the lowest "
-                        "validation loss kept (default: the product's, 0.0005; none: one training at the learning rate)")
+                   help="[training] learning_rates: further rates tried from the same start, the lowest validation "
+                        f"loss kept (default: the product's, {' '.join(f'{r:g}' for r in TrainingConfig.learning_rates)}; "
+                        "none: one training at the learning rate)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     p.add_argument("--jobs", type=int, default=cores(),
                    help="train this many (horizon, seed) runs at once, one torch thread each (default: one per "

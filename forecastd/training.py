@@ -286,7 +286,7 @@ def fit(
     run's loss in `metrics["learning_rate_losses"]`). Without validation targets only the first rate runs:
     nothing could judge between them.
     """
-    rates = (config.learning_rate, *config.learning_rates)
+    rates = tuple(dict.fromkeys((config.learning_rate, *config.learning_rates)))  # a rate listed twice trains once
     if len(rates) == 1 or not prepared.val:
         return _fit_one(model, prepared, config, device, progress)
     start = copy.deepcopy(model.state_dict())

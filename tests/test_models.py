@@ -353,6 +353,7 @@ def test_learning_rates_are_read_from_the_config_and_checked():
     from forecastd.config import config_from_dict
     from forecastd.errors import ConfigError
 
-    assert config_from_dict({"source": {"path": "x.parquet"}, "sink": {"path": "out"}, "training": {"learning_rates": [5e-4, 3e-4]}}).training.learning_rates == (5e-4, 3e-4)
+    paths = {"source": {"path": "x.parquet"}, "sink": {"path": "out"}}
+    assert config_from_dict({**paths, "training": {"learning_rates": [5e-4, 3e-4]}}).training.learning_rates == (5e-4, 3e-4)
     with pytest.raises(ConfigError, match=r"learning_rates = \[0.0005, -1.0\] must hold positive numbers"):
-        config_from_dict({"source": {"path": "x.parquet"}, "sink": {"path": "out"}, "training": {"learning_rates": [5e-4, -1]}})
+        config_from_dict({**paths, "training": {"learning_rates": [5e-4, -1]}})
