@@ -56,10 +56,9 @@ def detach_state(state: State) -> State:
 
 _CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 _CELL_CODE = {"gru": 0, "lstm": 1, "rnn": 2}  # for the compiled loop
-# Rows up to which the compiled loops beat torch's kernels (measured on 2 cores, a tick at H = 24 / 96: one
-# row 41 / 82 us against 168 / 277, 32 rows 139 / 349 against 233 / 407, 64 rows 222 / 606 against 281 /
-# 456): their cost grows with rows x steps, torch's mostly with steps (a dozen ops each, some microseconds
-# apiece).
+# Rows up to which the compiled loops serve: they beat torch's kernels by 2-4x for one row and still by
+# 2x at 16 (a tick on 2 cores, H = 24 and 96); their cost grows with rows x steps, torch's mostly with
+# steps (a dozen ops each, some microseconds apiece), and from about 64 rows torch is faster.
 _LOOP_MAX_ROWS = 16
 
 
