@@ -12,12 +12,13 @@ lookback) adds to the mean. A GRU of 64 units remembers the gist of the past, no
 shape; the window gives the head the shape of the last day or week directly, which is what seasonal and
 long-horizon forecasts need. It is carried, not re-read: a tick shifts it by one point.
 
-Inference has two shortcuts besides `nn.GRU`/`nn.LSTM` (same arithmetic, so the same numbers to float32
+Inference has two shortcuts besides `nn.GRU`/`nn.LSTM` (the same formulas, so the same numbers to float32
 round-off; `test_models` holds them to the general path):
 - a tick (one step, any number of series) runs the cell's few matmuls and gates directly: the sequence
   machinery, the convolution over the window and the gather cost more than the step itself;
 - a few long rows (a backfill or rolling evaluation of one series) run the recurrence in a compiled loop,
-  where torch would dispatch a dozen small ops per step.
+  where torch would dispatch a dozen small ops per step; its tanh is a rational fit, as close to exact
+  as torch's own, because libm's exp kept the loop scalar.
 
 Letters in shape comments: B series, T steps, F features, H hidden, K horizon, L layers.
 """
