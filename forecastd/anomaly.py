@@ -39,8 +39,8 @@
 
 Pure functions over numpy arrays; state between calls is an `AnomalyTrack`, carried in the stream state.
 Each step is a function of its own (the ablation and the tests run them alone); `score` runs them all
-per point in two compiled passes around one vectorised tail, with the same point functions, so a small
-tick pays a few calls instead of dozens (`test_anomaly` holds the two to the bit).
+per point in one compiled pass, with the same point functions, so a small tick pays one call instead of
+dozens (`test_anomaly` holds the two to the bit).
 """
 
 from __future__ import annotations
@@ -49,12 +49,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from numba import njit
 
 __all__ = ["AnomalyTrack", "surprise", "likelihood", "final", "novel", "cooldown", "score"]
 
-_LN10 = float(np.log(10.0))
+_LN10 = math.log(10.0)
+_LOG10_2 = math.log10(2.0)
+_SQRT_HALF = math.sqrt(0.5)
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 # Below this many scored points the long-run distribution is too thin to judge by; no alarms.
 MIN_HISTORY = 20
 # Floor under the long-run spread: a perfectly steady surprise history must not make any wobble infinite.
@@ -106,9 +108,30 @@ class AnomalyTrack:
 
 
 def _log10_normal_tail(z: np.ndarray) -> np.ndarray:
-    """log10 P(Z > z) for a standard normal, accurate far into the tail. Vectorised (torch's log_ndtr):
-    the steps that need it compute every z of a block first, then call this once."""
-    return torch.special.log_ndtr(torch.from_numpy(-np.asarray(z, dtype=np.float64))).numpy() / _LN10
+    """log10 P(Z > z) for a standard normal, accurate far into the tail, element by element."""
+    z = np.asarray(z, dtype=np.float64)
+    out = np.empty(z.shape)
+    _tail_steps(z.reshape(-1), out.reshape(-1))
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _tail_steps(z, out):  # pragma: no cover - compiled
+    for i in range(z.shape[0]):
+        out[i] = _log10_tail_point(z[i])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _log10_tail_point(z):  # pragma: no cover - compiled
+    """log10 P(Z > z) of one z: erfc up to z = 20, then the asymptotic series of Mills' ratio, whose five
+    terms are exact to 1e-14 there and better beyond, where erfc underflows (at z = 38). Within 1.3e-14
+    (relative) of torch's log_ndtr from -50 to 10^10, and compiled, so the steps that need it call it
+    point by point instead of gathering a block for one vectorised call."""
+    if z < 20.0:
+        return math.log(0.5 * math.erfc(z * _SQRT_HALF)) / _LN10
+    r = 1.0 / (z * z)
+    series = 1.0 - r * (1.0 - 3.0 * r * (1.0 - 5.0 * r * (1.0 - 7.0 * r * (1.0 - 9.0 * r))))
+    return (-0.5 * z * z - math.log(z) - _LOG_SQRT_2PI + math.log(series)) / _LN10
 
 
 def surprise(values: np.ndarray, expected: np.ndarray, spread: np.ndarray) -> np.ndarray:
@@ -116,30 +139,41 @@ def surprise(values: np.ndarray, expected: np.ndarray, spread: np.ndarray) -> np
 
     With expected and spread [J, B, T] (the J forecasts that judge each point, `[anomaly] forecasts`)
     and values [B, T]: the least surprised judge's, NaN only where no judge has a forecast."""
-    if np.ndim(expected) == np.ndim(values) + 1:
-        z = _nearest_judge(np.ascontiguousarray(values, dtype=np.float64),
-                           np.ascontiguousarray(expected, dtype=np.float64),
-                           np.ascontiguousarray(spread, dtype=np.float64))
+    values = np.asarray(values, dtype=np.float64)
+    if np.ndim(expected) == values.ndim + 1:
+        J = np.shape(expected)[0]
+        expected = np.asarray(expected, dtype=np.float64).reshape(J, -1)
+        spread = np.asarray(spread, dtype=np.float64).reshape(J, -1)
     else:
-        z = np.abs(values - expected) / spread
-    # np.where rather than np.nan_to_num: the same zeros, a tenth of the fixed cost on a one-series tick.
-    out = -(_log10_normal_tail(np.where(np.isnan(z), 0.0, z)) + np.log10(2.0))
-    return np.where(np.isfinite(z), np.maximum(out, 0.0), np.nan)
+        values, expected, spread = np.broadcast_arrays(values, np.asarray(expected, dtype=np.float64),
+                                                       np.asarray(spread, dtype=np.float64))
+        expected, spread = expected.reshape(1, -1), spread.reshape(1, -1)
+    out = np.empty(values.shape)
+    _surprise_steps(np.ascontiguousarray(values).reshape(-1), np.ascontiguousarray(expected),
+                    np.ascontiguousarray(spread), out.reshape(-1))
+    return out
 
 
 @njit(cache=True, nogil=True)
-def _nearest_judge(values, expected, spread):  # pragma: no cover - compiled
-    """The smallest finite |value - expected| / spread over the judges [J, B, T] of each point, NaN if
-    none: the least surprised judge, as surprise falls with z (np.fmin's rule over their surprises)."""
-    J, B, T = expected.shape
-    out = np.full((B, T), np.nan)
-    for b in range(B):
-        for t in range(T):
-            for j in range(J):
-                z = abs(values[b, t] - expected[j, b, t]) / spread[j, b, t]
-                if np.isfinite(z) and not z >= out[b, t]:  # a number beats NaN and any larger number
-                    out[b, t] = z
-    return out
+def _surprise_steps(values, expected, spread, out):  # pragma: no cover - compiled
+    """`surprise` of each point [N] under its judges [J, N], into out [N]."""
+    for i in range(values.shape[0]):
+        out[i] = _surprise_point(values[i], expected[:, i], spread[:, i])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _surprise_point(value, expected, spread):  # pragma: no cover - compiled
+    """The surprise of one value under its judges [J]: the smallest finite |value - expected| / spread
+    (the least surprised judge, as surprise falls with z), then -log10 of its two-sided tail; NaN if no
+    judge gives a finite z."""
+    best = np.nan
+    for j in range(expected.shape[0]):
+        z = abs(value - expected[j]) / spread[j]
+        if np.isfinite(z) and not z >= best:  # a number beats NaN and any larger number
+            best = z
+    if best != best:
+        return np.nan
+    return max(-(_log10_tail_point(best) + _LOG10_2), 0.0)
 
 
 def likelihood(
@@ -364,22 +398,15 @@ def score(
     raw = np.ascontiguousarray(raw, dtype=np.float64)
     novelty = novelty_tolerance is not None and values is not None
     values = np.ascontiguousarray(values, dtype=np.float64) if novelty else raw
-    # Copies, updated in place by the compiled passes: the caller's track is left as it was.
+    # Copies, updated in place by the compiled pass: the caller's track is left as it was.
     main = _channel(track, False)
     slow = _channel(track, True) if slow_window > 0 else main  # off: the pass neither reads nor writes it
     lo, hi, peak = track.lo.astype(np.float64), track.hi.astype(np.float64), track.peak.astype(np.float64)
     since = track.since.astype(np.int64)
-    # The tracks' sequential updates, then every tail of the block in one vectorised call, then what
-    # depends on the scores (the cooldown) in a second pass; each pass runs every series' points in order.
-    zs, seen, flags = _track_steps(raw, values, *main, *slow, lo, hi, EXCEED_EDGES, float(long_window),
-                                   2.0 / (short_window + 1.0), float(raw_cap),
-                                   2.0 / (slow_window + 1.0) if slow_window > 0 else 0.0, float(slow_cap),
-                                   novelty, float(novelty_tolerance or 0.0))
-    tails = _tails(zs)  # 2, B, T: the main channel, the slow one
-    if empirical_tail:
-        _empirical_floor(tails.reshape(-1), seen.reshape(-1))
-    out = _report_steps(tails, raw, flags, peak, since, use_likelihood, gate, scale == "soft", slow_window > 0,
-                        int(cooldown_steps))
+    out = _score_steps(raw, values, *main, *slow, lo, hi, peak, since, EXCEED_EDGES, float(long_window),
+                       2.0 / (short_window + 1.0), float(raw_cap), 2.0 / (slow_window + 1.0) if slow_window > 0 else 0.0,
+                       float(slow_cap), novelty, float(novelty_tolerance or 0.0), use_likelihood, gate, scale == "soft",
+                       empirical_tail, int(cooldown_steps))
     changes = dict(zip(_CHANNEL_FIELDS[False], main))
     if slow_window > 0:
         changes.update(zip(_CHANNEL_FIELDS[True], slow))
@@ -391,47 +418,46 @@ def score(
 
 
 @njit(cache=True, nogil=True)
-def _track_steps(raw, values, short, mean, var, exceed, count, s_short, s_mean, s_var, s_exceed, s_count, lo, hi,
-                 edges, long_window, a_short, raw_cap, a_slow, slow_cap, novelty, tolerance):  # pragma: no cover
-    """`score`'s first pass: each point's likelihood z and frequency seen on both channels [2, B, T] and its
-    novelty flag [B, T], the tracks updated in place, as `likelihood` and `novel` would."""
+def _score_steps(raw, values, short, mean, var, exceed, count, s_short, s_mean, s_var, s_exceed, s_count, lo, hi,
+                 peak, since, edges, long_window, a_short, raw_cap, a_slow, slow_cap, novelty, tolerance,
+                 use_likelihood, gate, soft, empirical_tail, cooldown_steps):  # pragma: no cover - compiled
+    """`score` of every point [B, T], each series' points in order, with the same point functions as the
+    steps run alone: novelty (`novel`), both likelihood channels (`likelihood`), `final`, `cooldown`.
+    The tracks are updated in place."""
     B, T = raw.shape
-    zs = np.full((2, B, T), np.nan)
-    seen = np.zeros((2, B, T))
-    flags = np.zeros((B, T), dtype=np.bool_)
+    out = np.full((B, T), np.nan)
     before = count.copy()  # novelty counts on from the likelihood's count before the block
     for b in range(B):
         for t in range(T):
+            flag = False
             if novelty and np.isfinite(values[b, t]):
-                flags[b, t] = _novel_point(values[b, t], b, lo, hi, before, tolerance)
+                flag = _novel_point(values[b, t], b, lo, hi, before, tolerance)
             r = raw[b, t]
             if not np.isfinite(r):
                 continue  # unscored: the likelihoods' history stays as it was
+            slow_tail = np.nan
             if a_slow > 0.0:
-                zs[1, b, t], seen[1, b, t] = _likelihood_point(min(r, slow_cap), b, s_short, s_mean, s_var, s_count,
-                                                               s_exceed, a_slow, long_window, edges)
-            zs[0, b, t], seen[0, b, t] = _likelihood_point(min(r, raw_cap) if raw_cap > 0.0 else r, b, short, mean,
-                                                           var, count, exceed, a_short, long_window, edges)
-    return zs, seen, flags
-
-
-@njit(cache=True, nogil=True)
-def _report_steps(tails, raw, flags, peak, since, use_likelihood, gate, soft, slow, cooldown_steps):  # pragma: no cover
-    """`score`'s second pass: each point's score from its tails, as `final`, novelty and `cooldown` make it."""
-    _, B, T = tails.shape
-    out = np.full((B, T), np.nan)
-    for b in range(B):
-        for t in range(T):
-            r = raw[b, t]
-            if not np.isfinite(r):
-                continue
-            s = _final_point(tails[0, b, t] if use_likelihood else -r, r, gate, soft)
-            if slow:
-                s = max(s, _final_point(tails[1, b, t], r, False, soft))
+                z, seen = _likelihood_point(min(r, slow_cap), b, s_short, s_mean, s_var, s_count, s_exceed, a_slow,
+                                            long_window, edges)
+                slow_tail = _tail_of(z, seen, empirical_tail)
+            z, seen = _likelihood_point(min(r, raw_cap) if raw_cap > 0.0 else r, b, short, mean, var, count, exceed,
+                                        a_short, long_window, edges)
+            s = _final_point(_tail_of(z, seen, empirical_tail) if use_likelihood else -r, r, gate, soft)
+            if a_slow > 0.0:
+                s = max(s, _final_point(slow_tail, r, False, soft))
             # A new extreme the forecaster saw coming (a drifting sensor, a trending price) is not news.
-            if flags[b, t] and r >= NOVELTY_MIN_SURPRISE:
+            if flag and r >= NOVELTY_MIN_SURPRISE:
                 s = 1.0
             if cooldown_steps > 0:
                 s = _cooldown_point(s, b, peak, since, cooldown_steps)
             out[b, t] = s
     return out
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _tail_of(z, seen, empirical_tail):  # pragma: no cover - compiled
+    """The log10 tail of a likelihood z as `_tails` gives it, floored as `_empirical_floor` floors it."""
+    tail = _log10_tail_point(max(z, -40.0))
+    if empirical_tail and seen > 0.0:
+        tail = max(tail, math.log10(seen))
+    return tail

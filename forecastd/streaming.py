@@ -169,17 +169,9 @@ def advance(
         mean, spread, carried = model(inputs, carried, torch.from_numpy(lengths) if ragged else None)  # B, T, K
     mean, spread = mean.cpu().numpy(), spread.cpu().numpy()  # B, T, K in units of each series' scale
 
-    # Predict, then learn: the forecasts issued before each point judge it. ext holds, per origin, the
-    # first m steps of its forecast: the last m origins of the previous block, then this block's.
-    m = state.pending_mean.shape[1]
-    s = state.scale[:, None, None]
-    ext_mean = np.concatenate([state.pending_mean, origin[:, :, None] + mean[:, :, :m] * s], axis=1)  # B, m+T, m
-    ext_std = np.concatenate([state.pending_std, spread[:, :, :m] * s], axis=1)
-    # judge_*[j-1]: the forecast issued j steps before each point; the least surprised judge counts.
-    judge_mean = np.stack([ext_mean[:, m - j : m - j + T, j - 1] for j in range(1, m + 1)])  # m, B, T
-    judge_std = np.stack([ext_std[:, m - j : m - j + T, j - 1] for j in range(1, m + 1)])
-    raw = anomaly.surprise(values, judge_mean, judge_std)  # B, T
-    expected, expected_sd = judge_mean[0], judge_std[0]
+    # Predict, then learn: the forecasts issued before each point judge it, the least surprised counting.
+    raw, expected, expected_sd, pending_mean, pending_std = _judge(
+        values, origin, mean, spread, state.scale, state.pending_mean, state.pending_std, lengths)
     scores, atrack = anomaly.score(
         raw, state.anomaly, ac.short_window, ac.long_window, values=values, use_likelihood=ac.likelihood,
         raw_cap=ac.raw_cap, gate=ac.point_gate, scale=ac.scale,
@@ -188,11 +180,6 @@ def advance(
         slow_cap=ac.slow_cap,
     )
 
-    if ragged:
-        tail = lengths[:, None] + np.arange(m)  # the last m origins of each series, in ext
-        pending_mean, pending_std = ext_mean[np.arange(B)[:, None], tail], ext_std[np.arange(B)[:, None], tail]
-    else:
-        pending_mean, pending_std = ext_mean[:, T:].copy(), ext_std[:, T:].copy()
     # The model's outputs are new tensors, so their numpy views are the new state's own arrays.
     hidden = np.ascontiguousarray(pack_hidden(carried.rnn).transpose(0, 1).float().cpu().numpy())
     window = carried.window.float().cpu().numpy()
@@ -210,6 +197,47 @@ def advance(
         out &= steps <= emit.hi
     return _frames(state.series_ids, out, steps, values, (mean, spread, origin, state.scale), expected, expected_sd,
                    scores, grid, K, ac, version), new
+
+
+@njit(cache=True, nogil=True)
+def _judge(values, origin, mean, spread, scale, pending_mean, pending_std, lengths):  # pragma: no cover - compiled
+    """Each point's surprise [B, T] under the forecasts issued 1..m steps before it, the one-step-ahead
+    forecast's mean and spread [B, T], and the next block's pending forecasts [B, m, m].
+
+    Row q of a series' forecasts in time order (m pending from earlier blocks, then one per step of this
+    block: origin + mean x scale, spread x scale, their first m steps) judges step q - m + j with its
+    column j - 1. The last m rows of each series (ending at its own length) are the next pending ones.
+    """
+    B, T = values.shape
+    m = pending_mean.shape[1]
+    raw = np.empty((B, T))
+    expected = np.empty((B, T))
+    expected_sd = np.empty((B, T))
+    new_mean = np.empty((B, m, m))
+    new_std = np.empty((B, m, m))
+    judge_mean = np.empty(m)
+    judge_std = np.empty(m)
+    for b in range(B):
+        s = scale[b]
+        for t in range(T):
+            for j in range(m):
+                q = m - 1 - j + t  # the forecast issued j + 1 steps before step t
+                if q < m:
+                    judge_mean[j], judge_std[j] = pending_mean[b, q, j], pending_std[b, q, j]
+                else:
+                    judge_mean[j] = origin[b, q - m] + np.float64(mean[b, q - m, j]) * s
+                    judge_std[j] = np.float64(spread[b, q - m, j]) * s
+            raw[b, t] = anomaly._surprise_point(values[b, t], judge_mean, judge_std)
+            expected[b, t], expected_sd[b, t] = judge_mean[0], judge_std[0]
+        for i in range(m):
+            q = lengths[b] + i
+            for j in range(m):
+                if q < m:
+                    new_mean[b, i, j], new_std[b, i, j] = pending_mean[b, q, j], pending_std[b, q, j]
+                else:
+                    new_mean[b, i, j] = origin[b, q - m] + np.float64(mean[b, q - m, j]) * s
+                    new_std[b, i, j] = np.float64(spread[b, q - m, j]) * s
+    return raw, expected, expected_sd, new_mean, new_std
 
 
 @functools.lru_cache(maxsize=16)

@@ -250,3 +250,18 @@ def test_score_in_two_passes_is_the_steps_one_after_another():
         np.testing.assert_array_equal(out, ref, err_msg=str(kw))
         for name, a in ref_track.__dict__.items():
             np.testing.assert_array_equal(getattr(track, name), a, err_msg=f"{name} {kw}")
+
+
+def test_the_compiled_normal_tail_matches_torchs_log_ndtr_far_into_both_tails():
+    """The tail is computed point by point in compiled code now; torch's log_ndtr is the reference."""
+    import math
+
+    import torch
+
+    from forecastd.anomaly import _log10_normal_tail
+
+    z = np.concatenate([np.linspace(-50, 50, 20001), np.geomspace(19.0, 1e10, 2000), [0.0, 20.0, 38.0, 40.0]])
+    got = _log10_normal_tail(z)
+    ref = torch.special.log_ndtr(torch.from_numpy(-z)).numpy() / math.log(10.0)
+    np.testing.assert_allclose(got, ref, rtol=2e-14, atol=1e-16)
+    assert (np.diff(got[:20001]) <= 0).all()  # never rises with z, across the switch to the series at 20
