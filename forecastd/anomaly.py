@@ -199,6 +199,8 @@ def likelihood(
 # channel (False) and the slow one (True).
 _CHANNEL_FIELDS = {False: ("short", "mean", "var", "exceed", "count"),
                    True: ("slow_short", "slow_mean", "slow_var", "slow_exceed", "slow_count")}
+_COUNTS = frozenset({"count", "slow_count", "since"})  # the int64 arrays of an AnomalyTrack; the rest are float64
+_INT64, _FLOAT64 = np.dtype(np.int64), np.dtype(np.float64)
 
 
 def _channel(track: AnomalyTrack, slow: bool) -> list[np.ndarray]:
@@ -398,23 +400,20 @@ def score(
     raw = np.ascontiguousarray(raw, dtype=np.float64)
     novelty = novelty_tolerance is not None and values is not None
     values = np.ascontiguousarray(values, dtype=np.float64) if novelty else raw
-    # Copies, updated in place by the compiled pass: the caller's track is left as it was.
-    main = _channel(track, False)
-    slow = _channel(track, True) if slow_window > 0 else main  # off: the pass neither reads nor writes it
-    lo, hi, peak = track.lo.astype(np.float64), track.hi.astype(np.float64), track.peak.astype(np.float64)
-    since = track.since.astype(np.int64)
-    out = _score_steps(raw, values, *main, *slow, lo, hi, peak, since, EXCEED_EDGES, float(long_window),
-                       2.0 / (short_window + 1.0), float(raw_cap), 2.0 / (slow_window + 1.0) if slow_window > 0 else 0.0,
-                       float(slow_cap), novelty, float(novelty_tolerance or 0.0), use_likelihood, gate, scale == "soft",
-                       empirical_tail, int(cooldown_steps))
-    changes = dict(zip(_CHANNEL_FIELDS[False], main))
-    if slow_window > 0:
-        changes.update(zip(_CHANNEL_FIELDS[True], slow))
-    if novelty:
-        changes.update(lo=lo, hi=hi)
-    if cooldown_steps > 0:
-        changes.update(peak=peak, since=since)
-    return out, track.with_(**changes)
+    # Copies of what the pass updates in place: the caller's track is left as it was. A step that is off
+    # gets the caller's arrays, which it neither reads nor writes (the slow channel: the main one's).
+    names = _CHANNEL_FIELDS[False] + (_CHANNEL_FIELDS[True] if slow_window > 0 else ())
+    names += ("lo", "hi") * novelty + ("peak", "since") * (cooldown_steps > 0)
+    d = track.__dict__
+    new = {**d, **{name: d[name].astype(_INT64 if name in _COUNTS else _FLOAT64) for name in names}}
+    main = [new[name] for name in _CHANNEL_FIELDS[False]]
+    slow = [new[name] for name in _CHANNEL_FIELDS[True]] if slow_window > 0 else main
+    out = _score_steps(raw, values, *main, *slow, new["lo"], new["hi"], new["peak"], new["since"], EXCEED_EDGES,
+                       float(long_window), 2.0 / (short_window + 1.0), float(raw_cap),
+                       2.0 / (slow_window + 1.0) if slow_window > 0 else 0.0, float(slow_cap), novelty,
+                       float(novelty_tolerance or 0.0), use_likelihood, gate, scale == "soft", empirical_tail,
+                       int(cooldown_steps))
+    return out, AnomalyTrack(**new)
 
 
 @njit(cache=True, nogil=True)

@@ -268,17 +268,38 @@ class Forecaster(nn.Module):
         h = torch.from_numpy(h_all)
         return out, ((h, torch.from_numpy(c_all)) if lstm else h)
 
-    def _tick_compiled(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
-        """forward for one step of a few rows: the compiled loop, then the head in one compiled call.
-        For one series the torch ops of `_tick`, a dozen microseconds each, would be most of a tick."""
-        B, K = x.shape[0], self.horizon
+    def compiled_tick(self, rows: int) -> bool:
+        """Whether `tick_arrays` serves a step of this many rows: inference on the CPU in float32."""
+        w = self._modules["head"]._parameters["weight"]  # not self.head.weight: __getattr__ costs 3 us a name
+        return rows <= _LOOP_MAX_ROWS and w.device.type == "cpu" and w.dtype == torch.float32 and not self.training
+
+    def tick_arrays(self, x: np.ndarray, hidden: np.ndarray, window: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """`forward` for one step of a few rows (`compiled_tick`) on numpy arrays, as the stream state keeps
+        them: x [B, F] float32, hidden [B, L, H] (LSTM [B, 2L, H], h then c), window [B, W]. Returns mean
+        and scale [B, K], the hidden state and window after the step, all new arrays. The compiled loop,
+        then the head in one compiled call: for one series the torch calls of `_tick`, and even the
+        conversions around a compiled call, a few microseconds each, would be most of a tick."""
+        B, K, L, H = x.shape[0], self.horizon, self.rnn.num_layers, self.rnn.hidden_size
         layers, head = self._derived("compiled", self._compiled_weights)
-        xn = x.numpy()
-        out, hidden = self._loop(xn, state.rnn, np.ones(B, dtype=np.int64), layers)  # B, 1, H
-        mean, scale = np.empty((B, 1, K), dtype=np.float32), np.empty((B, 1, K), dtype=np.float32)
-        window = np.empty((B, self.lookback), dtype=np.float32)
-        _head_rows(out[:, 0], xn[:, 0, 0], state.window.numpy(), *head, mean[:, 0], scale[:, 0], window)
-        return torch.from_numpy(mean), torch.from_numpy(scale), State(hidden, torch.from_numpy(window))
+        h = hidden.transpose(1, 0, 2).copy()  # L (LSTM 2L), B, H: a copy the loop updates in place
+        c = h[L:] if self.cell == "lstm" else h  # GRU and Elman cells never touch c
+        ones = np.ones(B, dtype=np.int64)
+        out = x[:, None]
+        for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(layers):
+            inp, out = out, np.empty((B, 1, H), dtype=np.float32)
+            _recur(inp, w_ih, b_ih, w_hh, b_hh, ones, h[layer], c[layer], out, _CELL_CODE[self.cell])
+        mean, scale = np.empty((B, K), dtype=np.float32), np.empty((B, K), dtype=np.float32)
+        new_window = np.empty((B, self.lookback), dtype=np.float32)
+        _head_rows(out[:, 0], x[:, 0], window, *head, mean, scale, new_window)
+        return mean, scale, np.ascontiguousarray(h.transpose(1, 0, 2)), new_window
+
+    def _tick_compiled(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
+        """forward for one step of a few rows: `tick_arrays` on the tensors' numpy views."""
+        hidden = pack_hidden(state.rnn).numpy().transpose(1, 0, 2)
+        mean, scale, hidden, window = self.tick_arrays(x[:, 0].numpy(), hidden, state.window.numpy())
+        rnn = unpack_hidden(torch.from_numpy(hidden.transpose(1, 0, 2).copy()), self.cell)
+        return torch.from_numpy(mean)[:, None], torch.from_numpy(scale)[:, None], State(rnn, torch.from_numpy(window))
 
 
 def _tanh_of_half_(t: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,6 @@ def advance(
     """
     B, T = values.shape
     K = mc.horizon
-    device = model.head.weight.device
     steps = state.step[:, None] + 1 + np.arange(T)  # B, T
     values = np.asarray(values, dtype=np.float64)
     ragged = bool((lengths != T).any())
@@ -159,15 +158,26 @@ def advance(
     x, origin, track = encode(values, grid.ns(steps.ravel()).reshape(B, T), state.track,
                               state.scale, mc.level_alphas, mc.input_clip)
 
-    carried = State(
-        unpack_hidden(torch.from_numpy(state.hidden).to(device).transpose(0, 1).contiguous(), mc.cell),
-        torch.from_numpy(state.window).to(device),
-    )
-    with torch.no_grad():
-        inputs = torch.from_numpy(x).to(device)  # B, T, F
-        # Ragged blocks: each series' state stops at its own last step.
-        mean, spread, carried = model(inputs, carried, torch.from_numpy(lengths) if ragged else None)  # B, T, K
-    mean, spread = mean.cpu().numpy(), spread.cpu().numpy()  # B, T, K in units of each series' scale
+    if T == 1 and not ragged and model.compiled_tick(B):  # a tick of a few series: numpy in and out
+        with torch.no_grad():
+            mean, spread, hidden, window = model.tick_arrays(x[:, 0], state.hidden, state.window)
+        mean, spread = mean[:, None], spread[:, None]  # B, 1, K
+    else:
+        device = model.head.weight.device
+        carried = State(
+            unpack_hidden(torch.from_numpy(state.hidden).to(device).transpose(0, 1).contiguous(), mc.cell),
+            torch.from_numpy(state.window).to(device),
+        )
+        with torch.no_grad():
+            inputs = torch.from_numpy(x).to(device)  # B, T, F
+            # Ragged blocks: each series' state stops at its own last step.
+            mean, spread, carried = model(inputs, carried, torch.from_numpy(lengths) if ragged else None)  # B, T, K
+        mean, spread = mean.cpu().numpy(), spread.cpu().numpy()  # B, T, K in units of each series' scale
+        # The model's outputs are new tensors, so their numpy views are the new state's own arrays.
+        hidden = np.ascontiguousarray(pack_hidden(carried.rnn).transpose(0, 1).float().cpu().numpy())
+        window = carried.window.float().cpu().numpy()
+        if np.may_share_memory(window, state.window):  # no window (lookback 0): the model hands it back
+            window = window.copy()
 
     # Predict, then learn: the forecasts issued before each point judge it, the least surprised counting.
     raw, expected, expected_sd, pending_mean, pending_std = _judge(
@@ -180,11 +190,6 @@ def advance(
         slow_cap=ac.slow_cap,
     )
 
-    # The model's outputs are new tensors, so their numpy views are the new state's own arrays.
-    hidden = np.ascontiguousarray(pack_hidden(carried.rnn).transpose(0, 1).float().cpu().numpy())
-    window = carried.window.float().cpu().numpy()
-    if np.may_share_memory(window, state.window):  # no window (lookback 0): the model hands it back
-        window = window.copy()
     new = StreamState(state.series_ids, state.step + lengths, state.age + lengths, state.scale, track, hidden,
                       window, pending_mean, pending_std, atrack)
 
@@ -252,55 +257,51 @@ def _frames(ids, out, steps, values, forecast, expected, expected_sd, scores, gr
     n = b.size
     if n == 0:
         return Outputs(_no_rows(FORECAST_COLUMNS), _no_rows(ANOMALY_COLUMNS))  # frames only if asked for
-    if n == out.size:  # every step of every series (a tick, most often): rows in order, no gathers
-        def pick(a: np.ndarray) -> np.ndarray:
-            return a.reshape(n, *a.shape[2:])
+    if n == out.size:  # every step of every series (a tick, most often): the ids in order, no gather
         sid = np.array(ids, dtype=object)
         sid = sid if out.shape[1] == 1 else np.repeat(sid, out.shape[1])
     else:
-        def pick(a: np.ndarray) -> np.ndarray:
-            return a[b, t]
         sid = np.asarray(ids, dtype=object)[b]
     z = _z(ac.coverage)
-    origin_steps = pick(steps)
-    issued = grid.ns(origin_steps)
+    # Every numeric column of both tables in one compiled pass (n x K forecast rows: 960,000 for 10,000
+    # series at H = 96; numpy took a pass or two per column and operation, 8 of a 28 ms tick there), into
+    # a few blocks whose rows are the columns: a one-series tick paid more for a dozen allocations and
+    # numpy calls than for its recurrent step.
+    floats, ints = np.empty((3, n * K)), np.empty((4, n * K), dtype=np.int64)
+    a_floats, a_ints, flags = np.empty((5, n)), np.empty((2, n), dtype=np.int64), np.empty(n, dtype=np.bool_)
+    step_ns = 0 if grid.monthly else grid.step_ns
+    _rows(*forecast, b, t, z, steps, step_ns, values, expected, expected_sd, scores, float(ac.threshold), version,
+          floats, ints, a_floats, a_ints, flags)
     forecasts = {
         # Broadcast then copied flat: half the time of np.repeat on an object array (6 ms for 960,000 rows).
         "series_id": np.broadcast_to(sid[:, None], (n, K)).ravel(),
-        **{c: np.empty(n * K, dtype=np.int64) for c in ("issued_at", "step", "target_ts")},
-        **{c: np.empty(n * K) for c in ("mean", "lower", "upper")},
-        "model_version": np.full(n * K, version, dtype=np.int64),
+        "issued_at": ints[0], "step": ints[1], "target_ts": ints[2],
+        "mean": floats[0], "lower": floats[1], "upper": floats[2],
+        "model_version": ints[3],
     }
-    # One pass writes every numeric column (n x K rows: 960,000 for 10,000 series at H = 96); numpy took
-    # a pass or two per column and operation, 8 of a 28 ms tick there.
-    f = forecasts
-    _forecast_rows(*forecast, b, t, z, steps, 0 if grid.monthly else grid.step_ns, f["mean"], f["lower"], f["upper"],
-                   f["issued_at"], f["step"], f["target_ts"])
-    if grid.monthly:  # calendar months: pandas' offsets, not a multiple of a step
-        f["issued_at"][:] = np.repeat(issued, K)
-        f["target_ts"][:] = grid.ns((origin_steps[:, None] + np.arange(1, K + 1)).ravel())
-    e, half = pick(expected), z * pick(expected_sd)
-    sc = np.where(np.isnan(s := pick(scores)), 0.0, s)  # unscored points; scores are otherwise in [0, 1]
     anomalies = {
-        "series_id": sid,
-        "ts": issued,
-        "value": pick(values).copy(),  # the caller's array when the block is not ragged
-        "expected": e,
-        "lower": e - half,
-        "upper": e + half,
-        "score": sc,
-        "is_anomaly": sc >= ac.threshold,
-        "model_version": np.full(n, version, dtype=np.int64),
+        "series_id": sid, "ts": a_ints[0], "value": a_floats[0], "expected": a_floats[1], "lower": a_floats[2],
+        "upper": a_floats[3], "score": a_floats[4], "is_anomaly": flags, "model_version": a_ints[1],
     }
+    if grid.monthly:  # calendar months: pandas' offsets, not a multiple of a step
+        origin_steps = steps[b, t]
+        issued = grid.ns(origin_steps)
+        anomalies["ts"][:] = issued
+        forecasts["issued_at"][:] = np.repeat(issued, K)
+        forecasts["target_ts"][:] = grid.ns((origin_steps[:, None] + np.arange(1, K + 1)).ravel())
     return Outputs(forecasts, anomalies)
 
 
 @njit(cache=True, nogil=True)
-def _forecast_rows(mean, spread, origin, scale, b, t, z, steps, step_ns, out_mean, out_lower, out_upper,
-                   out_issued, out_step, out_target):  # pragma: no cover - compiled
-    """Row i*K + k-1: step k ahead of origin (b[i], t[i]), in the series' own units: origin + mean x scale,
-    the band +- z x spread x scale, each in float64 in the order numpy computed it before, so the same bits.
-    Times only with step_ns (a regular grid)."""
+def _rows(mean, spread, origin, scale, b, t, z, steps, step_ns, values, expected, expected_sd, scores, threshold,
+          version, floats, ints, a_floats, a_ints, flags):  # pragma: no cover - compiled
+    """The numeric columns of the output rows of steps (b[i], t[i]).
+
+    Forecast row i*K + k-1, step k ahead of origin (b[i], t[i]), in the series' own units: origin + mean x
+    scale and the band +- z x spread x scale, in float64 (floats: mean, lower, upper; ints: issued_at,
+    step, target_ts, model_version). Anomaly row i: the value, the one-step forecast's mean and band and
+    the score, 0 where unscored (a_floats: value, expected, lower, upper, score; a_ints: ts,
+    model_version; flags: is_anomaly). Times only with step_ns (a regular grid)."""
     K = mean.shape[2]
     for i in range(b.size):
         r, c = b[i], t[i]
@@ -309,13 +310,25 @@ def _forecast_rows(mean, spread, origin, scale, b, t, z, steps, step_ns, out_mea
             j = i * K + k
             m = o + np.float64(mean[r, c, k]) * s
             half = z * (np.float64(spread[r, c, k]) * s)
-            out_mean[j] = m
-            out_lower[j] = m - half
-            out_upper[j] = m + half
-            out_step[j] = k + 1
+            floats[0, j] = m
+            floats[1, j] = m - half
+            floats[2, j] = m + half
+            ints[1, j] = k + 1
+            ints[3, j] = version
             if step_ns:
-                out_issued[j] = at * step_ns
-                out_target[j] = (at + k + 1) * step_ns
+                ints[0, j] = at * step_ns
+                ints[2, j] = (at + k + 1) * step_ns
+        e, half = expected[r, c], z * expected_sd[r, c]
+        sc = scores[r, c]
+        sc = 0.0 if sc != sc else sc  # unscored points; scores are otherwise in [0, 1]
+        a_floats[0, i] = values[r, c]
+        a_floats[1, i] = e
+        a_floats[2, i] = e - half
+        a_floats[3, i] = e + half
+        a_floats[4, i] = sc
+        flags[i] = sc >= threshold
+        a_ints[0, i] = at * step_ns
+        a_ints[1, i] = version
 
 
 def run_segments(
