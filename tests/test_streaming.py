@@ -141,3 +141,26 @@ def test_forecast_rows_are_the_models_forecasts_in_the_series_own_units(freq):
     np.testing.assert_allclose(f["upper"] - f["mean"], half, rtol=1e-5)
     np.testing.assert_allclose(f["mean"] - f["lower"], half, rtol=1e-5)
     assert (f["model_version"] == 1).all() and (f["series_id"] == "a").all()
+
+
+def test_outputs_expand_per_origin_ids_when_joined_with_another_horizon():
+    """A step's forecasts keep one id per origin (Outputs' horizon); the frame and a join with rows of
+    another horizon give every row its own id."""
+    def part(ids, K):
+        n = len(ids)
+        f = {"series_id": np.array(ids, dtype=object), "issued_at": np.zeros(n * K, dtype=np.int64),
+             "step": np.tile(np.arange(1, K + 1), n), "target_ts": np.zeros(n * K, dtype=np.int64),
+             "mean": np.zeros(n * K), "lower": np.zeros(n * K), "upper": np.zeros(n * K),
+             "model_version": np.ones(n * K, dtype=np.int64)}
+        a = {"series_id": np.array(ids, dtype=object), "ts": np.zeros(n, dtype=np.int64), "value": np.zeros(n),
+             "expected": np.zeros(n), "lower": np.zeros(n), "upper": np.zeros(n), "score": np.zeros(n),
+             "is_anomaly": np.zeros(n, dtype=bool), "model_version": np.ones(n, dtype=np.int64)}
+        return Outputs(f, a, K)
+
+    assert part(["a", "b"], 2).forecasts["series_id"].tolist() == ["a", "a", "b", "b"]
+    same = Outputs.concat([part(["a"], 2), part(["b", "c"], 2)])
+    assert same.forecasts["series_id"].tolist() == ["a", "a", "b", "b", "c", "c"]
+    mixed = Outputs.concat([part(["a"], 2), part(["b"], 3)])
+    assert mixed.forecasts["series_id"].tolist() == ["a", "a", "b", "b", "b"]
+    assert mixed.forecasts["step"].tolist() == [1, 2, 1, 2, 3]
+    assert mixed.anomalies["series_id"].tolist() == ["a", "b"]
