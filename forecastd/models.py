@@ -18,7 +18,8 @@ round-off; `test_models` holds them to the general path):
   machinery, the convolution over the window and the gather cost more than the step itself;
 - a few long rows (a backfill or rolling evaluation of one series) run the recurrence in a compiled loop,
   where torch would dispatch a dozen small ops per step; its tanh is a rational fit, as close to exact
-  as torch's own, because libm's exp kept the loop scalar.
+  as torch's own, because libm's exp kept the loop scalar. A tick of a few rows runs that loop and the
+  head on the stream state's numpy arrays (`tick_arrays`), no tensor made at all.
 
 Letters in shape comments: B series, T steps, F features, H hidden, K horizon, L layers.
 """
