@@ -400,6 +400,19 @@ def score(
     raw = np.ascontiguousarray(raw, dtype=np.float64)
     novelty = novelty_tolerance is not None and values is not None
     values = np.ascontiguousarray(values, dtype=np.float64) if novelty else raw
+    new, args = _score_inputs(track, short_window, long_window, use_likelihood, raw_cap, gate, scale,
+                              novelty_tolerance if novelty else None, cooldown_steps, empirical_tail, slow_window,
+                              slow_cap)
+    return _score_steps(raw, values, *args), AnomalyTrack(**new)
+
+
+def _score_inputs(track: AnomalyTrack, short_window: int, long_window: int, use_likelihood: bool, raw_cap: float,
+                  gate: bool, scale: str, novelty_tolerance: float | None, cooldown_steps: int, empirical_tail: bool,
+                  slow_window: int, slow_cap: float) -> tuple[dict[str, np.ndarray], tuple]:
+    """`score`'s settings as `_score_steps` takes them after (raw, values), and the new track's arrays
+    (AnomalyTrack's fields), which the pass updates in place. A caller that runs `_score_steps` inside a
+    compiled pass of its own (the streaming step) gets the same copies and arguments."""
+    novelty = novelty_tolerance is not None
     # Copies of what the pass updates in place: the caller's track is left as it was. A step that is off
     # gets the caller's arrays, which it neither reads nor writes (the slow channel: the main one's).
     names = _CHANNEL_FIELDS[False] + (_CHANNEL_FIELDS[True] if slow_window > 0 else ())
@@ -408,12 +421,11 @@ def score(
     new = {**d, **{name: d[name].astype(_INT64 if name in _COUNTS else _FLOAT64) for name in names}}
     main = [new[name] for name in _CHANNEL_FIELDS[False]]
     slow = [new[name] for name in _CHANNEL_FIELDS[True]] if slow_window > 0 else main
-    out = _score_steps(raw, values, *main, *slow, new["lo"], new["hi"], new["peak"], new["since"], EXCEED_EDGES,
-                       float(long_window), 2.0 / (short_window + 1.0), float(raw_cap),
-                       2.0 / (slow_window + 1.0) if slow_window > 0 else 0.0, float(slow_cap), novelty,
-                       float(novelty_tolerance or 0.0), use_likelihood, gate, scale == "soft", empirical_tail,
-                       int(cooldown_steps))
-    return out, AnomalyTrack(**new)
+    args = (*main, *slow, new["lo"], new["hi"], new["peak"], new["since"], EXCEED_EDGES, float(long_window),
+            2.0 / (short_window + 1.0), float(raw_cap), 2.0 / (slow_window + 1.0) if slow_window > 0 else 0.0,
+            float(slow_cap), novelty, float(novelty_tolerance or 0.0), bool(use_likelihood), bool(gate),
+            scale == "soft", bool(empirical_tail), int(cooldown_steps))
+    return new, args
 
 
 @njit(cache=True, nogil=True)

@@ -193,20 +193,6 @@ def advance(
         if np.may_share_memory(window, state.window):  # no window (lookback 0): the model hands it back
             window = window.copy()
 
-    # Predict, then learn: the forecasts issued before each point judge it, the least surprised counting.
-    raw, expected, expected_sd, pending_mean, pending_std = _judge(
-        values, origin, mean, spread, state.scale, state.pending_mean, state.pending_std, lengths)
-    scores, atrack = anomaly.score(
-        raw, state.anomaly, ac.short_window, ac.long_window, values=values, use_likelihood=ac.likelihood,
-        raw_cap=ac.raw_cap, gate=ac.point_gate, scale=ac.scale,
-        novelty_tolerance=ac.novelty_tolerance if ac.novelty_tolerance >= 0 else None,
-        cooldown_steps=ac.cooldown, empirical_tail=ac.empirical_tail, slow_window=ac.slow_window,
-        slow_cap=ac.slow_cap,
-    )
-
-    new = StreamState(state.series_ids, state.step + lengths, state.age + lengths, state.scale, track, hidden,
-                      window, pending_mean, pending_std, atrack)
-
     out = np.isfinite(values)
     if emit.warmup > 0:
         out &= state.age[:, None] + np.arange(T) >= emit.warmup
@@ -214,8 +200,34 @@ def advance(
         out &= steps >= emit.lo
     if emit.hi is not None:
         out &= steps <= emit.hi
-    return _frames(state.series_ids, out, steps, values, (mean, spread, origin, state.scale), expected, expected_sd,
-                   scores, grid, K, ac, version), new
+    rows = _Rows(state.series_ids, out, K)
+    atrack, score_args = anomaly._score_inputs(
+        state.anomaly, ac.short_window, ac.long_window, ac.likelihood, ac.raw_cap, ac.point_gate, ac.scale,
+        ac.novelty_tolerance if ac.novelty_tolerance >= 0 else None, ac.cooldown, ac.empirical_tail,
+        ac.slow_window, ac.slow_cap)
+    # Predict, then learn, in one compiled pass: the forecasts issued before each point judge it, the
+    # surprise is scored, the output rows are written; a small tick paid more for the calls between
+    # these stages than for the stages.
+    pending_mean, pending_std = _judge_score_write(
+        values, origin, mean, spread, state.scale, state.pending_mean, state.pending_std, lengths, score_args,
+        rows.b, rows.t, _z(ac.coverage), steps, 0 if grid.monthly else grid.step_ns, float(ac.threshold), version,
+        *rows.blocks)
+    new = StreamState(state.series_ids, state.step + lengths, state.age + lengths, state.scale, track, hidden,
+                      window, pending_mean, pending_std, anomaly.AnomalyTrack(**atrack))
+    return rows.outputs(grid, steps), new
+
+
+@njit(cache=True, nogil=True)
+def _judge_score_write(values, origin, mean, spread, scale, pending_mean, pending_std, lengths, score_args, b, t, z,
+                       steps, step_ns, threshold, version, floats, ints, a_floats, a_ints, flags):  # pragma: no cover
+    """`_judge`, `anomaly._score_steps` (its arguments after raw and values: `score_args`) and `_rows`,
+    in that order, in one call. Returns the next block's pending forecasts."""
+    raw, expected, expected_sd, new_mean, new_std = _judge(values, origin, mean, spread, scale, pending_mean,
+                                                           pending_std, lengths)
+    scores = anomaly._score_steps(raw, values, *score_args)
+    _rows(mean, spread, origin, scale, b, t, z, steps, step_ns, values, expected, expected_sd, scores, threshold,
+          version, floats, ints, a_floats, a_ints, flags)
+    return new_mean, new_std
 
 
 @njit(cache=True, nogil=True)
@@ -264,45 +276,46 @@ def _z(coverage: float) -> float:
     return NormalDist().inv_cdf(0.5 + coverage / 2)
 
 
-def _frames(ids, out, steps, values, forecast, expected, expected_sd, scores, grid, K, ac, version) -> Outputs:
-    """Output rows of the steps where `out` [B, T] is set. forecast: the model's mean and spread [B, T, K]
-    (float32, in units of each series' scale), the origin values [B, T] and the scales [B]."""
-    b, t = np.nonzero(out)
-    n = b.size
-    if n == 0:
-        return Outputs(_no_rows(FORECAST_COLUMNS), _no_rows(ANOMALY_COLUMNS))  # frames only if asked for
-    if n == out.size:  # every step of every series (a tick, most often): the ids in order, no gather
-        sid = np.array(ids, dtype=object)
-        sid = sid if out.shape[1] == 1 else np.repeat(sid, out.shape[1])
-    else:
-        sid = np.asarray(ids, dtype=object)[b]
-    z = _z(ac.coverage)
-    # Every numeric column of both tables in one compiled pass (n x K forecast rows: 960,000 for 10,000
-    # series at H = 96; numpy took a pass or two per column and operation, 8 of a 28 ms tick there), into
-    # a few blocks whose rows are the columns: a one-series tick paid more for a dozen allocations and
-    # numpy calls than for its recurrent step.
-    floats, ints = np.empty((3, n * K)), np.empty((4, n * K), dtype=np.int64)
-    a_floats, a_ints, flags = np.empty((5, n)), np.empty((2, n), dtype=np.int64), np.empty(n, dtype=np.bool_)
-    step_ns = 0 if grid.monthly else grid.step_ns
-    _rows(*forecast, b, t, z, steps, step_ns, values, expected, expected_sd, scores, float(ac.threshold), version,
-          floats, ints, a_floats, a_ints, flags)
-    forecasts = {
-        "series_id": sid,  # one per origin (Outputs' horizon)
-        "issued_at": ints[0], "step": ints[1], "target_ts": ints[2],
-        "mean": floats[0], "lower": floats[1], "upper": floats[2],
-        "model_version": ints[3],
-    }
-    anomalies = {
-        "series_id": sid, "ts": a_ints[0], "value": a_floats[0], "expected": a_floats[1], "lower": a_floats[2],
-        "upper": a_floats[3], "score": a_floats[4], "is_anomaly": flags, "model_version": a_ints[1],
-    }
-    if grid.monthly:  # calendar months: pandas' offsets, not a multiple of a step
-        origin_steps = steps[b, t]
-        issued = grid.ns(origin_steps)
-        anomalies["ts"][:] = issued
-        forecasts["issued_at"][:] = np.repeat(issued, K)
-        forecasts["target_ts"][:] = grid.ns((origin_steps[:, None] + np.arange(1, K + 1)).ravel())
-    return Outputs(forecasts, anomalies, K)
+class _Rows:
+    """The output rows of the steps where `out` [B, T] is set: where they lie (b, t), the series ids and
+    the blocks `_rows` fills, whose rows are the numeric columns (one allocation per dtype and table,
+    where a dozen allocations cost a one-series tick more than its recurrent step)."""
+
+    def __init__(self, ids: list[str], out: np.ndarray, K: int) -> None:
+        self.b, self.t = np.nonzero(out)
+        n = self.b.size
+        if n == out.size:  # every step of every series (a tick, most often): the ids in order, no gather
+            sid = np.array(ids, dtype=object)
+            self.ids = sid if out.shape[1] == 1 else np.repeat(sid, out.shape[1])
+        else:
+            self.ids = np.asarray(ids, dtype=object)[self.b]
+        self.K = K
+        self.blocks = (np.empty((3, n * K)), np.empty((4, n * K), dtype=np.int64), np.empty((5, n)),
+                       np.empty((2, n), dtype=np.int64), np.empty(n, dtype=np.bool_))
+
+    def outputs(self, grid: Grid, steps: np.ndarray) -> Outputs:
+        """The rows as Outputs, once `_rows` has filled the blocks."""
+        if not self.b.size:
+            return Outputs(_no_rows(FORECAST_COLUMNS), _no_rows(ANOMALY_COLUMNS))  # frames only if asked for
+        floats, ints, a_floats, a_ints, flags = self.blocks
+        sid, K = self.ids, self.K
+        forecasts = {
+            "series_id": sid,  # one per origin (Outputs' horizon)
+            "issued_at": ints[0], "step": ints[1], "target_ts": ints[2],
+            "mean": floats[0], "lower": floats[1], "upper": floats[2],
+            "model_version": ints[3],
+        }
+        anomalies = {
+            "series_id": sid, "ts": a_ints[0], "value": a_floats[0], "expected": a_floats[1], "lower": a_floats[2],
+            "upper": a_floats[3], "score": a_floats[4], "is_anomaly": flags, "model_version": a_ints[1],
+        }
+        if grid.monthly:  # calendar months: pandas' offsets, not a multiple of a step
+            origin_steps = steps[self.b, self.t]
+            issued = grid.ns(origin_steps)
+            anomalies["ts"][:] = issued
+            forecasts["issued_at"][:] = np.repeat(issued, K)
+            forecasts["target_ts"][:] = grid.ns((origin_steps[:, None] + np.arange(1, K + 1)).ravel())
+        return Outputs(forecasts, anomalies, K)
 
 
 @njit(cache=True, nogil=True)
