@@ -497,6 +497,30 @@ def test_integer_series_ids_compare_as_text(kind, tmp_path):
     assert source.read(series=["7"])["value"].tolist() == [1.0, 2.0]
 
 
+@pytest.mark.parametrize("kind", ["parquet", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_null_id_leaves_integer_ids_as_listed(kind, tmp_path, request):
+    """One row without an id must not turn the other integer ids into floats ("7.0") for that read: the
+    series would be new to the stream, with no state, until a read without the null."""
+    frame = pd.DataFrame({"sensor": pd.array([7, None, 8], dtype="Int64"),
+                          "ts": pd.date_range(START, periods=3, freq="h").tz_localize(None), "value": [1.0, 2.0, 3.0]})
+    engine = None
+    if kind == "parquet":
+        frame.to_parquet(tmp_path / "x.parquet")
+        source = ParquetSource(tmp_path / "x.parquet", series_column="sensor")
+    else:
+        url = f"sqlite:///{tmp_path / 'x.db'}" if kind == "sqlite" else request.getfixturevalue("pg_url")
+        engine = sa.create_engine(url)
+        request.addfinalizer(engine.dispose)
+        frame.to_sql("readings", engine, index=False, dtype={"sensor": sa.BigInteger()})
+        source = SqlSource(url, "readings", series_column="sensor", engine=engine)
+    assert source.series_ids() == ["7", "8"]
+    raw = source.read()
+    assert raw["series_id"].tolist()[::2] == ["7", "8"] and pd.isna(raw["series_id"].iloc[1])
+    got, report = validate(raw, grid=Grid("1h"))
+    assert got["series_id"].tolist() == ["7", "8"] and report.total("rejected: null series_id") == 1
+    assert source.read(since=START - H)["series_id"].tolist()[::2] == ["7", "8"]
+
+
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 @pytest.mark.parametrize("index", [None, "(sensor)", "(sensor, stamp)", "(stamp, sensor)"])
 @pytest.mark.parametrize("id_type", ["TEXT", "INTEGER"])

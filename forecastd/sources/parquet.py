@@ -70,6 +70,10 @@ class ParquetSource:
         ids = table.column(0)
         if pa.types.is_dictionary(ids.type):  # only the rows kept are decoded
             table = table.set_column(0, cm.series_column, ids.cast(ids.type.value_type))
+        elif pa.types.is_integer(ids.type) and ids.null_count:
+            # pandas would make integer ids with a null float, and series 7 would become "7.0" for this
+            # read alone: strings now, as `series_ids` names them.
+            table = table.set_column(0, cm.series_column, ids.cast(pa.string()))
         frame = table.rename_columns(list(COLUMNS)).to_pandas()
         log.debug("read %d rows from %s", len(frame), self.path)
         return frame

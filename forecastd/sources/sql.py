@@ -197,6 +197,10 @@ class SqlSource:
                 for start in range(0, len(ids), SERIES_CHUNK):
                     rows += self._execute(conn, stmt.where(key.in_(ids[start:start + SERIES_CHUNK])))
         frame = pd.DataFrame.from_records(rows, columns=list(COLUMNS)) if rows else empty_raw()
+        if frame["series_id"].dtype.kind == "f":
+            # Integer ids with a NULL among them come back as floats, and series 7 would become "7.0" for
+            # this read alone: the ids as `series_ids` names them.
+            frame["series_id"] = pd.Series([None if r[0] is None else str(r[0]) for r in rows], dtype=object)
         log.debug("read %d rows from table %r", len(frame), self.table_name)
         return frame
 
