@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -238,6 +239,14 @@ def _span(step: pd.Timedelta) -> str:
 
 def _to_utc(col: pd.Series, zone: str) -> pd.Series:
     """Timestamps to datetime64[ns, UTC]; naive ones take `zone`; unparseable ones become NaT."""
+    if col.dtype.kind in "iuf" and col.notna().any():
+        # pandas reads a number as nanoseconds since 1970: epoch seconds would all land in January 1970
+        # and then merge on the grid, counted as duplicates, instead of failing.
+        raise DataError(
+            f"the time column holds numbers (e.g. {col.dropna().iloc[0].item()!r}), not timestamps; forecastd reads "
+            "timestamps, dates or ISO-8601 text: store the times as such, or point [source] time_column at a "
+            "view that converts them (e.g. to_timestamp(col) in PostgreSQL, datetime(col, 'unixepoch') in SQLite)"
+        )
     if isinstance(col.dtype, pd.DatetimeTZDtype):
         return col.dt.tz_convert("UTC").dt.as_unit("ns")
     if pd.api.types.is_datetime64_dtype(col.dtype):
@@ -245,9 +254,19 @@ def _to_utc(col: pd.Series, zone: str) -> pd.Series:
     tz = ZoneInfo(zone)
     # Fast path: one vectorised parse; values it could not place (unparseable, or of the other kind in
     # a mixed naive/aware column) are parsed row by row, so dirty rows cost time only for themselves.
-    try:
-        parsed = pd.to_datetime(col, format="ISO8601", errors="coerce")
-    except (ValueError, TypeError):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            parsed = pd.to_datetime(col, format="ISO8601", errors="coerce")
+        except (ValueError, TypeError):
+            parsed = None
+    numbers = [w for w in caught if "integer or float" in str(w.message)]
+    for w in caught:
+        if w not in numbers:
+            warnings.warn(w.message, w.category, stacklevel=2)
+    if numbers:
+        # Numbers among the text: pandas 3 parses them to NaT here, and its next major release will read
+        # them as epochs. Row by row, where a number is a bad timestamp (`utc_instant`).
         parsed = None
     if parsed is not None and (isinstance(parsed.dtype, pd.DatetimeTZDtype)
                                or pd.api.types.is_datetime64_dtype(parsed.dtype)):

@@ -19,7 +19,9 @@ def utc_instant(value: object, zone: str | ZoneInfo) -> pd.Timestamp:
     A naive value is read in `zone`; an ambiguous or non-existent local time (a DST change) is NaT
     rather than a guess.
     """
-    if value is None or (isinstance(value, float) and np.isnan(value)):
+    if value is None or isinstance(value, (int, float, np.number)):
+        # A number is no timestamp: pandas would read 1704067200 as nanoseconds after 1970. Epoch
+        # numbers in a column of them get `frames`' error that names the fix.
         return pd.NaT
     try:
         t = pd.Timestamp(value)

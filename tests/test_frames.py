@@ -129,3 +129,20 @@ def test_daily_grids_are_supported(freq):
     assert np.all(np.diff(steps) == 1)
     assert (g.ts(steps) == ts).all()
     assert g.step_ns == pd.tseries.frequencies.to_offset(freq).n * 86_400 * 10**9
+
+
+@pytest.mark.parametrize("ts", [[1704067200, 1704070800], [1704067200.0, 1704070800.0]])
+def test_epoch_numbers_are_refused_with_the_fix(ts):
+    """pandas reads numbers as nanoseconds after 1970: every point would merge on one grid step."""
+    raw = pd.DataFrame({"series_id": ["a", "a"], "ts": ts, "value": [1.0, 2.0]})
+    with pytest.raises(DataError, match=r"time column holds numbers \(e.g. 1704067200.*unixepoch"):
+        validate(raw, grid=Grid("1h"))
+    with pytest.raises(DataError, match="time column holds numbers"):
+        infer_freq(raw)
+
+
+def test_a_number_among_timestamp_text_is_a_bad_timestamp():
+    raw = pd.DataFrame({"series_id": ["a"] * 3, "ts": pd.Series(["2024-01-01 00:00", 1704070800, "2024-01-01 02:00"],
+                                                                 dtype=object), "value": [1.0, 2.0, 3.0]})
+    frame, report = validate(raw, grid=Grid("1h"))
+    assert frame["value"].tolist() == [1.0, 3.0] and report.total("rejected: bad timestamp") == 1

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from conftest import NASTY_ID, SERIES, START
 from forecastd import frames
 from forecastd.config import config_from_dict
-from forecastd.errors import SourceError
+from forecastd.errors import DataError, SourceError
 from forecastd.frames import Grid, validate
 from forecastd.sources import COLUMNS, MemorySource, ParquetSource, Source, SqlSource, open_source
 from forecastd.sources import parquet as parquet_module
@@ -479,6 +479,18 @@ def test_null_and_bad_timestamps_reach_validation_on_unbounded_reads(tmp_path):
     frame, report = validate(raw, grid=Grid("1h"))
     assert len(frame) == 1 and report.total("rejected: bad timestamp") == 2
     assert np.array_equal(source.read(since=START)["value"].to_numpy(), [1.0])
+
+
+def test_epoch_numbers_fail_with_the_fix_on_unbounded_reads_too(tmp_path):
+    """A bounded read refuses a numeric time column; the unbounded one of `train` and a first tick must
+    not instead read the numbers as nanoseconds after 1970."""
+    rows = [("s", 1711843200 + 3600 * k, float(k)) for k in range(3)]
+    source = SqlSource(_sqlite_rows(tmp_path / "t.db", rows, ts_type="INTEGER"), "readings", series_column="sensor",
+                       time_column="stamp", value_column="reading")
+    with pytest.raises(SourceError, match="holds numbers"):
+        source.read(since=START)
+    with pytest.raises(DataError, match=r"holds numbers \(e.g. 1711843200\).*unixepoch"):
+        validate(source.read(), grid=Grid("1h"))
 
 
 @pytest.mark.parametrize("kind", ["parquet", "sqlite"])
