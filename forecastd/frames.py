@@ -88,6 +88,10 @@ def empty_frame() -> pd.DataFrame:
     )
 
 
+# A row at or before its series' watermark: processed already, or arrived too late to be.
+LATE = "late (at or before the watermark), rejected"
+
+
 @dataclass
 class FrameReport:
     """Counts of every repair and rejection, per (series_id, reason)."""
@@ -359,7 +363,7 @@ def validate(
         wm = frame["series_id"].map(watermarks)
         late = wm.notna() & (frame["ts"] <= wm)
         if late.any():
-            report.add(frame.loc[late, "series_id"], "late (at or before the watermark), rejected")
+            report.add(frame.loc[late, "series_id"], LATE)
             frame = frame[~late]
 
     if now is not None:

@@ -26,7 +26,7 @@ import torch
 
 from forecastd.config import Config, ModelConfig, config_to_dict
 from forecastd.errors import DataError
-from forecastd.frames import FrameReport, Grid, infer_freq, validate
+from forecastd.frames import LATE, FrameReport, Grid, infer_freq, validate
 from forecastd.models import Forecaster
 from forecastd.sinks import Sink, open_sink
 from forecastd.sources import Source, open_source
@@ -217,6 +217,18 @@ def _prior(store: StateStore, live: int) -> tuple[dict[str, int], dict[str, Carr
     return {}, {}
 
 
+def _read_start(state: StreamState, grid: Grid, max_gap: int) -> tuple[pd.Timestamp | None, list[str]]:
+    """Where a tick's read starts, the oldest watermark of the series within `max_gap` steps of the newest
+    one, and the series further behind (silent longer than a gap that restarts a series): those are
+    read apart, so that they do not hold every tick's read back. (None, []) before any watermark."""
+    done = state.step >= 0
+    if not done.any():
+        return None, []
+    current = done & (state.step >= state.step[done].max() - max_gap)
+    stale = np.asarray(state.series_ids, dtype=object)[done & ~current].tolist()
+    return grid.ts(np.array([state.step[current].min()]))[0], stale
+
+
 def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
              source: Source | None = None, sink: Sink | None = None) -> TickReport:
     """One tick: read rows past each series' watermark, advance each carried state by exactly those
@@ -241,19 +253,20 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     source = source or open_source(config)
     known = set(state.series_ids)
     watermarks = state.watermarks(grid)
+    listed_at = info.get("listed_at")
+    every = config.serve.list_series_every
+    listing_due = not known or listed_at is None or every <= 0 or \
+        (pd.Timestamp(now) - pd.Timestamp(listed_at)).total_seconds() >= every
     frames = []
+    since, stale = _read_start(state, grid, config.data.max_gap)
     if known:
-        since = watermarks.min() if len(watermarks) else None
         frames.append(source.read(since=since))
     clock.lap("read")
     # New series: those among the rows just read, and, at most every [serve] list_series_every seconds,
     # those whose every row is older than the oldest watermark (a series loaded with its history).
     # Only a listing finds the latter: every file's id column, or a SQL table's series index (the whole
     # table where it has none).
-    listed_at = info.get("listed_at")
-    every = config.serve.list_series_every
-    if not known or listed_at is None or every <= 0 or \
-            (pd.Timestamp(now) - pd.Timestamp(listed_at)).total_seconds() >= every:
+    if listing_due:
         all_ids, listed_at = source.series_ids(), pd.Timestamp(now).isoformat()
         clock.lap("list")
     else:
@@ -264,14 +277,29 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     prior, carried = _prior(store, mv.version) if new_ids else ({}, {})
     if new_ids:
         warm_from = [prior[s] for s in new_ids if s in prior]
-        since = grid.ts(np.array([min(warm_from) - config.data.warmup - 1]))[0] if len(warm_from) == len(new_ids) else None
-        frames.append(source.read(since=since, series=None if not known else new_ids))
+        start = grid.ts(np.array([min(warm_from) - config.data.warmup - 1]))[0] if len(warm_from) == len(new_ids) else None
+        # Only the rows before the first read's: reading them twice counted every one as a duplicate.
+        if not known:
+            frames.append(source.read(since=start))
+        elif since is not None and (start is None or start < since):
+            frames.insert(0, source.read(since=start, until=since, series=new_ids))  # older rows first
+    # Series silent for more than [data] max_gap steps behind the others do not hold every tick's read
+    # back to their watermark (one dead sensor made each tick re-read, and count as late, every row of
+    # every series since it died). Their rows from there up to the read's start are fetched when they
+    # send again, or at the listing interval (a backlog uploaded late).
+    seen = set(all_ids)
+    back = stale if listing_due else [s for s in stale if s in seen]
+    if back:
+        frames.insert(0, source.read(since=watermarks[back].min(), until=since, series=back))
     raw = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["series_id", "ts", "value"])
     report.rows_read = len(raw)
     clock.lap("read")
     frame, frame_report = validate(raw, grid=grid, timezone=config.source.timezone,
                                    duplicates=config.data.duplicates, watermarks=watermarks, now=now)
-    frame = frame.drop_duplicates(["series_id", "ts"], keep="last")  # two reads may overlap for new series
+    for sid in back:
+        # The backlog read starts at the oldest of these series' watermarks: rows at or before a series'
+        # own one are rows it has processed, not late arrivals (the first read starts after them all).
+        frame_report.counts.pop((sid, LATE), None)
     frame_report.log()
     report.repairs = frame_report.by_reason()
     clock.lap("validate")

@@ -206,6 +206,29 @@ def test_new_series_joining_later_warms_up_and_others_carry_on(trained, tmp_path
     a = r.outputs.anomalies
     assert set(a["series_id"]) == {"sine", "walk", "drift", "sine-2"}
     assert (a["series_id"] == "sine").sum() == 10 and (a["series_id"] == "sine-2").sum() == 1
+    assert r.repairs == {}  # its rows past the others' watermarks were read once, not counted as duplicates
+
+
+def test_a_silent_series_does_not_hold_every_read_back_and_its_late_backlog_is_processed(trained, tmp_path):
+    """A dead sensor made every tick re-read all series' rows since it died and count them as late."""
+    src, data = trained
+    shutil.copytree(src / "state", tmp_path / "state")
+    config = load_config(_write_config(tmp_path, tmp_path / "data.parquet", serve="list_series_every = 1e7"))
+    data[data["ts"] < _ts(500)].to_parquet(tmp_path / "data.parquet")
+    run_once(config, _ts(500))
+    walk = data["series_id"] == "walk"
+    for stop in (520, 540, 560):  # "walk" sends nothing after 499; max_gap is 12 steps
+        data[(data["ts"] < _ts(stop)) & ~(walk & (data["ts"] >= _ts(500)))].to_parquet(tmp_path / "data.parquet")
+        r = run_once(config, _ts(stop))
+        assert r.rows_read == 2 * 20 and r.repairs == {}, (stop, r.rows_read, r.repairs)
+    # Its backlog arrives, up to 40 steps before the others' watermarks, with one row past them: read
+    # back to its own watermark and processed without a gap.
+    data = data[(data["ts"] < _ts(600)) & ~(walk & (data["ts"] >= _ts(561)))]
+    data.to_parquet(tmp_path / "data.parquet")
+    r = run_once(config, _ts(600), keep_outputs=True)
+    a = r.outputs.anomalies
+    assert (a["series_id"] == "walk").sum() == 61 and a.loc[a["series_id"] == "walk", "ts"].min() == _ts(500)
+    assert (a["series_id"] == "sine").sum() == 40 and r.repairs == {}, r.repairs
 
 
 class _CountingSource:
@@ -280,6 +303,24 @@ def test_long_gap_restarts_the_series_from_a_warm_up(trained, tmp_path):
     # Restarted fresh at 540: nothing written during its 24-step warm-up, then every point.
     assert walk["ts"].min() == _ts(540 + 24) and len(walk) == 600 - 564
     assert (r.outputs.anomalies["series_id"] == "sine").sum() == 100
+
+
+def test_a_silent_series_backlog_with_no_newer_rows_waits_for_the_listing(trained, tmp_path):
+    src, data = trained
+    shutil.copytree(src / "state", tmp_path / "state")
+    config = load_config(_write_config(tmp_path, tmp_path / "data.parquet", serve="list_series_every = 1e7"))
+    walk = data["series_id"] == "walk"
+    for stop in (500, 530):  # "walk" stops at 499, and is more than max_gap = 12 steps behind at 530
+        data[(data["ts"] < _ts(stop)) & ~(walk & (data["ts"] >= _ts(500)))].to_parquet(tmp_path / "data.parquet")
+        run_once(config, _ts(stop))
+    data = data[(data["ts"] < _ts(531)) & ~(walk & (data["ts"] >= _ts(510)))]  # its backlog, 500-509, arrives
+    data.to_parquet(tmp_path / "data.parquet")
+    r = run_once(config, _ts(531), keep_outputs=True)
+    assert r.rows_read == 2 and "walk" not in set(r.outputs.anomalies["series_id"])
+    relisting = load_config(_write_config(tmp_path, tmp_path / "data.parquet", serve="list_series_every = 0"))
+    r = run_once(relisting, _ts(532), keep_outputs=True)
+    walk_rows = r.outputs.anomalies[r.outputs.anomalies["series_id"] == "walk"]
+    assert walk_rows["ts"].tolist() == [_ts(i) for i in range(500, 510)] and r.repairs == {}
 
 
 def test_learning_beats_seasonal_naive(tmp_path):
