@@ -365,10 +365,16 @@ def train(
 @app.command("run-once", epilog="Example: forecastd run-once --config forecastd.toml --now 2024-04-01T00:00")
 def run_once(config: ConfigOption = DEFAULT_CONFIG, now: NowOption = None) -> None:
     """Run one tick: forecast and score the points that arrived since the last tick."""
+    from forecastd.daemon import StateLock
     from forecastd.pipeline import run_once as tick
+    from forecastd.pipeline import state_store
 
     when = now_or(now)  # flags first: a bad --now is reported before the config is read
-    report = tick(load(config), when)
+    cfg = load(config)
+    # Under the daemon's lock: a tick beside a running daemon (or an overlapping cron run) would
+    # interleave their checkpoints, and one's watermarks would overwrite the other's.
+    with StateLock(state_store(cfg).root):
+        report = tick(cfg, when)
     _print_report("tick", report)
 
 

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 import forecastd
 from forecastd.cli import JsonFormatter, app
 from forecastd.config import load_config
-from forecastd.errors import ConfigError, ModelError, SourceError
+from forecastd.errors import ConfigError, LockError, ModelError, SourceError
 from forecastd.frames import ANOMALY_COLUMNS, ANOMALY_KEY, FORECAST_COLUMNS, FORECAST_KEY
 from forecastd.sinks import open_sink
 
@@ -322,6 +322,18 @@ def test_run_once_before_train_names_the_fix(tmp_path: Path) -> None:
         result = cli(*args, "--config", config)
         assert result.exit_code == ModelError.exit_code, result.output
         assert "forecastd train" in one_error_line(result.stderr)
+
+
+def test_run_once_beside_a_daemon_is_refused(tmp_path: Path) -> None:
+    """A tick beside a running daemon would interleave their checkpoints: refused, naming the holder."""
+    from forecastd.daemon import StateLock
+
+    config = tmp_path / "forecastd.toml"
+    assert cli("init", config).exit_code == 0
+    with StateLock(tmp_path / "state"):  # what `forecastd serve` holds, from this process
+        proc = run_module("run-once", "--config", config, "--now", NOW)
+    assert proc.returncode == LockError.exit_code, proc.stderr
+    assert f"in use by forecastd pid {os.getpid()}" in one_error_line(proc.stderr)
 
 
 def test_bad_time_is_one_line(tmp_path: Path) -> None:
