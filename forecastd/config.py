@@ -479,12 +479,15 @@ def _validate(c: Config) -> None:
 
     d = c.data
     if d.freq is not None:
-        try:
-            import pandas as pd
+        from forecastd.errors import DataError
+        from forecastd.frames import Grid
 
-            pd.tseries.frequencies.to_offset(d.freq)
+        try:
+            Grid(d.freq)  # a weekly or month-end step parses, and would fail only at the first read
         except ValueError:
             raise ConfigError(f'[data] freq = {d.freq!r} is not a pandas frequency; use e.g. "5min", "1h", "1D"') from None
+        except DataError as exc:
+            raise ConfigError(f"[data] {exc}") from None
     _require(d.max_gap >= 1, f"[data] max_gap = {d.max_gap} must be at least 1 step")
     _require(d.warmup >= 1, f"[data] warmup = {d.warmup} must be at least 1 step")
 

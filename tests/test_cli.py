@@ -518,3 +518,12 @@ def test_readme_quickstart_matches_ci() -> None:
 def test_readme_lists_every_command() -> None:
     for name in {command[0] for command in _commands()}:
         assert any(f"`{form}" in README for form in (f"forecastd {name}", f"{name}`", f"{name} ")), name
+
+
+@pytest.mark.parametrize("freq, fix", [("W", "fixed step"), ("ME", "month starts 'MS'"), ("fortnightly", "pandas frequency")])
+def test_an_unsupported_freq_fails_when_the_config_loads(freq, fix) -> None:
+    """Not at the first read, hours into a deployment."""
+    from forecastd.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=rf"\[data\].*{freq!r}.*{fix}"):
+        config_from_dict({"source": {"path": "x.parquet"}, "sink": {"path": "out"}, "data": {"freq": freq}})
