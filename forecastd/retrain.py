@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
 import math
@@ -30,7 +29,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ import pandas as pd
 
 from forecastd.config import Config, DataConfig, ModelConfig, config_from_dict, config_to_dict
 from forecastd.errors import CheckpointError, ForecastdError, ModelError
-from forecastd.files import atomic_write_bytes
+from forecastd.files import atomic_write_bytes, exclusive_lock
 from forecastd.frames import Grid, validate
 from forecastd.pipeline import read_history, state_store, train
 from forecastd.sources import open_source
@@ -222,17 +220,10 @@ def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
 
 # -- switching the live model ---------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _switch_lock(store: StateStore) -> Iterator[None]:
+def _switch_lock(store: StateStore) -> contextlib.AbstractContextManager[None]:
     """Serialises switches by the daemon and by `forecastd models` (the daemon's own lock is held for its
     lifetime, so the CLI cannot take that one)."""
-    store.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store.root / "live.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return exclusive_lock(store.root / "live.lock")
 
 
 def _stream_dirs(store: StateStore) -> dict[int, Path]:

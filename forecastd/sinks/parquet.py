@@ -14,10 +14,21 @@ it, fsync, rename over the old one, fsync the directory), then delete any other 
 partition (left by another writer or an older layout; its rows were merged in). A reader sees the old
 partition or the new one, never half of one. The file name is fixed, so the rename replaces the old
 file in one step and a crash leaves no second copy of a row.
+
+Two writer processes (the daemon ticking while a cron `forecastd backfill` runs over the same dates)
+take turns on a partition: each read-merge-rename holds an exclusive flock on the partition's lock file,
+
+    .locks/forecasts/date=2024-01-31.lock         (beside the datasets, never inside them)
+
+Without it a writer could rename a merge made from contents read before the other's rename, and the
+other's rows would be gone after its watermark had moved past them. A lock wait blocks (see
+forecastd.files.exclusive_lock: it is logged, and a holder keeps it for one partition's merge). Where
+fcntl is missing (Windows) nothing is locked and two writers must not share a sink path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -31,15 +42,20 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from forecastd.errors import SinkError
-from forecastd.files import atomic_write, fsync_dir
+from forecastd.files import atomic_write, exclusive_lock, fsync_dir
 from forecastd.sinks.schema import SPECS, TableName, TableSpec, conform, empty, spec_for
 from forecastd.sources.mapping import utc_bound
 
-__all__ = ["ParquetSink", "PART_FILE", "partition_dirs"]
+__all__ = ["ParquetSink", "LOCK_DIR", "PART_FILE", "partition_dirs"]
 
 log = logging.getLogger(__name__)
 
 PART_FILE = "part-0.parquet"
+
+# Lock files live outside forecasts/ and anomalies/ so that no reader of a dataset (ours, pyarrow,
+# Spark, a glob) ever meets them and _grain_of sees only partitions; the dot hides the directory from
+# readers of the sink path itself (pyarrow and glob skip dot names).
+LOCK_DIR = ".locks"
 
 Grain = Literal["day", "hour", "month"]
 
@@ -149,10 +165,25 @@ class ParquetSink:
         bounds = np.searchsorted(which[order], np.arange(len(dirs) + 1))
         for i, rel in enumerate(dirs):
             rows = frame.iloc[order[bounds[i]:bounds[i + 1]]]
-            self._write_partition(spec, root / rel, rows)
+            self._write_partition(spec, rel, rows)
         log.debug("wrote %d %s rows into %d partition(s) under %s", len(frame), spec.name, len(dirs), root)
 
-    def _write_partition(self, spec: TableSpec, directory: Path, rows: pd.DataFrame) -> None:
+    def _write_partition(self, spec: TableSpec, rel: str, rows: pd.DataFrame) -> None:
+        # One lock per partition, not per table: a backfill rewriting last month and the daemon writing
+        # today never wait on each other. A writer holds one partition's lock at a time, so no two
+        # writers can each hold one the other wants.
+        lock = self.path / LOCK_DIR / spec.name / f"{rel}.lock"
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(exclusive_lock(lock))
+            except OSError as exc:
+                raise SinkError(
+                    f"cannot lock partition {rel!r} of {spec.name} with {str(lock)!r}: {exc}; check that "
+                    "[sink] path is writable by this user"
+                ) from exc
+            self._merge_partition(spec, self.path / spec.name / rel, rows)
+
+    def _merge_partition(self, spec: TableSpec, directory: Path, rows: pd.DataFrame) -> None:
         old_files = sorted(directory.glob("*.parquet")) if directory.is_dir() else []
         if old_files:
             try:
