@@ -50,7 +50,8 @@ class SourceConfig:
     value_column: str = "value"
     # Wide layout only: the columns that are series. Empty means every numeric column but the time.
     value_columns: tuple[str, ...] = ()
-    # Zone given to naive timestamps; aware ones are converted to UTC as they are.
+    # Zone given to naive timestamps; aware ones are converted to UTC as they are. Steps of whole days
+    # fall on midnight in this zone (a model keeps the zone it was trained with).
     timezone: str = "UTC"
 
 

@@ -129,7 +129,8 @@ def read_history(config: Config, series: Sequence[str] | None = None) -> pd.Data
     if raw.empty:
         return empty_frame()
     freq = config.data.freq or infer_freq(raw, config.source.timezone)
-    frame, _ = validate(raw, grid=Grid(freq), timezone=config.source.timezone, duplicates=config.data.duplicates)
+    frame, _ = validate(raw, grid=Grid(freq, config.source.timezone), timezone=config.source.timezone,
+                        duplicates=config.data.duplicates)
     return frame
 
 
@@ -260,7 +261,7 @@ def run_demo(
     summary = train(config, now, progress=progress)
     train_seconds = time.monotonic() - started
 
-    grid = Grid(summary.freq)
+    grid = Grid(summary.freq, config.source.timezone)  # as train built it
     first, last = (int(v) for v in grid.index(pd.DatetimeIndex([history["ts"].min(), history["ts"].max()])))
     lo, hi = grid.ts(np.array([first + config.data.warmup, last]))  # the whole history after the warm-up
     started = time.monotonic()

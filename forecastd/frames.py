@@ -122,15 +122,23 @@ class FrameReport:
             log.warning("series %r: %d row(s) %s", sid, n, reason)
 
 
+_DAY_NS = 86_400 * 10**9
+
+
 @dataclass(frozen=True)
 class Grid:
     """A regular time grid: maps timestamps to integer step numbers and back.
 
-    Fixed steps ("5min", "1h", "1D") are anchored at the Unix epoch; month starts ("MS") count months.
-    Working in integer steps keeps gap arithmetic exact and free of pandas in the hot path.
+    Fixed steps ("5min", "1h") are anchored at the Unix epoch in UTC; month starts ("MS") count months.
+    Steps of whole days ("1D", "7D") are anchored at midnight in `zone`: step i is the local midnight
+    i x n days after 1970-01-01 there, so daily data stamped at local midnight sits on the grid through
+    DST changes. In UTC that is the epoch-anchored grid, as before. Working in integer steps keeps gap
+    arithmetic exact and free of pandas in the hot path.
     """
 
     freq: str
+    # The zone whose midnights whole-day steps fall on; read as "UTC" for any other step (see __post_init__).
+    zone: str = "UTC"
 
     def __post_init__(self) -> None:
         offset = pd.tseries.frequencies.to_offset(self.freq)
@@ -140,6 +148,17 @@ class Grid:
                 f"frequency {self.freq!r} is not supported; use a fixed step such as '5min', '1h', '1D' "
                 "or month starts 'MS'"
             )
+        # Sub-day steps stay on the UTC epoch whatever the zone: they count elapsed time, and anchoring
+        # them locally would move every step of a half-hour zone (Asia/Kolkata) off the whole hours and
+        # make DST days a step short or long. Month starts stay in UTC as before.
+        whole_days = not isinstance(offset, pd.offsets.MonthBegin) and self.step_ns % _DAY_NS == 0
+        if not whole_days or self.zone == "UTC":
+            object.__setattr__(self, "zone", "UTC")  # one spelling, so equal grids compare equal
+            return
+        try:
+            ZoneInfo(self.zone)
+        except (ValueError, KeyError):  # ZoneInfoNotFoundError is a KeyError
+            raise DataError(f"time zone {self.zone!r} is not known; use e.g. \"UTC\" or \"Europe/Berlin\"") from None
 
     # Cached: parsing the frequency string took a tenth of a single-series tick. (cached_property
     # writes the instance __dict__ directly, so it works on a frozen dataclass.)
@@ -152,8 +171,14 @@ class Grid:
         return isinstance(self._offset, pd.offsets.MonthBegin)
 
     @cached_property
+    def regular(self) -> bool:
+        """Step i is at i x step_ns after the epoch in UTC; otherwise times go through `ns` (months, and
+        local days, whose UTC length changes with DST)."""
+        return not self.monthly and self.zone == "UTC"
+
+    @cached_property
     def step_ns(self) -> int:
-        """Nominal step in nanoseconds (a month counts as 30.44 days)."""
+        """Nominal step in nanoseconds (a month counts as 30.44 days, a local day as 24 hours)."""
         if self.monthly:
             return int(30.436875 * 86400e9) * self._offset.n
         return int(self._offset.nanos)
@@ -170,15 +195,29 @@ class Grid:
             months = months + (np.asarray(frac) >= 0.5)
             return np.floor_divide(months + n // 2, n).astype(np.int64) if n > 1 else months.astype(np.int64)
         step = self.step_ns
-        ns = ts.as_unit("ns").asi8
+        if self.zone != "UTC":
+            # Local wall-clock time (the instant plus its UTC offset, vectorised by pandas), then the
+            # fixed-step rounding: the nearest local midnight of the grid. Within 12 hours of UTC a local
+            # midnight stamp gets the step the UTC grid gave it, so steps (watermarks) carry over.
+            ts = ts.tz_localize("UTC") if ts.tz is None else ts
+            ns = ts.tz_convert(self.zone).tz_localize(None).as_unit("ns").asi8
+        else:
+            ns = ts.as_unit("ns").asi8
         return np.floor_divide(ns + step // 2, step)
 
     def ns(self, index: np.ndarray) -> np.ndarray:
-        """UTC nanoseconds of integer grid steps (int64), without building pandas objects."""
+        """UTC nanoseconds of integer grid steps (int64), without building pandas objects when regular."""
         index = np.asarray(index, dtype=np.int64)
-        if self.monthly:
+        if not self.regular:
             return self.ts(index).asi8
         return index * self.step_ns
+
+    def wall_ns(self, index: np.ndarray) -> np.ndarray:
+        """Grid steps on the local clock, as nanoseconds after 1970-01-01 00:00 on it: what calendar
+        features read, so a local day is that date at hour 0 (as the UTC grid gave it), not the UTC
+        instant of its midnight, whose hour and weekday would shift with the zone and DST."""
+        index = np.asarray(index, dtype=np.int64)
+        return self.ts(index).asi8 if self.monthly else index * self.step_ns
 
     def ts(self, index: np.ndarray) -> pd.DatetimeIndex:
         """UTC timestamps of integer grid steps."""
@@ -189,6 +228,12 @@ class Grid:
             return pd.DatetimeIndex(
                 pd.to_datetime({"year": years, "month": months % 12 + 1, "day": np.ones_like(months)}),
             ).tz_localize("UTC").as_unit("ns")
+        if self.zone != "UTC":
+            # A midnight that a DST jump skips (America/Santiago, Asia/Beirut) is the first instant after
+            # the gap; one that occurs twice (America/Havana) is the first of the two (True: the DST one).
+            wall = pd.DatetimeIndex(index * self.step_ns).as_unit("ns")
+            return wall.tz_localize(self.zone, ambiguous=np.ones(len(wall), dtype=bool),
+                                    nonexistent="shift_forward").tz_convert("UTC").as_unit("ns")
         return pd.DatetimeIndex(index * self.step_ns, tz="UTC").as_unit("ns")
 
 

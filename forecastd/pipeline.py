@@ -91,7 +91,7 @@ def _read(config: Config, grid_freq: str | None, **kwargs) -> tuple[pd.DataFrame
     source = open_source(config)
     raw = source.read(**{k: v for k, v in kwargs.items() if k in ("since", "until", "series")})
     freq = grid_freq or config.data.freq or infer_freq(raw, config.source.timezone)
-    grid = Grid(freq)
+    grid = Grid(freq, config.source.timezone)  # whole-day steps fall on local midnights
     frame, report = validate(
         raw, grid=grid, timezone=config.source.timezone, duplicates=config.data.duplicates,
         watermarks=kwargs.get("watermarks"), now=kwargs.get("now"),
@@ -165,6 +165,7 @@ def train(
     manifest = {
         "config": config_to_dict(config),
         "freq": grid.freq,
+        "zone": grid.zone,
         "n_features": n_features(len(mc.level_alphas)),
         "scales": scales,
         "metrics": result.metrics,

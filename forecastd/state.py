@@ -7,7 +7,7 @@ than `max_gap` steps, in which case it starts fresh and warms up again.
 Layout of the state directory:
 
     models/v000003/weights.safetensors   weights (no pickle, ever)
-    models/v000003/manifest.json         config, frequency, per-series scales, metrics, versions, sha256
+    models/v000003/manifest.json         config, frequency and zone, per-series scales, metrics, versions, sha256
     live.json                            {"version": 3}: the model that serves
     streams/v000003/ckpt-000000042.safetensors + .json   hidden states, watermarks, running levels
     lock                                 held by a serving daemon (see daemon.py)
@@ -40,7 +40,7 @@ from forecastd.frames import Grid
 from forecastd.models import Forecaster
 from forecastd.windowing import Track, split_at_gaps
 
-__all__ = ["StreamState", "Segment", "plan", "StateStore", "ModelVersion", "FORMAT"]
+__all__ = ["StreamState", "Segment", "plan", "StateStore", "ModelVersion", "FORMAT", "manifest_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,12 @@ def plan(
     return out
 
 
+def manifest_grid(manifest: dict[str, Any]) -> Grid:
+    """The grid a model version was trained on. Manifests written before grids had a zone lack "zone":
+    their daily steps were UTC midnights, so they load as UTC and keep serving as they did."""
+    return Grid(manifest["freq"], manifest.get("zone", "UTC"))
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     version: int
@@ -185,7 +191,7 @@ class ModelVersion:
 
     @property
     def grid(self) -> Grid:
-        return Grid(self.manifest["freq"])
+        return manifest_grid(self.manifest)
 
     @property
     def scales(self) -> dict[str, float]:

@@ -19,9 +19,8 @@ import pandas as pd
 from forecastd.config import Config
 from forecastd.errors import ForecastdError
 from forecastd.files import atomic_write_bytes
-from forecastd.frames import Grid
 from forecastd.pipeline import state_store
-from forecastd.state import StateStore
+from forecastd.state import StateStore, manifest_grid
 
 __all__ = ["DAEMON_FILE", "status", "model_versions", "read_daemon_info", "write_daemon_info", "running_pid"]
 
@@ -112,7 +111,7 @@ def _watermarks(store: StateStore, now: pd.Timestamp) -> list[dict[str, Any]]:
     if live is None:
         return []
     try:
-        freq = store.manifest(live)["freq"]
+        grid = manifest_grid(store.manifest(live))
     except (ForecastdError, KeyError):
         return []
     # The live model's stream; right after a switch it has none yet and the freshest other one holds the
@@ -124,8 +123,7 @@ def _watermarks(store: StateStore, now: pd.Timestamp) -> list[dict[str, Any]]:
             break
     else:
         return []
-    grid = Grid(freq)
-    step = pd.tseries.frequencies.to_offset(freq)
+    step = pd.tseries.frequencies.to_offset(grid.freq)
     out = []
     for sid, st, age in zip(state.series_ids, state.step, state.age, strict=True):
         row: dict[str, Any] = {"series_id": sid, "watermark": None, "lag_seconds": None, "lag_steps": None,

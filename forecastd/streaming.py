@@ -169,7 +169,7 @@ def advance(
     ragged = bool((lengths != T).any())
     if ragged:
         values = np.where(np.arange(T) >= lengths[:, None], np.nan, values)  # padding reads as missing
-    x, origin, track = encode(values, grid.ns(steps.ravel()).reshape(B, T), state.track,
+    x, origin, track = encode(values, grid.wall_ns(steps.ravel()).reshape(B, T), state.track,
                               state.scale, mc.level_alphas, mc.input_clip)
 
     if T == 1 and not ragged and model.compiled_tick(B):  # a tick of a few series: numpy in and out
@@ -210,7 +210,7 @@ def advance(
     # these stages than for the stages.
     pending_mean, pending_std = _judge_score_write(
         values, origin, mean, spread, state.scale, state.pending_mean, state.pending_std, lengths, score_args,
-        rows.b, rows.t, _z(ac.coverage), steps, 0 if grid.monthly else grid.step_ns, float(ac.threshold), version,
+        rows.b, rows.t, _z(ac.coverage), steps, grid.step_ns if grid.regular else 0, float(ac.threshold), version,
         *rows.blocks)
     new = StreamState(state.series_ids, state.step + lengths, state.age + lengths, state.scale, track, hidden,
                       window, pending_mean, pending_std, anomaly.AnomalyTrack(**atrack))
@@ -309,7 +309,7 @@ class _Rows:
             "series_id": sid, "ts": a_ints[0], "value": a_floats[0], "expected": a_floats[1], "lower": a_floats[2],
             "upper": a_floats[3], "score": a_floats[4], "is_anomaly": flags, "model_version": a_ints[1],
         }
-        if grid.monthly:  # calendar months: pandas' offsets, not a multiple of a step
+        if not grid.regular:  # months, local days (DST): not a multiple of a step after the epoch
             origin_steps = steps[self.b, self.t]
             issued = grid.ns(origin_steps)
             anomalies["ts"][:] = issued

@@ -90,7 +90,7 @@ def prepare(
             T = dense.shape[0]
             step_ids = start + np.arange(T)
             x, origin, _ = encode(
-                dense[None], grid.ns(step_ids)[None], Track.fresh(1, len(model.level_alphas)),
+                dense[None], grid.wall_ns(step_ids)[None], Track.fresh(1, len(model.level_alphas)),
                 np.array([scales[sid]]), model.level_alphas, model.input_clip,
             )
             limit = int(np.clip(cut - start, 0, T))

@@ -146,3 +146,84 @@ def test_a_number_among_timestamp_text_is_a_bad_timestamp():
                                                                  dtype=object), "value": [1.0, 2.0, 3.0]})
     frame, report = validate(raw, grid=Grid("1h"))
     assert frame["value"].tolist() == [1.0, 3.0] and report.total("rejected: bad timestamp") == 1
+
+
+# -- whole-day steps anchored at local midnight ------------------------------------------------------
+
+def _local_midnights(zone: str, start: str, days: int) -> pd.DatetimeIndex:
+    return pd.date_range(start, periods=days, freq="D", tz=zone).tz_convert("UTC").as_unit("ns")
+
+
+def test_daily_rows_at_auckland_midnight_keep_their_days_across_dst():
+    """NZ summer time began 2024-09-29: at +12/+13 hours local midnight is 12:00 or 11:00 UTC, and on a
+    grid of UTC midnights the 29th and 30th met on one step (one value dropped as a duplicate)."""
+    zone = "Pacific/Auckland"
+    naive = pd.date_range("2024-09-20", periods=20, freq="D").strftime("%Y-%m-%d %H:%M:%S")  # naive text
+    frame, report = validate(_raw(["a"] * 20, naive, np.arange(20.0)), grid=Grid("1D", zone), timezone=zone)
+    assert report.total() == 0  # no row snapped, none a duplicate
+    assert frame["value"].tolist() == list(range(20))
+    assert (pd.DatetimeIndex(frame["ts"]) == _local_midnights(zone, "2024-09-20", 20)).all()
+    assert np.all(np.diff(Grid("1D", zone).index(frame["ts"])) == 1)
+
+
+def test_daily_rows_at_berlin_midnight_are_not_counted_as_snapped():
+    zone = "Europe/Berlin"
+    ts = _local_midnights(zone, "2024-03-25", 14)  # summer time began on the 31st
+    frame, report = validate(_raw(["a"] * 14, ts, np.arange(14.0)), grid=Grid("1D", zone))
+    assert report.total() == 0
+    assert (pd.DatetimeIndex(frame["ts"]) == ts).all()
+
+
+@pytest.mark.parametrize("zone", ["Pacific/Auckland", "Europe/Berlin", "America/Santiago", "America/Havana",
+                                  "Asia/Beirut", "Asia/Kolkata"])
+@pytest.mark.parametrize("freq", ["1D", "7D"])
+def test_local_day_grid_round_trips(zone, freq):
+    g = Grid(freq, zone)
+    steps = np.arange(2700, 3100) if freq == "7D" else np.arange(19000, 20500)  # 2022-2026
+    times = g.ts(steps)
+    assert (g.index(times) == steps).all()
+    assert (g.ns(steps) == times.asi8).all()
+    assert (g.ts(g.index(times)) == times).all()
+    # Santiago and Beirut skip midnight when summer time begins: that day starts at 01:00. Havana repeats
+    # it when summer time ends: the day starts at the first of the two.
+    local = times.tz_convert(zone)
+    assert set(local.hour) <= {0, 1} and local.minute.max() == 0
+    if zone in ("America/Santiago", "Asia/Beirut") and freq == "1D":
+        assert 1 in set(local.hour)
+    if zone == "America/Havana" and freq == "1D":
+        day = g.ts(g.index(pd.DatetimeIndex([pd.Timestamp("2024-11-03 06:00", tz=zone)])))[0]
+        assert day == pd.Timestamp("2024-11-03 04:00", tz="UTC")  # 00:00 CDT, not 00:00 CST an hour later
+    # Off-grid times go to the nearest local midnight of the grid.
+    day = g.index(times[:1] + pd.Timedelta(hours=11))
+    assert day[0] == steps[0]
+
+
+def test_a_utc_daily_grid_and_sub_day_grids_are_the_epoch_anchored_grid_as_before():
+    assert Grid("1D") == Grid("1D", "UTC") and Grid("1D").zone == "UTC" and Grid("1D").regular
+    assert not Grid("1D", "Europe/Berlin").regular and not Grid("MS").regular
+    # Hours and minutes count elapsed time: no zone moves them (Kolkata's half hour would).
+    assert Grid("1h", "Asia/Kolkata") == Grid("1h") and Grid("5min", "Pacific/Auckland").regular
+    g = Grid("1D")
+    times = (pd.Timestamp("2024-01-01", tz="UTC") + pd.to_timedelta(np.arange(0, 10**6, 997), "s")).as_unit("ns")
+    day = 86_400 * 10**9
+    assert (g.index(times) == (times.asi8 + day // 2) // day).all()
+    assert (g.ns(np.arange(19000, 19010)) == np.arange(19000, 19010) * day).all()
+    assert (g.wall_ns(np.arange(19000, 19010)) == g.ns(np.arange(19000, 19010))).all()
+
+
+@pytest.mark.parametrize("zone", ["Europe/Berlin", "America/New_York"])
+@pytest.mark.parametrize("freq", ["1D", "2D"])
+def test_local_midnights_keep_the_steps_of_the_utc_grid_within_twelve_hours(zone, freq):
+    """Watermarks are grid steps: a model retrained after the upgrade carries on where the old one stopped."""
+    g = Grid(freq, zone)
+    days = g.step_ns // (86_400 * 10**9)
+    times = g.ts(np.arange(19000 // days, 20500 // days))  # 2022-2026, local midnights
+    assert (g.index(times) == Grid(freq).index(times)).all()
+    # and the calendar features see the same local date at hour 0 as they did on the UTC grid
+    steps = g.index(times)
+    assert (g.wall_ns(steps) == Grid(freq).ns(steps)).all()
+
+
+def test_an_unknown_zone_for_daily_steps_is_refused():
+    with pytest.raises(DataError, match="Mars/Olympus"):
+        Grid("1D", "Mars/Olympus")

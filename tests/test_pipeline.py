@@ -394,3 +394,45 @@ def test_serving_on_cuda_without_a_gpu_names_the_setting(trained, tmp_path):
     with pytest.raises(ModelError, match=r'\[serve\] device = "cuda" but no CUDA device'):
         run_once(config, _ts(420))
     assert load_config(cfg).serve.device == "cpu"  # the default, also on GPU hosts
+
+
+def test_daily_data_at_local_midnight_keeps_one_row_a_day_across_a_dst_change(tmp_path):
+    """Auckland (+12 / +13 h): local midnight is 12:00 or 11:00 UTC. On a grid of UTC midnights every row
+    was counted as snapped, and the 29th and 30th (either side of the 2024-09-29 change) met on one step."""
+    zone = "Pacific/Auckland"
+    days = pd.date_range("2024-05-01", "2024-10-03", freq="D")  # naive local midnights, as a user stores dates
+    rng = np.random.default_rng(0)
+    t = np.arange(len(days))
+    data = pd.DataFrame({"series_id": "sales", "ts": days.as_unit("ns"),
+                         "value": 50 + 10 * np.sin(2 * np.pi * t / 7) + rng.normal(0, 1, len(days))})
+    cfg = _write_config(tmp_path, tmp_path / "data.parquet")
+    cfg.write_text(cfg.read_text().replace("[source]\n", f'[source]\ntimezone = "{zone}"\n', 1))
+    config = load_config(cfg, {"training.epochs": 1})  # the grid is under test, not the model
+
+    def upto(day: str) -> pd.Timestamp:  # writes the rows before that local day; returns its UTC instant
+        data[data["ts"] < pd.Timestamp(day)].to_parquet(tmp_path / "data.parquet")
+        return pd.Timestamp(day, tz=zone).tz_convert("UTC")
+
+    summary = train(config, upto("2024-09-01"))
+    manifest = state_store(config).manifest(summary.version)
+    assert pd.Timedelta(pd.tseries.frequencies.to_offset(manifest["freq"])) == pd.Timedelta(days=1)  # inferred
+    assert manifest["zone"] == zone
+    first = run_once(config, upto("2024-09-27"), keep_outputs=True)  # warm-up over the history, then rows
+    second = run_once(config, upto("2024-10-04"), keep_outputs=True)  # the week across the change
+    assert first.repairs == {} and second.repairs == {}  # nothing snapped, nothing a duplicate
+    a = second.outputs.anomalies
+    expected = pd.date_range("2024-09-27", "2024-10-03", freq="D", tz=zone).tz_convert("UTC")
+    assert a["ts"].tolist() == expected.tolist()
+    assert a["ts"].iloc[2:4].tolist() == [pd.Timestamp("2024-09-28 12:00", tz="UTC"),  # the 29th, +12
+                                          pd.Timestamp("2024-09-29 11:00", tz="UTC")]  # the 30th, +13
+    values = data.set_index("ts")["value"]
+    np.testing.assert_array_equal(a["value"], values[pd.date_range("2024-09-27", "2024-10-03", freq="D")])
+    both = pd.concat([first.outputs.anomalies["ts"], a["ts"]])
+    assert both.is_unique and (both.dt.tz_convert(zone).dt.hour == 0).all()
+    f = second.outputs.forecasts
+    assert (f["issued_at"].dt.tz_convert(zone).dt.hour == 0).all()
+    assert (f["target_ts"].dt.tz_convert(zone).dt.hour == 0).all()
+    # A forecast k days ahead is for the local midnight k days on, whatever the hours between.
+    issued = f["issued_at"].dt.tz_convert(zone).dt.tz_localize(None)
+    target = f["target_ts"].dt.tz_convert(zone).dt.tz_localize(None)
+    assert ((target - issued) == pd.to_timedelta(f["step"], unit="D")).all()

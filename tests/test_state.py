@@ -7,6 +7,7 @@ import torch
 from forecastd.config import ModelConfig, config_to_dict, example_config
 from forecastd.errors import ModelError
 from forecastd.models import Forecaster
+from forecastd.frames import Grid
 from forecastd.state import StateStore, StreamState, plan
 
 
@@ -61,6 +62,18 @@ def test_model_versions_checksum_and_fallback(tmp_path):
     weights.write_bytes(b"garbage" + weights.read_bytes()[7:])
     assert store.load_live().version == v1  # corrupt live falls back with a warning
     assert json.loads((tmp_path / "models" / "v000001" / "manifest.json").read_text())["libraries"]["torch"]
+
+
+def test_a_manifest_without_a_zone_loads_as_utc_and_a_zone_is_kept(tmp_path):
+    """Models trained before grids had a zone put daily steps on UTC midnights: they keep serving so."""
+    store = StateStore(tmp_path)
+    m = Forecaster(11, ModelConfig())
+    old = store.save_model(m, {**_manifest(), "freq": "D"}, keep=5)
+    new = store.save_model(m, {**_manifest(), "freq": "D", "zone": "Pacific/Auckland"}, keep=5)
+    store.set_live(old)
+    assert store.load_live().grid == Grid("D") and store.load_live().grid.regular
+    store.set_live(new)
+    assert store.load_live().grid == Grid("D", "Pacific/Auckland")
 
 
 def test_no_pickle_anywhere_in_the_state_dir(tmp_path):
