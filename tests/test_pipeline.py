@@ -211,11 +211,7 @@ def test_new_series_joining_later_warms_up_and_others_carry_on(trained, tmp_path
 
 def test_a_silent_series_does_not_hold_every_read_back_and_its_late_backlog_is_processed(trained, tmp_path):
     """A dead sensor made every tick re-read all series' rows since it died and count them as late."""
-    src, data = trained
-    shutil.copytree(src / "state", tmp_path / "state")
-    config = load_config(_write_config(tmp_path, tmp_path / "data.parquet", serve="list_series_every = 1e7"))
-    data[data["ts"] < _ts(500)].to_parquet(tmp_path / "data.parquet")
-    run_once(config, _ts(500))
+    config, data = _ticked_to_500(trained, tmp_path, "1e7")
     walk = data["series_id"] == "walk"
     for stop in (520, 540, 560):  # "walk" sends nothing after 499; max_gap is 12 steps
         data[(data["ts"] < _ts(stop)) & ~(walk & (data["ts"] >= _ts(500)))].to_parquet(tmp_path / "data.parquet")
@@ -277,12 +273,19 @@ def test_series_are_listed_once_per_interval_and_a_newcomer_with_only_old_rows_w
     assert source.listings == 3
 
 
-def test_listing_every_tick_finds_the_newcomer_at_once(trained, tmp_path):
+def _ticked_to_500(trained, tmp_path: Path, list_series_every: str) -> tuple:
+    """A copy of the trained state, ticked once over the data before step 500 (the config and the data)."""
     src, data = trained
     shutil.copytree(src / "state", tmp_path / "state")
-    config = load_config(_write_config(tmp_path, tmp_path / "data.parquet", serve="list_series_every = 0"))
+    config = load_config(_write_config(tmp_path, tmp_path / "data.parquet",
+                                       serve=f"list_series_every = {list_series_every}"))
     data[data["ts"] < _ts(500)].to_parquet(tmp_path / "data.parquet")
     run_once(config, _ts(500))
+    return config, data
+
+
+def test_listing_every_tick_finds_the_newcomer_at_once(trained, tmp_path):
+    config, data = _ticked_to_500(trained, tmp_path, "0")
     old = data[(data["series_id"] == "walk") & (data["ts"] < _ts(450))].assign(series_id="old")
     pd.concat([data[data["ts"] < _ts(501)], old]).to_parquet(tmp_path / "data.parquet")
     r = run_once(config, _ts(501), keep_outputs=True)
@@ -306,13 +309,11 @@ def test_long_gap_restarts_the_series_from_a_warm_up(trained, tmp_path):
 
 
 def test_a_silent_series_backlog_with_no_newer_rows_waits_for_the_listing(trained, tmp_path):
-    src, data = trained
-    shutil.copytree(src / "state", tmp_path / "state")
-    config = load_config(_write_config(tmp_path, tmp_path / "data.parquet", serve="list_series_every = 1e7"))
+    config, data = _ticked_to_500(trained, tmp_path, "1e7")
     walk = data["series_id"] == "walk"
-    for stop in (500, 530):  # "walk" stops at 499, and is more than max_gap = 12 steps behind at 530
-        data[(data["ts"] < _ts(stop)) & ~(walk & (data["ts"] >= _ts(500)))].to_parquet(tmp_path / "data.parquet")
-        run_once(config, _ts(stop))
+    # "walk" stops at 499, and is more than max_gap = 12 steps behind at 530
+    data[(data["ts"] < _ts(530)) & ~(walk & (data["ts"] >= _ts(500)))].to_parquet(tmp_path / "data.parquet")
+    run_once(config, _ts(530))
     data = data[(data["ts"] < _ts(531)) & ~(walk & (data["ts"] >= _ts(510)))]  # its backlog, 500-509, arrives
     data.to_parquet(tmp_path / "data.parquet")
     r = run_once(config, _ts(531), keep_outputs=True)
