@@ -219,6 +219,24 @@ class Grid:
         index = np.asarray(index, dtype=np.int64)
         return self.ts(index).asi8 if self.monthly else index * self.step_ns
 
+    def last_instant(self, index: np.ndarray) -> pd.DatetimeIndex:
+        """The latest UTC instant that `index` maps to each step: where a read past a processed step
+        starts. Reading from the step's own time instead brought back every point stamped in the step's
+        later half (hourly data at :10) and counted it as late at every tick. Month starts keep the step's
+        time: their halves differ in length from month to month."""
+        index = np.asarray(index, dtype=np.int64)
+        if self.monthly:
+            return self.ts(index)
+        step = self.step_ns
+        last = index * step + step - step // 2 - 1  # floor((ns + step // 2) / step) == index up to here
+        if self.zone == "UTC":
+            return pd.DatetimeIndex(last, tz="UTC").as_unit("ns")
+        # On the local clock; a wall time that a DST change repeats or skips takes the earlier instant,
+        # so a read may start early (rows it re-reads are rejected as late), never late.
+        wall = pd.DatetimeIndex(last).as_unit("ns")
+        return wall.tz_localize(self.zone, ambiguous=np.ones(len(wall), dtype=bool),
+                                nonexistent="shift_backward").tz_convert("UTC").as_unit("ns")
+
     def ts(self, index: np.ndarray) -> pd.DatetimeIndex:
         """UTC timestamps of integer grid steps."""
         index = np.asarray(index, dtype=np.int64)

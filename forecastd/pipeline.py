@@ -227,7 +227,7 @@ def _read_start(state: StreamState, grid: Grid, max_gap: int) -> tuple[pd.Timest
         return None, []
     current = done & (state.step >= state.step[done].max() - max_gap)
     stale = np.asarray(state.series_ids, dtype=object)[done & ~current].tolist()
-    return grid.ts(np.array([state.step[current].min()]))[0], stale
+    return grid.last_instant(np.array([state.step[current].min()]))[0], stale
 
 
 def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
@@ -291,7 +291,9 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     seen = set(all_ids)
     back = stale if listing_due else [s for s in stale if s in seen]
     if back:
-        frames.insert(0, source.read(since=watermarks[back].min(), until=since, series=back))
+        behind = set(back)
+        first = min(int(st) for s, st in zip(state.series_ids, state.step, strict=True) if s in behind)
+        frames.insert(0, source.read(since=grid.last_instant(np.array([first]))[0], until=since, series=back))
     raw = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["series_id", "ts", "value"])
     report.rows_read = len(raw)
     clock.lap("read")

@@ -227,3 +227,12 @@ def test_local_midnights_keep_the_steps_of_the_utc_grid_within_twelve_hours(zone
 def test_an_unknown_zone_for_daily_steps_is_refused():
     with pytest.raises(DataError, match="Mars/Olympus"):
         Grid("1D", "Mars/Olympus")
+
+
+@pytest.mark.parametrize("grid", [Grid("1h"), Grid("5min"), Grid("1D"), Grid("1D", "Europe/Berlin"),
+                                  Grid("1D", "Pacific/Auckland"), Grid("7D", "America/New_York")])
+def test_last_instant_is_the_end_of_the_step(grid):
+    steps = grid.index(pd.DatetimeIndex(["2024-03-09 12:00", "2024-03-31 00:00", "2024-09-28 23:00"], tz="UTC"))
+    last = grid.last_instant(steps)
+    assert (grid.index(last) == steps).all()
+    assert (grid.index(last + pd.Timedelta(1, unit="ns")) == steps + 1).all()

@@ -308,6 +308,20 @@ def test_long_gap_restarts_the_series_from_a_warm_up(trained, tmp_path):
     assert (r.outputs.anomalies["series_id"] == "sine").sum() == 100
 
 
+def test_points_stamped_after_the_hour_are_not_read_again_as_late(trained, tmp_path):
+    """Hourly data stamped at :10 sits on the :00 step; a read from the step's time brought the :10 point
+    back at every tick, counted as late."""
+    src, data = trained
+    shutil.copytree(src / "state", tmp_path / "state")
+    config = load_config(_write_config(tmp_path, tmp_path / "data.parquet"))
+    data = data.assign(ts=data["ts"] + pd.Timedelta(minutes=10))
+    for stop in (500, 505, 510):
+        data[data["ts"] < _ts(stop)].to_parquet(tmp_path / "data.parquet")
+        r = run_once(config, _ts(stop))
+    assert r.points == 3 * 5 and r.rows_read == 3 * 5
+    assert r.repairs == {"snapped to grid": 3 * 5}
+
+
 def test_a_silent_series_backlog_with_no_newer_rows_waits_for_the_listing(trained, tmp_path):
     config, data = _ticked_to_500(trained, tmp_path, "1e7")
     walk = data["series_id"] == "walk"
