@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from forecastd.errors import ConfigError
+from forecastd.errors import ConfigError, DataError
 
 __all__ = [
     "Config",
@@ -480,8 +480,7 @@ def _validate(c: Config) -> None:
 
     d = c.data
     if d.freq is not None:
-        from forecastd.errors import DataError
-        from forecastd.frames import Grid
+        from forecastd.frames import Grid  # pandas only when a freq is set
 
         try:
             Grid(d.freq)  # a weekly or month-end step parses, and would fail only at the first read

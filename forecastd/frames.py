@@ -231,11 +231,17 @@ class Grid:
         last = index * step + step - step // 2 - 1  # floor((ns + step // 2) / step) == index up to here
         if self.zone == "UTC":
             return pd.DatetimeIndex(last, tz="UTC").as_unit("ns")
-        # On the local clock; a wall time that a DST change repeats or skips takes the earlier instant,
-        # so a read may start early (rows it re-reads are rejected as late), never late.
-        wall = pd.DatetimeIndex(last).as_unit("ns")
+        # On the local clock; a wall time that a DST change skips takes the instant before the gap, so a
+        # read may start early (rows it re-reads are rejected as late), never late.
+        return self._from_wall(last, "shift_backward")
+
+    def _from_wall(self, wall_ns: np.ndarray, nonexistent: str) -> pd.DatetimeIndex:
+        """UTC instants of times on the zone's clock (ns after 1970-01-01 00:00 on it). A time that occurs
+        twice is the first of the two (True: the DST one); one that a DST jump skips is moved as
+        `nonexistent` says."""
+        wall = pd.DatetimeIndex(wall_ns).as_unit("ns")
         return wall.tz_localize(self.zone, ambiguous=np.ones(len(wall), dtype=bool),
-                                nonexistent="shift_backward").tz_convert("UTC").as_unit("ns")
+                                nonexistent=nonexistent).tz_convert("UTC").as_unit("ns")
 
     def ts(self, index: np.ndarray) -> pd.DatetimeIndex:
         """UTC timestamps of integer grid steps."""
@@ -248,10 +254,8 @@ class Grid:
             ).tz_localize("UTC").as_unit("ns")
         if self.zone != "UTC":
             # A midnight that a DST jump skips (America/Santiago, Asia/Beirut) is the first instant after
-            # the gap; one that occurs twice (America/Havana) is the first of the two (True: the DST one).
-            wall = pd.DatetimeIndex(index * self.step_ns).as_unit("ns")
-            return wall.tz_localize(self.zone, ambiguous=np.ones(len(wall), dtype=bool),
-                                    nonexistent="shift_forward").tz_convert("UTC").as_unit("ns")
+            # the gap; one that occurs twice (America/Havana) is the first of the two.
+            return self._from_wall(index * self.step_ns, "shift_forward")
         return pd.DatetimeIndex(index * self.step_ns, tz="UTC").as_unit("ns")
 
 

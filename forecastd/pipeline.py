@@ -218,15 +218,17 @@ def _prior(store: StateStore, live: int) -> tuple[dict[str, int], dict[str, Carr
     return {}, {}
 
 
-def _read_start(state: StreamState, grid: Grid, max_gap: int) -> tuple[pd.Timestamp | None, list[str]]:
+def _read_start(state: StreamState, grid: Grid, max_gap: int) -> tuple[pd.Timestamp | None, dict[str, int]]:
     """Where a tick's read starts, the oldest watermark of the series within `max_gap` steps of the newest
-    one, and the series further behind (silent longer than a gap that restarts a series): those are
-    read apart, so that they do not hold every tick's read back. (None, []) before any watermark."""
+    one, and the series further behind (silent longer than a gap that restarts a series) with their
+    watermark steps: those are read apart, so that they do not hold every tick's read back. (None, {})
+    before any watermark."""
     done = state.step >= 0
     if not done.any():
-        return None, []
+        return None, {}
     current = done & (state.step >= state.step[done].max() - max_gap)
-    stale = np.asarray(state.series_ids, dtype=object)[done & ~current].tolist()
+    behind = np.flatnonzero(done & ~current)
+    stale = {state.series_ids[i]: int(state.step[i]) for i in behind}
     return grid.last_instant(np.array([state.step[current].min()]))[0], stale
 
 
@@ -289,10 +291,9 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     # every series since it died). Their rows from there up to the read's start are fetched when they
     # send again, or at the listing interval (a backlog uploaded late).
     seen = set(all_ids)
-    back = stale if listing_due else [s for s in stale if s in seen]
+    back = list(stale) if listing_due else [s for s in stale if s in seen]
     if back:
-        behind = set(back)
-        first = min(int(st) for s, st in zip(state.series_ids, state.step, strict=True) if s in behind)
+        first = min(stale[s] for s in back)
         frames.insert(0, source.read(since=grid.last_instant(np.array([first]))[0], until=since, series=back))
     raw = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["series_id", "ts", "value"])
     report.rows_read = len(raw)
