@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -201,18 +202,70 @@ def test_parquet_layout_is_hive_and_readable_by_others(tmp_path, grain, forecast
     assert pq.read_schema(tmp_path / "forecasts" / forecast_files[0]).names == list(FORECAST_COLUMNS)
 
 
-def test_parquet_rewrites_only_touched_partitions_atomically(tmp_path, make_forecasts, make_anomalies):
+def test_parquet_appends_new_points_and_merges_only_the_files_a_replay_touches(tmp_path, make_forecasts,
+                                                                              make_anomalies):
     sink = ParquetSink(tmp_path)
     sink.write(make_forecasts(issued=[START, START + 10 * H]), make_anomalies())
-    day1 = tmp_path / "forecasts" / "date=2024-03-30" / PART_FILE
-    day2 = tmp_path / "forecasts" / "date=2024-03-31" / PART_FILE
-    before1, before2 = os.stat(day1), os.stat(day2)
-    sink.write(make_forecasts(issued=[START + 11 * H]), make_anomalies().iloc[:0])
-    after1, after2 = os.stat(day1), os.stat(day2)
-    assert (after1.st_ino, after1.st_mtime_ns) == (before1.st_ino, before1.st_mtime_ns)  # untouched
-    assert after2.st_ino != before2.st_ino  # replaced by rename, not rewritten in place
+    day1 = tmp_path / "forecasts" / "date=2024-03-30"
+    day2 = tmp_path / "forecasts" / "date=2024-03-31"
+    before1, before2 = os.stat(day1 / PART_FILE), os.stat(day2 / PART_FILE)
+    tick = make_forecasts(issued=[START + 11 * H])
+    sink.write(tick, make_anomalies().iloc[:0])
+    # A tick's new points are a new file: neither day's existing file is read or rewritten.
+    for path, before in ((day1 / PART_FILE, before1), (day2 / PART_FILE, before2)):
+        after = os.stat(path)
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert _files(day2) == ["part-0.parquet", "part-1.parquet"]
+    # A replay of the tick with other values: merged with the one file it shares keys with.
+    sink.write(tick.assign(mean=-5.0), make_anomalies().iloc[:0])
+    assert _files(day2) == ["part-0.parquet", "part-2.parquet"]
+    assert os.stat(day2 / PART_FILE).st_ino == before2.st_ino
     assert not list(tmp_path.rglob(f"*{TMP_SUFFIX}"))
-    assert len(sink.read("forecasts")) == 3 * len(SERIES) * 3
+    got = sink.read("forecasts")
+    assert len(got) == 3 * len(SERIES) * 3 and not got.duplicated(["series_id", "issued_at", "step"]).any()
+    assert (got.loc[got["issued_at"] == START + 11 * H, "mean"] == -5.0).all()
+    assert (got.loc[got["issued_at"] != START + 11 * H, "mean"] >= 0).all()
+
+
+def test_parquet_ticks_keep_few_files_and_rewrite_each_row_a_few_times(tmp_path, make_anomalies, monkeypatch):
+    # Half a day of 5-minute ticks into one partition. Rewriting the partition at every tick wrote 144 x 72
+    # ticks' rows; tiered merges write each row a handful of times and keep a few files.
+    written = []
+    real = parquet_module.pq.write_table
+    monkeypatch.setattr(parquet_module.pq, "write_table", lambda table, where, **kw: (
+        written.append(table.num_rows), real(table, where, **kw))[1])
+    sink = ParquetSink(tmp_path)
+    ticks, series = 144, [f"s{i}" for i in range(20)]
+    for i in range(ticks):
+        ts = START.floor("D") + pd.Timedelta(minutes=5 * i)
+        sink.write(empty(SPECS["forecasts"]), make_anomalies().iloc[:0].pipe(lambda _: pd.DataFrame({
+            "series_id": np.array(series, dtype=object), "ts": pd.DatetimeIndex([ts] * len(series)).as_unit("ns"),
+            "value": np.full(len(series), float(i)), "expected": 0.0, "lower": -1.0, "upper": 1.0, "score": 0.0,
+            "is_anomaly": False, "model_version": np.int64(1)})))
+    files = _files(tmp_path / "anomalies")
+    assert len(files) <= 12, files
+    assert sum(written) <= 6 * ticks * len(series), sum(written) / (ticks * len(series))
+    got = sink.read("anomalies")
+    assert len(got) == ticks * len(series) and (got.groupby("series_id")["value"].sum() == sum(range(ticks))).all()
+
+
+def test_parquet_rows_left_twice_by_a_merge_cut_short_read_once_newest_first(tmp_path, make_forecasts,
+                                                                             make_anomalies):
+    sink = ParquetSink(tmp_path)
+    sink.write(make_forecasts(issued=[START]), make_anomalies().iloc[:0])
+    day = tmp_path / "forecasts" / "date=2024-03-30"
+    # As if a merge wrote part-1 (the same keys, new values) and the process died before deleting part-0.
+    old = pq.read_table(day / PART_FILE)
+    newer = old.set_column(old.schema.get_field_index("mean"), "mean", pa.array(np.full(old.num_rows, 7.0)))
+    pq.write_table(newer.replace_schema_metadata(old.schema.metadata), day / "part-1.parquet")
+    got = sink.read("forecasts")
+    assert len(got) == old.num_rows and (got["mean"] == 7.0).all()
+    # The next write that meets those keys merges both files, the newer winning.
+    sink.write(make_forecasts(issued=[START], series=["a"], offset=100.0), make_anomalies().iloc[:0])
+    assert _files(day) == ["part-2.parquet"]
+    got = sink.read("forecasts")
+    assert len(got) == old.num_rows
+    assert (got.loc[got["series_id"] == "a", "mean"] >= 100).all() and (got.loc[got["series_id"] != "a", "mean"] == 7.0).all()
 
 
 def test_parquet_failed_write_keeps_the_old_partition(tmp_path, make_forecasts, make_anomalies, monkeypatch):
@@ -300,7 +353,8 @@ def test_parquet_writers_in_two_processes_lose_no_rows(tmp_path):
         assert len(mine) == len(want), f"{len(want) - len(mine)} of {name}'s rows were lost"
         assert (mine == want).all()
     # The lock files stay out of the dataset, so its readers and the layout check never meet them.
-    assert _files(tmp_path / "anomalies") == [f"date=2024-03-30/{PART_FILE}"]
+    files = _files(tmp_path / "anomalies")
+    assert files and all(re.fullmatch(r"date=2024-03-30/part-\d+\.parquet", f) for f in files), files
     assert _files(tmp_path / LOCK_DIR) == ["anomalies/date=2024-03-30.lock"]
 
 
