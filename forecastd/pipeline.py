@@ -300,10 +300,15 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     clock.lap("read")
     frame, frame_report = validate(raw, grid=grid, timezone=config.source.timezone,
                                    duplicates=config.data.duplicates, watermarks=watermarks, now=now)
-    for sid in back:
-        # The backlog read starts at the oldest of these series' watermarks: rows at or before a series'
-        # own one are rows it has processed, not late arrivals (the first read starts after them all).
-        frame_report.counts.pop((sid, LATE), None)
+    # Every read starts at the oldest watermark among the series it covers, so it brings back rows that
+    # the series ahead of it have processed. A row at or before its series' watermark is dropped, but it
+    # is not counted or logged as late: one written after the series passed it cannot be told from one
+    # read again, and counting the re-reads made a series a few steps behind the others turn every
+    # tick's rows of every other series into "late" warnings and a late-rows alert (a backfill over
+    # the range processes a truly late row).
+    reread = sum(frame_report.counts.pop(key) for key in [k for k in frame_report.counts if k[1] == LATE])
+    if reread:
+        log.debug("%d row(s) at or before their series' watermark read again and dropped", reread)
     frame_report.log()
     report.repairs = frame_report.by_reason()
     clock.lap("validate")

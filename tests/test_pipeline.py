@@ -227,6 +227,23 @@ def test_a_silent_series_does_not_hold_every_read_back_and_its_late_backlog_is_p
     assert (a["series_id"] == "sine").sum() == 40 and r.repairs == {}, r.repairs
 
 
+def test_a_series_a_few_steps_behind_does_not_turn_the_others_rows_into_late_ones(trained, tmp_path):
+    """The read starts at the lagging series' watermark, so it brings back the other series' processed
+    rows: each tick counted and logged them as late, and a late-rows alert fired on a healthy feed."""
+    config, data = _ticked_to_500(trained, tmp_path, "1e7")
+    walk = data["series_id"] == "walk"
+    for stop in (503, 506, 509, 512):  # "walk" always 3 steps behind the others, well within max_gap
+        data[(data["ts"] < _ts(stop)) & ~(walk & (data["ts"] >= _ts(stop - 3)))].to_parquet(tmp_path / "data.parquet")
+        r = run_once(config, _ts(stop), keep_outputs=True)
+        assert r.repairs == {}, (stop, r.repairs)
+        a = r.outputs.anomalies
+        # Each series' points are processed once: the re-read rows are dropped, not processed again.
+        assert not a.duplicated(["series_id", "ts"]).any()
+        assert (a["series_id"] == "walk").sum() == (0 if stop == 503 else 3)
+        assert (a["series_id"] == "sine").sum() == 3
+    assert r.rows_read > r.points  # the other series' last 3 steps were read again
+
+
 class _CountingSource:
     """The real Parquet source, counting how often every series id is listed (a scan of every file)."""
 
