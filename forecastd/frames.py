@@ -5,8 +5,10 @@ module turns it into the one frame every later stage trusts. Each repair follows
 counted per series and reason in a `FrameReport`; nothing is dropped without being counted.
 
 Rules:
-- `series_id` null: row rejected ("null series_id"). Any other id is kept verbatim as a string.
-- `ts` null or unparseable: row rejected ("bad timestamp"). Naive timestamps take the configured zone;
+- `series_id` null: row rejected ("null series_id"). An id holding a NUL character: row rejected ("NUL
+  character in series_id"; no SQL database stores one in text). Any other id is kept verbatim as a string.
+- `ts` null, unparseable or outside 1677-09-21..2262-04-11 (what nanoseconds hold; '9999-12-31' marks
+  "no end" in many exports): row rejected ("bad timestamp"). Naive timestamps take the configured zone;
   aware ones are converted to UTC. Mixed naive/aware columns are handled row by row.
 - `value` non-numeric, NaN or ±inf: kept as a missing point ("nan as missing", "inf as missing");
   the model sees a missing flag there, never the number.
@@ -308,6 +310,26 @@ def _span(step: pd.Timedelta) -> str:
     return str(step).removeprefix("0 days ")
 
 
+# The instants datetime64[ns] holds, the unit every later stage computes in.
+_NS_FIRST, _NS_LAST = pd.Timestamp.min.tz_localize("UTC"), pd.Timestamp.max.tz_localize("UTC")
+
+
+def _in_ns(ts: pd.Series) -> pd.Series:
+    """UTC timestamps of any unit as nanoseconds; those outside the nanosecond range become NaT (bad
+    timestamps): one '9999-12-31' failed the conversion, and with it the read of every series."""
+    outside = (ts < _NS_FIRST) | (ts > _NS_LAST)
+    if outside.any():
+        ts = ts.mask(outside)
+    return ts.dt.as_unit("ns")
+
+
+def _instants(values: list, tz: ZoneInfo) -> pd.DatetimeIndex:
+    """Timestamps of any form as UTC nanoseconds, row by row (`utc_instant`), NaT outside the range."""
+    out = [utc_instant(v, tz) for v in values]
+    out = [t if t is pd.NaT or _NS_FIRST <= t <= _NS_LAST else pd.NaT for t in out]
+    return pd.DatetimeIndex(out, tz="UTC").as_unit("ns") if out else pd.DatetimeIndex([], tz="UTC")
+
+
 def _to_utc(col: pd.Series, zone: str) -> pd.Series:
     """Timestamps to datetime64[ns, UTC]; naive ones take `zone`; unparseable ones become NaT."""
     if col.dtype.kind in "iuf" and col.notna().any():
@@ -319,9 +341,9 @@ def _to_utc(col: pd.Series, zone: str) -> pd.Series:
             "view that converts them (e.g. to_timestamp(col) in PostgreSQL, datetime(col, 'unixepoch') in SQLite)"
         )
     if isinstance(col.dtype, pd.DatetimeTZDtype):
-        return col.dt.tz_convert("UTC").dt.as_unit("ns")
+        return _in_ns(col.dt.tz_convert("UTC"))
     if pd.api.types.is_datetime64_dtype(col.dtype):
-        return col.dt.tz_localize(zone, ambiguous="NaT", nonexistent="NaT").dt.tz_convert("UTC").dt.as_unit("ns")
+        return _in_ns(col.dt.tz_localize(zone, ambiguous="NaT", nonexistent="NaT").dt.tz_convert("UTC"))
     tz = ZoneInfo(zone)
     # Fast path: one vectorised parse; values it could not place (unparseable, or of the other kind in
     # a mixed naive/aware column) are parsed row by row, so dirty rows cost time only for themselves.
@@ -345,11 +367,9 @@ def _to_utc(col: pd.Series, zone: str) -> pd.Series:
         redo = out.isna() & col.notna()
         if redo.any():
             out = out.copy()
-            out[redo] = pd.DatetimeIndex([utc_instant(v, tz) for v in col[redo].tolist()], tz="UTC").as_unit("ns")
+            out[redo] = _instants(col[redo].tolist(), tz)
         return out
-    values = [utc_instant(v, tz) for v in col.tolist()]
-    return pd.Series(pd.DatetimeIndex(values, tz="UTC").as_unit("ns") if values else
-                     pd.DatetimeIndex([], tz="UTC"), index=col.index)
+    return pd.Series(_instants(col.tolist(), tz), index=col.index)
 
 
 def validate(
@@ -373,14 +393,22 @@ def validate(
         return empty_frame(), report
 
     sid = raw["series_id"]
-    null_id = sid.isna()
-    if null_id.any():
-        report.add("<null>", "rejected: null series_id", int(null_id.sum()))
+    keep = ~sid.isna().to_numpy()
+    if not keep.all():
+        report.add("<null>", "rejected: null series_id", int((~keep).sum()))
+    ids = sid[keep].astype(str)
+    # PostgreSQL text cannot hold NUL, and one such id failed the sink's write of every series in the
+    # batch; stripping it instead could merge the series into another.
+    nul = ids.str.contains("\x00", regex=False).to_numpy(dtype=bool)
+    if nul.any():
+        report.add(ids[nul], "rejected: NUL character in series_id")
+        ids = ids[~nul]
+        keep[keep] = ~nul
     frame = pd.DataFrame(
         {
-            "series_id": sid[~null_id].astype(str).astype(object),
-            "ts": _to_utc(raw["ts"][~null_id], timezone),
-            "value": pd.to_numeric(raw["value"][~null_id], errors="coerce").astype("float64"),
+            "series_id": ids.astype(object),
+            "ts": _to_utc(raw["ts"][keep], timezone),
+            "value": pd.to_numeric(raw["value"][keep], errors="coerce").astype("float64"),
         }
     )
 

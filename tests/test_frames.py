@@ -236,3 +236,31 @@ def test_last_instant_is_the_end_of_the_step(grid):
     last = grid.last_instant(steps)
     assert (grid.index(last) == steps).all()
     assert (grid.index(last + pd.Timedelta(1, unit="ns")) == steps + 1).all()
+
+
+@pytest.mark.parametrize("kind", ["text", "aware", "naive", "datetime"])
+def test_times_nanoseconds_cannot_hold_are_bad_timestamps_and_the_rest_go_on(kind):
+    """'9999-12-31' (an "end of time" in many exports) raised OutOfBoundsDatetime, failing every series."""
+    stamps = ["2024-01-01 00:00", "9999-12-31 00:00", "0001-01-01 00:00", "2024-01-01 01:00"]
+    if kind == "text":
+        ts = pd.Series(stamps, dtype=object)
+    elif kind == "datetime":
+        ts = pd.Series([dt.datetime.fromisoformat(s) for s in stamps], dtype=object)
+    else:
+        ts = pd.Series(pd.to_datetime(stamps, format="ISO8601").as_unit("s"))
+        ts = ts.dt.tz_localize("Europe/Berlin") if kind == "aware" else ts
+    f, r = validate(_raw(["a", "b", "b", "a"], ts, [1.0, 2.0, 3.0, 4.0]), grid=G, timezone="Europe/Berlin")
+    assert f["value"].tolist() == [1.0, 4.0] and str(f["ts"].dtype) == "datetime64[ns, UTC]"
+    assert r.counts == {("b", "rejected: bad timestamp"): 2}
+    assert infer_freq(_raw(["a", "b", "b", "a"], ts, [1.0, 2.0, 3.0, 4.0])) == "h"
+
+
+def test_series_ids_with_a_nul_are_rejected_and_named(caplog):
+    """PostgreSQL text cannot hold NUL: one such id failed the sink's write for every series of the batch."""
+    ts = pd.to_datetime(["2024-01-01 00:00", "2024-01-01 01:00", "2024-01-01 00:00"], utc=True)
+    f, r = validate(_raw(["a", "b\x00c", "b\x00c"], ts, [1.0, 2.0, 3.0]), grid=G)
+    assert f["series_id"].tolist() == ["a"] and f["value"].tolist() == [1.0]
+    assert r.counts == {("b\x00c", "rejected: NUL character in series_id"): 2}
+    with caplog.at_level("WARNING", logger="forecastd.frames"):
+        r.log()
+    assert "'b\\x00c': 2 row(s) rejected: NUL character in series_id" in caplog.text

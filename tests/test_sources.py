@@ -26,7 +26,7 @@ from forecastd.errors import DataError, SourceError
 from forecastd.frames import Grid, validate
 from forecastd.sources import COLUMNS, MemorySource, ParquetSource, Source, SqlSource, open_source
 from forecastd.sources import parquet as parquet_module
-from forecastd.sources.mapping import text_bound
+from forecastd.sources.mapping import text_scan, text_within
 
 ZONE = "Europe/Berlin"
 H = pd.Timedelta(hours=1)
@@ -359,6 +359,27 @@ def test_postgresql_missing_table_and_schema(pg_url, pg_schema, long_frame, tmp_
     assert SqlSource(pg_base_url(), "readings", db_schema=pg_schema).series_ids() == sorted(SERIES)
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("kind", ["timestamptz", "timestamp", "date"])
+def test_postgresql_infinite_times_are_bad_timestamps_not_a_failed_read(kind, request):
+    """psycopg has no Python value for 'infinity' and failed the whole query on one such row."""
+    url = request.getfixturevalue("pg_url")
+    engine = sa.create_engine(url)
+    request.addfinalizer(engine.dispose)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE readings (series_id text, ts {kind}, value float8)"))
+        conn.execute(sa.text("INSERT INTO readings VALUES ('a', '2024-03-31', 1), ('a', 'infinity', 2), "
+                             "('b', '-infinity', 3), ('b', '2024-04-01', 4)"))
+    source = SqlSource(url, "readings", engine=engine)
+    frame, report = validate(source.read(), grid=Grid("1D"))
+    assert frame["value"].tolist() == [1.0, 4.0]
+    assert report.counts == {("a", "rejected: bad timestamp"): 1, ("b", "rejected: bad timestamp"): 1}
+    # A bounded read cannot place them in time: they stay out, as rows without a time do.
+    noon = pd.Timestamp("2024-03-31 12:00", tz="UTC")
+    assert source.read(since=noon)["value"].tolist() == [4.0]
+    assert source.read(until=noon)["value"].tolist() == [1.0]
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("series_column", "sensor", r"column 'sensor' \(mapped by \[source\] series_column\) not found"),
     ("time_column", "when", r"column 'when' \(mapped by \[source\] time_column\)"),
@@ -423,15 +444,53 @@ def test_unreachable_database():
         SqlSource("not a url", "readings")
 
 
-def test_text_bound_renders_the_stored_shape():
-    t = pd.Timestamp("2024-03-31 00:30:15.123456", tz="UTC")
-    assert text_bound("2024-01-01T00:00:00Z", t, "UTC", "x") == "2024-03-31T00:30:15Z"
-    assert text_bound("2024-01-01 00:00:00.000", t, "UTC", "x") == "2024-03-31 00:30:15.123"
-    assert text_bound("2024-01-01 00:00", t, ZONE, "x") == "2024-03-31 01:30"
-    assert text_bound("2024-01-01T00:00:00+02:00", t, "UTC", "x") == "2024-03-31T02:30:15+02:00"
-    assert text_bound("2024-01-01", t, "UTC", "x") == "2024-03-31"
-    with pytest.raises(SourceError, match="not ISO-8601"):
-        text_bound("31/03/2024", t, "UTC", "x")
+def test_text_scan_holds_every_shape_and_text_within_filters_exactly():
+    since, until = pd.Timestamp("2024-10-27 02:00", tz="UTC"), pd.Timestamp("2024-10-27 05:00", tz="UTC")
+    assert text_scan(since, until, ZONE, offsets=True) == ("2024-10-26 11", "2024-10-29")
+    assert text_scan(since, None, ZONE, offsets=False) == ("2024-10-27 03", None)  # Berlin's wall clock
+    values = pa.array([
+        "2024-10-27T03:30:00+02:00",  # 01:30 UTC, sorts after the next: excluded
+        "2024-10-27T03:00:00+01:00",  # 02:00 UTC, exactly since: excluded
+        "2024-10-27T04:00:00+01:00",  # 03:00 UTC: included
+        "2024-10-27 02:00:00.001Z",  # included
+        "2024-10-27 03:00:01",  # naive, Berlin: 02:00:01 UTC: included
+        "2024-10-27 03:00",  # naive, Berlin: 02:00 UTC: excluded
+        "2024-10-27T06:00:00+01:00",  # 05:00 UTC, exactly until: included
+        "2024-10-27T05:00:01Z",  # excluded
+        "2024-10-28",  # naive midnight: excluded
+        "garbage",  # no time: in no bounded range
+        None,
+    ])
+    assert text_within(values, since, until, ZONE).tolist() == [False, False, True, True, True, False, True, False,
+                                                                False, False, False]
+
+
+def _dst_text() -> pd.DataFrame:
+    """Hourly Berlin ISO text across the 2024 fall-back (01:00 UTC on 27 October): +02:00, then +01:00."""
+    ts = pd.date_range("2024-10-26 22:00", "2024-10-27 05:00", freq="h", tz="UTC")
+    return pd.DataFrame({"series_id": "s", "ts": [t.tz_convert(ZONE).isoformat() for t in ts],
+                         "value": np.arange(len(ts), dtype=float)})
+
+
+@pytest.mark.parametrize("backend", ["parquet", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_text_with_offsets_that_change_at_dst_is_filtered_by_instant(backend, tmp_path, request):
+    """After fall-back, '2024-10-27T04:00:00+01:00' (03:00 UTC) sorts before a bound rendered at +02:00,
+    '2024-10-27T04:00:00+02:00' (02:00 UTC): a text comparison dropped it, uncounted."""
+    frame = _dst_text()
+    if backend == "parquet":
+        frame.to_parquet(tmp_path / "x.parquet")
+        source = ParquetSource(tmp_path / "x.parquet")
+    elif backend == "sqlite":
+        url = _sqlite_rows(tmp_path / "t.db", list(frame.itertuples(index=False)))
+        source = SqlSource(url, "readings", series_column="sensor", time_column="stamp", value_column="reading")
+    else:
+        source = _pg_write(request, frame, "readings", {"series_id": sa.Text(), "ts": sa.Text()})
+    since = pd.Timestamp("2024-10-27 02:00", tz="UTC")
+    assert source.read(since=since)["ts"].tolist() == [
+        "2024-10-27T04:00:00+01:00", "2024-10-27T05:00:00+01:00", "2024-10-27T06:00:00+01:00"]
+    got = source.read(since=pd.Timestamp("2024-10-26 23:00", tz="UTC"), until=since)["value"].tolist()
+    assert got == [2.0, 3.0, 4.0]  # 00:00, 01:00 and 02:00 UTC, across the change
+    assert len(source.read()) == len(frame)
 
 
 # -- open_source --------------------------------------------------------------------------------------
@@ -578,3 +637,20 @@ def test_wide_default_skips_partition_keys(long_frame, tmp_path):
     source = ParquetSource(tmp_path / "ds", layout="wide", time_column="date")
     assert source.series_ids() == sorted(SERIES, key=list(_wide(long_frame).columns).index)
     pd.testing.assert_frame_equal(canon(source.read(), "UTC"), expected(long_frame))
+
+
+@pytest.mark.parametrize("glob", [False, True])
+def test_hive_partition_keys_keep_ids_as_spelled(glob, tmp_path):
+    """pyarrow types partition keys by their values: 007, 0012 and 12 became 7, 12 and 12, two series
+    renamed and two merged into one."""
+    ids = ["007", "0012", "12"]
+    frame = pd.DataFrame({"series_id": np.repeat(ids, 2), "year": "2024",
+                          "ts": np.tile(pd.date_range(START, periods=2, freq="h"), 3), "value": np.arange(6.0)})
+    pq.write_to_dataset(pa.Table.from_pandas(frame, preserve_index=False), tmp_path / "ds",
+                        partition_cols=["year", "series_id"])
+    source = ParquetSource(str(tmp_path / "ds" / "*" / "*" / "*.parquet") if glob else tmp_path / "ds")
+    assert source.series_ids() == sorted(ids)
+    assert source.read(series=["007"])["value"].tolist() == [0.0, 1.0]
+    assert source.read(series=["7"]).empty
+    got = source.read(since=START)
+    assert got.groupby("series_id")["value"].apply(list).to_dict() == {"007": [1.0], "0012": [3.0], "12": [5.0]}

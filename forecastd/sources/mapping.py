@@ -10,6 +10,11 @@ data answer the same `read(since, until, series)` with the same rows:
   rejects those rows anyway, so the filter does not try to order them.
 - A bound is truncated to the column's precision (seconds, milliseconds, dates). Truncation is exact for
   values stored at that precision: v > since  <=>  v > floor(since), and v <= until  <=>  v <= floor(until).
+- ISO-8601 text orders like time only among values of one shape and one UTC offset, and a zone's text
+  changes offset at every DST change: '2024-10-27T04:00+01:00' sorts before '2024-10-27T03:30+02:00', an
+  hour and a half earlier. So a text column is filtered coarsely where it is stored (`text_scan`, which
+  an index or Parquet statistics can still use) and exactly once read, on the parsed times
+  (`text_within`).
 - Rows with a null or unparseable timestamp come back only from unbounded reads, where validation counts
   and rejects them; a bounded read cannot place them in time.
 """
@@ -19,11 +24,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta, timezone
+from datetime import timedelta
 from typing import Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from forecastd.config import SourceConfig
 from forecastd.errors import SourceError
@@ -33,7 +40,9 @@ __all__ = [
     "ColumnMap",
     "utc_bound",
     "local_naive",
-    "text_bound",
+    "text_offsets",
+    "text_scan",
+    "text_within",
     "has_offset",
     "melt",
     "empty_raw",
@@ -117,43 +126,72 @@ def has_offset(sample: str) -> bool:
     return bool(m and m.group("tz"))
 
 
-def text_bound(sample: str, bound: pd.Timestamp, zone: str, where: str) -> str:
-    """`bound` rendered in the same ISO-8601 shape as `sample`, so text comparison orders like time.
-
-    Fixed-width ISO-8601 text sorts lexicographically in time order as long as every value shares one
-    shape (separator, precision, offset); this renders the bound in the shape of a stored value.
-    """
+def text_offsets(sample: str, where: str) -> bool:
+    """Whether a column's time text carries UTC offsets, judged by one stored value; SourceError naming the
+    fix where that value is not ISO-8601."""
     m = _ISO.match(sample)
     if m is None:
         raise SourceError(
             f"time values in {where} are text that is not ISO-8601 (e.g. {sample!r}); store them as "
             "'YYYY-MM-DD HH:MM:SS' text or as a timestamp column so reads can filter by time"
         )
-    tz = m.group("tz")
-    if tz:
-        t = bound.tz_convert(_fixed_offset(tz)).tz_localize(None)
-    else:
-        t = local_naive(bound, zone)
-    out = f"{t:%Y-%m-%d}"
-    if m.group("hm"):
-        out += f"{m.group('sep')}{t:%H:%M}"
-        if m.group("sec"):
-            out += f":{t:%S}"
-            if m.group("frac"):
-                digits = len(m.group("frac")) - 1
-                out += "." + f"{t.microsecond:06d}{t.nanosecond:03d}"[:digits].ljust(digits, "0")
-    if tz:
-        out += tz
-    return out
+    return bool(m.group("tz"))
 
 
-def _fixed_offset(tz: str) -> timezone:
-    if tz == "Z":
-        return timezone.utc
-    sign = -1 if tz[0] == "-" else 1
-    digits = tz[1:].replace(":", "")
-    hours, minutes = int(digits[:2]), int(digits[2:4] or 0)
-    return timezone(sign * timedelta(hours=hours, minutes=minutes))
+# Text with a UTC offset spells its instant on a clock up to this far ahead or behind: zones use -12:00
+# to +14:00, and SQLite reads offsets up to ±14:59.
+_MAX_OFFSET = timedelta(hours=15)
+
+
+def text_scan(
+    since: pd.Timestamp | None, until: pd.Timestamp | None, zone: str, offsets: bool
+) -> tuple[str | None, str | None]:
+    """Text bounds `low <= v < high` that hold every ISO-8601 time in (since, until], whatever its shape.
+
+    `low` is the date-hour of `since` on the text's clock, "2024-10-27 02": at or below every shape of a
+    later time (' ' with a later hour, 'T' on the same date, or a later date). Text with offsets spells
+    its instant on a clock up to _MAX_OFFSET ahead or behind, so for it `low` is that much earlier. Naive
+    text spells wall time in `zone`, so for it a tick scans the rows of one hour, not of 15 (on minute
+    data from 10,000 series, 600,000 rows against 9 million); a stored sample of the column says which
+    kind its text is. `high` is the date two days after `until`. Rows the bounds let through outside
+    (since, until] are for `text_within` to drop.
+    """
+    clock = "UTC" if offsets else zone
+    low = high = None
+    if since is not None:
+        low = f"{local_naive(since, clock) - (_MAX_OFFSET if offsets else timedelta(0)):%Y-%m-%d %H}"
+    if until is not None:
+        high = f"{local_naive(until, clock) + timedelta(days=2):%Y-%m-%d}"
+    return low, high
+
+
+# An offset after a time: the text pandas reads as aware. The time is required, or the day of
+# '2024-10-27' would read as an offset of -27 hours.
+_OFFSET_SUFFIX = r"[T ]\d{2}(?::?\d{2}){0,2}(?:\.\d+)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)\s*$"
+
+
+def text_within(
+    values: pa.Array | pa.ChunkedArray, since: pd.Timestamp | None, until: pd.Timestamp | None, zone: str
+) -> np.ndarray:
+    """Which ISO-8601 time texts lie in (since, until], as a boolean mask.
+
+    Text with an offset is compared as the instant it names; naive text as wall-clock time in `zone`,
+    like a naive timestamp column. Null or unparseable text lies in no bounded range (see the module
+    docstring).
+    """
+    offset = pc.fill_null(pc.match_substring_regex(values, _OFFSET_SUFFIX), False)
+    offset = offset.to_numpy(zero_copy_only=False)
+    # Aware text becomes its instant, naive text its wall time as if that were UTC: each row is then
+    # compared with the bound on its own clock.
+    t = pd.to_datetime(values.to_pandas(), format="ISO8601", utc=True, errors="coerce")
+    keep = np.ones(len(t), dtype=bool)
+    if since is not None:
+        wall = local_naive(since, zone).tz_localize("UTC")
+        keep &= np.where(offset, (t > since).to_numpy(), (t > wall).to_numpy())
+    if until is not None:
+        wall = local_naive(until, zone).tz_localize("UTC")
+        keep &= np.where(offset, (t <= until).to_numpy(), (t <= wall).to_numpy())
+    return keep
 
 
 def empty_raw() -> pd.DataFrame:

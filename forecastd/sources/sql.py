@@ -11,10 +11,14 @@ Time filters follow the stored type of the time column:
   rows each differ). So on SQLite the value is normalised with SQLite's own ISO-8601 parser,
   strftime('%Y-%m-%d %H:%M:%f', ts), which reads all those shapes (and converts offset-bearing ones to
   UTC), and is compared with the bound in that normalised shape. Normalisation keeps milliseconds, so
-  text timestamps are compared at millisecond resolution. A coarse test on the raw column against the
-  date-hour 15 hours before (the date two days after, for `until`) comes first, so an index on the
-  column still narrows the scan.
-- text columns on other databases are compared with the bound rendered in the shape of a stored value.
+  text timestamps are compared at millisecond resolution. A coarse test on the raw column
+  (`mapping.text_scan`) comes first, so an index on the column still narrows the scan.
+- text columns on other databases get the same coarse test, and the rows it lets through are filtered
+  exactly once read, on their parsed times (`mapping.text_within`): text with offsets that change at a
+  DST change does not sort in time order, and casting it in SQL fails the whole query on one bad value.
+- PostgreSQL's 'infinity' and '-infinity' timestamps have no Python value (the driver fails the whole
+  query on one): they come back as NULL, which validation counts as a bad timestamp, from unbounded
+  reads, and bounded reads leave them out, like NULL.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any, Literal
 
 import pandas as pd
+import pyarrow as pa
 import sqlalchemy as sa
 
 from forecastd.config import Config
@@ -39,7 +43,9 @@ from forecastd.sources.mapping import (
     has_offset,
     local_naive,
     melt,
-    text_bound,
+    text_offsets,
+    text_scan,
+    text_within,
     utc_bound,
 )
 
@@ -53,12 +59,6 @@ SERIES_CHUNK = 500
 
 # strftime format that SQLite's date functions normalise ISO-8601 text to.
 _SQLITE_NORMAL = "%Y-%m-%d %H:%M:%f"
-# SQLite reads offsets up to ±14:59, so text with an offset is at most this far behind the instant it
-# names. The coarse lower bound is that much before `since`, cut to the hour: "2024-01-31 05" is at or
-# below every shape of a later time (' ' with a later hour, 'T' on the same date, or a later date). Naive
-# text names its own wall time, so for it the bound is `since`'s hour: a tick scans the rows of one hour,
-# not of 15 (on minute data from 10,000 series, 600,000 rows against 9 million).
-_SQLITE_MAX_OFFSET = timedelta(hours=15)
 
 
 def resolve_url(
@@ -173,13 +173,15 @@ class SqlSource:
         with self._connect() as conn:
             table = self._reflect(conn)
             time_col = table.c[cm.time_column]
-            where = self._time_filter(conn, time_col, since, until)
+            where, text = self._time_filter(conn, time_col, since, until)
             if cm.layout == "wide":
                 value_columns = cm.wide_columns(self._numeric(table), series)
                 if not value_columns:
                     return empty_raw()
                 stmt = sa.select(self._time_select(time_col), *(table.c[c] for c in value_columns)).where(*where)
                 rows = self._execute(conn, stmt)
+                if text:
+                    rows = self._within(rows, 0, since, until)
                 # By position: the time column first, then the series columns, whatever their names.
                 return melt(pd.DataFrame.from_records(rows, columns=range(len(value_columns) + 1)), value_columns)
             series_col = table.c[cm.series_column]
@@ -196,6 +198,8 @@ class SqlSource:
                 rows = []
                 for start in range(0, len(ids), SERIES_CHUNK):
                     rows += self._execute(conn, stmt.where(key.in_(ids[start:start + SERIES_CHUNK])))
+            if text:
+                rows = self._within(rows, 1, since, until)
         frame = pd.DataFrame.from_records(rows, columns=list(COLUMNS)) if rows else empty_raw()
         if frame["series_id"].dtype.kind == "f":
             # Integer ids with a NULL among them come back as floats, and series 7 would become "7.0" for
@@ -293,7 +297,25 @@ class SqlSource:
     def _time_select(self, column: sa.Column) -> sa.ColumnElement:
         # SQLite values come back as the stored text: SQLAlchemy's DATETIME parser rejects the 'T' and
         # offset shapes, and parsing belongs to forecastd.frames.validate anyway.
-        return sa.type_coerce(column, sa.String) if self.dialect == "sqlite" else column
+        if self.dialect == "sqlite":
+            return sa.type_coerce(column, sa.String)
+        if self._infinite(column):
+            return sa.case((sa.func.isfinite(column, type_=sa.Boolean), column), else_=sa.null())
+        return column
+
+    def _infinite(self, column: sa.Column) -> bool:
+        """Whether the column may hold PostgreSQL's 'infinity' and '-infinity' (timestamps and dates)."""
+        return self.dialect == "postgresql" and isinstance(column.type, (sa.DateTime, sa.Date))
+
+    def _within(
+        self, rows: list[tuple], index: int, since: pd.Timestamp | None, until: pd.Timestamp | None
+    ) -> list[tuple]:
+        """The rows whose time text (at `index`) lies in (since, until]: the exact filter after the coarse
+        one in SQL."""
+        if not rows:
+            return rows
+        keep = text_within(pa.array([r[index] for r in rows], type=pa.string()), since, until, self.columns.timezone)
+        return [r for r, k in zip(rows, keep) if k]
 
     def _stored_sample(self, conn: sa.Connection, column: sa.Column) -> Any:
         if self._sample is None:
@@ -304,12 +326,14 @@ class SqlSource:
 
     def _time_filter(
         self, conn: sa.Connection, column: sa.Column, since: pd.Timestamp | None, until: pd.Timestamp | None
-    ) -> list[sa.ColumnElement[bool]]:
+    ) -> tuple[list[sa.ColumnElement[bool]], bool]:
+        """The WHERE clauses, and whether they are the coarse ones of text times (`_within` then filters
+        the rows read exactly)."""
         if since is None and until is None:
-            return []
+            return [], False
         zone = self.columns.timezone
         if self.dialect == "sqlite":
-            return self._sqlite_text_filter(conn, column, since, until)
+            return self._sqlite_text_filter(conn, column, since, until), False
         kind = column.type
         if isinstance(kind, sa.DateTime):
             def value(b: pd.Timestamp) -> Any:
@@ -321,21 +345,26 @@ class SqlSource:
         elif isinstance(kind, sa.String):
             sample = self._stored_sample(conn, column)
             if sample is None:
-                return [sa.false()]
-
-            def value(b: pd.Timestamp) -> Any:
-                return text_bound(str(sample), b, zone, self._where())
+                return [sa.false()], False
+            low, high = text_scan(since, until, zone, text_offsets(str(sample), self._where()))
+            out = []
+            if low is not None:
+                out.append(column >= sa.bindparam("since_hour", low, type_=kind))
+            if high is not None:
+                out.append(column < sa.bindparam("until_day", high, type_=kind))
+            return out, True
         else:
             raise SourceError(
                 f"time column {column.name!r} of {self._where()} has type {kind}; forecastd needs a timestamp, "
                 "date or ISO-8601 text column; set [source] time_column to one"
             )
-        out = []
+        # 'infinity' passes `> since` and would come back, as NULL (`_time_select`), at every tick.
+        out = [sa.func.isfinite(column, type_=sa.Boolean)] if self._infinite(column) else []
         if since is not None:
             out.append(column > sa.bindparam("since", value(since), type_=kind))
         if until is not None:
             out.append(column <= sa.bindparam("until", value(until), type_=kind))
-        return out
+        return out, False
 
     def _sqlite_text_filter(
         self, conn: sa.Connection, column: sa.Column, since: pd.Timestamp | None, until: pd.Timestamp | None
@@ -345,19 +374,17 @@ class SqlSource:
             return [sa.false()]
         raw = sa.type_coerce(column, sa.String)
         normal = sa.func.strftime(sa.bindparam("normal_format", _SQLITE_NORMAL, type_=sa.String), column)
+        low, high = text_scan(since, until, self.columns.timezone, self._text_offset)
         out = []
         if since is not None:
-            b = local_naive(since, zone)
-            slack = _SQLITE_MAX_OFFSET if self._text_offset else timedelta(0)
             out += [
-                raw >= sa.bindparam("since_hour", f"{b - slack:%Y-%m-%d %H}", type_=sa.String),
-                normal > sa.bindparam("since", _sqlite_normal(b), type_=sa.String),
+                raw >= sa.bindparam("since_hour", low, type_=sa.String),
+                normal > sa.bindparam("since", _sqlite_normal(local_naive(since, zone)), type_=sa.String),
             ]
         if until is not None:
-            b = local_naive(until, zone)
             out += [
-                raw < sa.bindparam("until_day", f"{b + timedelta(days=2):%Y-%m-%d}", type_=sa.String),
-                normal <= sa.bindparam("until", _sqlite_normal(b), type_=sa.String),
+                raw < sa.bindparam("until_day", high, type_=sa.String),
+                normal <= sa.bindparam("until", _sqlite_normal(local_naive(until, zone)), type_=sa.String),
             ]
         return out
 
