@@ -51,18 +51,23 @@ def resolve_device(name: str, key: str = "[training] device") -> torch.device:
 
 @dataclass
 class Prepared:
-    """Model-ready arrays, per series segment: (x [T, F], y [T, K], train mask [T, K], val mask [T, K])."""
+    """Model-ready arrays, per series segment: (x [T, F], y [T, K], train mask [T, K], val mask [T, K]),
+    with each segment's unit in `scales` and the series left out, with the reason, in `left_out`."""
 
     segments: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
     series_ids: list[str]
+    scales: list[float] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)
 
     @property
     def train(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         return [(x, y, mt) for x, y, mt, _ in self.segments if mt.any()]
 
     @property
-    def val(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        return [(x, y, mv) for x, y, _, mv in self.segments if mv.any()]
+    def val(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+        """(x, y, val mask, unit): the unit lets `evaluate` fall back to errors in the data's own units."""
+        scales = self.scales or [1.0] * len(self.segments)
+        return [(x, y, mv, s) for (x, y, _, mv), s in zip(self.segments, scales) if mv.any()]
 
 
 def prepare(
@@ -78,32 +83,54 @@ def prepare(
     """Encode every series of a validated long frame into training arrays.
 
     Validation origins are the last `validation_fraction` of each series' span (or every origin at or
-    after `val_start` when given); no training target reaches into them.
+    after `val_start` when given); no training target reaches into them. A series whose unit is not a
+    positive finite number, or whose features are not finite, is left out (logged, named in
+    `Prepared.left_out`): in a batch it would turn every series' loss into NaN.
     """
-    segments = []
+    segments, scale_of, left_out = [], [], {}
     series = series_steps(frame, grid)
     val_step = None if val_start is None else int(grid.index(pd.DatetimeIndex([val_start]))[0])
     for sid, (steps, values) in series.items():
+        scale = float(scales[sid])
+        if not (math.isfinite(scale) and scale > 0):
+            left_out[sid] = f"its unit of change is {scale!r}, not a positive finite number"
+            continue
         first, last = int(steps[0]), int(steps[-1])
+        own = []
         cut = val_step if val_step is not None else last - int(round((last - first) * validation_fraction))
         for start, dense in split_at_gaps(steps, values, data.max_gap):
             T = dense.shape[0]
             step_ids = start + np.arange(T)
             x, origin, _ = encode(
                 dense[None], grid.wall_ns(step_ids)[None], Track.fresh(1, len(model.level_alphas)),
-                np.array([scales[sid]]), model.level_alphas, model.input_clip,
+                np.array([scale]), model.level_alphas, model.input_clip,
             )
             limit = int(np.clip(cut - start, 0, T))
-            _, m_train = targets(dense, origin[0], scales[sid], model.horizon, limit=limit)
-            y, m_all = targets(dense, origin[0], scales[sid], model.horizon)
+            _, m_train = targets(dense, origin[0], scale, model.horizon, limit=limit)
+            y, m_all = targets(dense, origin[0], scale, model.horizon)
             m_val = m_all.copy()
             m_val[:limit] = False
             # Very large scaled changes are data errors or regime breaks; they would dominate a squared loss.
             y = np.clip(y, -50.0, 50.0)
-            segments.append((x[0], y, m_train, m_val))
+            own.append((x[0], y, m_train, m_val))
+        if not all(np.isfinite(x).all() for x, *_ in own):
+            left_out[sid] = "its features are not finite"
+            continue
+        segments += own
+        scale_of += [scale] * len(own)
+    for sid, reason in left_out.items():
+        log.warning("series %r is left out of training: %s; check its values in the source", sid, reason)
     if not segments:
+        if left_out:
+            raise DataError(f"no series can be trained on: {len(left_out)} left out ({_named(left_out)}); "
+                            "check their values in the source")
         raise DataError("no series has data to train on; check [source] and that the table or files have rows")
-    return Prepared(segments, list(series))
+    return Prepared(segments, [s for s in series if s not in left_out], scale_of, left_out)
+
+
+def _named(reasons: dict[str, str], most: int = 5) -> str:
+    names = ", ".join(repr(s) for s in list(reasons)[:most])
+    return names + (f" and {len(reasons) - most} more" if len(reasons) > most else "")
 
 
 @dataclass
@@ -123,21 +150,26 @@ def _loss(mean: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, m: torch.Ten
 
 def evaluate(
     model: Forecaster,
-    sequences: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    sequences: list[tuple],
     device: torch.device,
     *,
     batch: int = 256,
     chunk: int = 1024,
 ) -> dict[str, float]:
-    """Validation figures over whole sequences, the state carried throughout.
+    """Validation figures over whole sequences (x, y, mask[, unit]), the state carried throughout.
 
-    `loss` (what early stopping and retraining compare) is the mean over sequences of each one's MSE
-    relative to persistence (a zero change): 1.0 is as good as repeating the last value. Averaging
-    ratios gives every series one vote, so a series with a regime break in its validation tail cannot
-    outvote all the others. `mse`, `nll` and `persistence_mse` are pooled over every target.
+    `loss` (what early stopping, the choice of learning rate and retraining compare) is the mean over
+    sequences of each one's MSE relative to persistence (a zero change): 1.0 is as good as repeating the
+    last value. Averaging ratios gives every series one vote, so a series with a regime break in its
+    validation tail cannot outvote all the others. A sequence whose every target is no change (a stuck
+    sensor, a count at zero) has no such ratio; when no sequence has one, `loss` is the MSE in the data's
+    own units (each sequence's errors times its unit) instead, `relative` is 0, and lower is still
+    better: whether a sequence has a ratio depends on the data alone, so two models judged on the same
+    data are judged alike. `mse`, `nll` and `persistence_mse` are pooled over every target.
     """
     model.eval()
     per_seq = np.zeros((len(sequences), 4))  # sum sq. error, sum nll, sum persistence sq. error, n
+    units = np.array([s[3] if len(s) > 3 else 1.0 for s in sequences], dtype=np.float64)
     order = sorted(range(len(sequences)), key=lambda i: sequences[i][0].shape[0])
     with torch.no_grad():
         for lo in range(0, len(order), batch):
@@ -147,7 +179,7 @@ def evaluate(
             x = np.zeros((len(group), T, group[0][0].shape[1]), dtype=np.float32)
             y = np.zeros((len(group), T, group[0][1].shape[1]), dtype=np.float32)
             m = np.zeros((len(group), T, group[0][2].shape[1]), dtype=bool)
-            for i, (xs, ys, ms) in enumerate(group):
+            for i, (xs, ys, ms, *_) in enumerate(group):
                 x[i, : xs.shape[0]], y[i, : ys.shape[0]], m[i, : ms.shape[0]] = xs, ys, ms
             hidden = model.initial_state(len(group))
             for c in range(0, T, chunk):
@@ -165,14 +197,22 @@ def evaluate(
                 per_seq[idx] += sums.double().cpu().numpy()
     n = per_seq[:, 3].sum()
     if n == 0:
-        return {"mse": math.nan, "nll": math.nan, "persistence_mse": math.nan, "loss": math.nan}
+        return {"mse": math.nan, "nll": math.nan, "persistence_mse": math.nan, "loss": math.nan, "relative": 0}
     scored = (per_seq[:, 3] > 0) & (per_seq[:, 2] > 0)
-    relative = per_seq[scored, 0] / per_seq[scored, 2]
+    if scored.any():
+        loss = float((per_seq[scored, 0] / per_seq[scored, 2]).mean())
+    else:
+        # Units, not scaled errors: a live model and a challenger scale the same series differently.
+        # Squared per sequence after dividing by the largest unit, so a unit near the largest double
+        # does not overflow where the loss itself is finite.
+        top = float(units.max())
+        loss = float((per_seq[:, 0] * (units / top) ** 2).sum() / n) * top * top
     return {
         "mse": per_seq[:, 0].sum() / n,
         "nll": per_seq[:, 1].sum() / n,
         "persistence_mse": per_seq[:, 2].sum() / n,
-        "loss": float(relative.mean()) if relative.size else math.nan,
+        "loss": loss,
+        "relative": int(scored.sum()),
     }
 
 
@@ -369,7 +409,10 @@ def _fit_one(model: Forecaster, prepared: Prepared, config: TrainingConfig, devi
         log.info("epoch %d/%d train loss %.4f val loss %.4f", epoch, config.epochs, train_loss, val_loss)
         if progress:
             progress(epoch, config.epochs, train_loss, val_loss)
-        if val_loss < best[0] - 1e-6:
+        # The loss of flat validation tails is in the data's units, whatever their size: a relative margin
+        # there; the ratio to persistence keeps the margin it always had, and with it every trained model.
+        margin = 1e-6 if val_metrics.get("relative", 1) or not math.isfinite(best[0]) else 1e-6 * abs(best[0])
+        if val_loss < best[0] - margin:
             best = (val_loss, copy.deepcopy(judged.state_dict()), epoch)
             bad_epochs = 0
         else:
@@ -381,17 +424,28 @@ def _fit_one(model: Forecaster, prepared: Prepared, config: TrainingConfig, devi
             log.info("stopping after %.0f s ([training] max_seconds)", time.monotonic() - started)
             break
 
+    if not best[2]:
+        # Saving the start weights would put an untrained model live under a trained one's name.
+        raise ModelError(f"validation loss was {val_loss} at every epoch, so no trained weights can be chosen; "
+                         "check the data for extreme values or lower [training] learning_rate")
     model.load_state_dict(best[1])
     final = evaluate(model, val, device) if val else {}
+    if val and not final["relative"]:
+        log.warning("no validation target of any series changes (flat tails: a stuck sensor, a count at zero); "
+                    "the validation loss is the MSE in the data's units, not relative to persistence")
     result.metrics = {
         "best_epoch": best[2],
         "epochs_run": len(result.history),
         "seconds": round(time.monotonic() - started, 3),
-        "train_loss": result.history[best[2] - 1]["train_loss"] if best[2] else math.nan,
+        "train_loss": result.history[best[2] - 1]["train_loss"],
         "val_loss": final.get("loss", math.nan),
+        # "mse" where no validation target changes and val_loss is the MSE in the data's units (`evaluate`).
+        "val_loss_basis": "mse" if val and not final["relative"] else "persistence",
         "val_mse": final.get("mse", math.nan),
         "val_persistence_mse": final.get("persistence_mse", math.nan),
         "device": device.type,
         "learning_rate": config.learning_rate,
     }
+    if prepared.left_out:
+        result.metrics["series_left_out"] = dict(prepared.left_out)
     return result

@@ -110,10 +110,28 @@ def robust_scale(values: np.ndarray) -> float:
 
     Changes, not levels, because the model's inputs and outputs are changes; MAD so that a few spikes
     do not set the unit. Falls back to the mean absolute change, then to the level, then to 1, so a
-    constant or flat-lined series still gets a positive unit.
+    constant or flat-lined series still gets a positive unit. Finite and positive for any input.
     """
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
+    if not v.size:
+        return 1.0
+    # Near the largest double, differences and sums overflow (1.7e308 - -1.7e308 is inf), and an infinite
+    # unit made every feature inf/inf and training diverge for every series. Such values are measured
+    # 2**600 times smaller (a power of two: exact) and the unit scaled back, capped at the largest double.
+    # The floor keeps 1e-3 of a subnormal level from rounding to a zero unit.
+    shrink = 2.0**600 if float(np.abs(v).max()) > _HUGE else 1.0
+    unit = _unit(v / shrink) * shrink
+    return min(max(unit, _TINY), _LARGEST)
+
+
+_HUGE = 2.0**900  # about 8e270: below it no difference, median or sum in `_unit` can overflow
+_TINY = float(np.finfo(np.float64).tiny)
+_LARGEST = float(np.finfo(np.float64).max)
+
+
+def _unit(v: np.ndarray) -> float:
+    """`robust_scale` of finite values that cannot overflow."""
     if v.size >= 3:
         d = np.diff(v)
         mad = 1.4826 * float(np.median(np.abs(d - np.median(d))))
@@ -122,10 +140,9 @@ def robust_scale(values: np.ndarray) -> float:
         mean_abs = float(np.mean(np.abs(d)))
         if mean_abs > 0:
             return mean_abs
-    if v.size:
-        level = float(np.mean(np.abs(v)))
-        if level > 0:
-            return level * 1e-3
+    level = float(np.mean(np.abs(v)))
+    if level > 0:
+        return level * 1e-3
     return 1.0
 
 
@@ -216,9 +233,11 @@ def targets(
     idx = np.arange(T)[:, None] + np.arange(1, horizon + 1)[None, :]  # T, K
     ahead = padded[np.minimum(idx, padded.shape[0] - 1)]
     ahead[idx >= limit] = np.nan
-    y = (ahead - origin[:, None]) / scale
+    # A change beyond the largest double (values near ±1.8e308) is no target: masked, not warned about.
+    with np.errstate(over="ignore"):
+        y = (ahead - origin[:, None]) / scale
     mask = np.isfinite(y)
-    return np.nan_to_num(y).astype(np.float32), mask
+    return np.where(mask, y, 0.0).astype(np.float32), mask
 
 
 def series_steps(frame: pd.DataFrame, grid: Grid) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -160,6 +160,93 @@ def test_training_keeps_a_trained_model_even_when_persistence_would_win_on_valid
     assert not torch.all(result.model.head.weight == 0)
 
 
+def test_a_flat_validation_tail_saves_a_trained_model_with_a_finite_loss(caplog):
+    """No validation target changes (a stuck sensor): there is no ratio to persistence. The loss was NaN
+    at every epoch and the start weights were saved (best epoch 0); the MSE in units judges instead."""
+    import logging
+
+    from forecastd.training import fit
+
+    t = np.arange(600)
+    values = np.sin(2 * np.pi * t / 24) * 5 + np.random.default_rng(3).normal(size=t.size) * 0.3
+    values[400:] = 3.0  # stuck from before the validation tail (the last quarter) starts
+    mc, prepared = _prepared(values)
+    assert not any((y[m] != 0).any() for _, y, m, *_ in prepared.val)
+    torch.manual_seed(0)
+    model = Forecaster(prepared.segments[0][0].shape[1], mc)
+    with caplog.at_level(logging.WARNING, "forecastd.training"):
+        result = fit(model, prepared, TrainingConfig(epochs=2, min_epoch_steps=20, device="cpu"))
+    assert result.metrics["best_epoch"] >= 1 and not torch.all(result.model.head.weight == 0)
+    assert np.isfinite(result.metrics["val_loss"]) and result.metrics["val_loss_basis"] == "mse"
+    assert all(np.isfinite(h["val_loss"]) for h in result.history)
+    assert "no validation target of any series changes" in caplog.text
+
+
+def test_the_loss_of_flat_tails_is_in_the_data_units_and_a_ratio_otherwise():
+    """A live model and a challenger scale a series differently: the fallback must not depend on that."""
+    from forecastd.training import evaluate
+
+    torch.manual_seed(0)
+    m = Forecaster(11, ModelConfig(hidden_size=8, horizon=3, lookback=0))
+    torch.nn.init.normal_(m.head.weight, std=0.1)  # forecasts some change where none comes
+    x = torch.randn(30, 11).numpy()
+    flat, changing, mask = np.zeros((30, 3), np.float32), np.ones((30, 3), np.float32), np.ones((30, 3), bool)
+    cpu = torch.device("cpu")
+    one, two = (evaluate(m, [(x, flat, mask, unit)], cpu) for unit in (1.0, 2.0))
+    assert one["relative"] == two["relative"] == 0 and one["loss"] > 0
+    assert two["loss"] == pytest.approx(4 * one["loss"])  # the same scaled errors are twice the size in units
+    # A sequence with a change is judged against persistence: unit-free, and the flat one is left out.
+    mixed = [evaluate(m, [(x, flat, mask, unit), (x, changing, mask, unit)], cpu) for unit in (1.0, 2.0)]
+    assert mixed[0]["relative"] == 1 and mixed[0]["loss"] == mixed[1]["loss"]
+    assert mixed[0]["loss"] == evaluate(m, [(x, changing, mask)], cpu)["loss"]
+
+
+def test_a_series_near_the_largest_double_does_not_stop_the_others_training():
+    """Its differences overflowed: an infinite unit, inf/inf features, and every series' training diverged."""
+    import pandas as pd
+
+    from forecastd.config import DataConfig
+    from forecastd.frames import Grid
+    from forecastd.training import fit, prepare
+    from forecastd.windowing import robust_scale, series_steps
+
+    t = np.arange(400)
+    ts = pd.date_range("2024-01-01", periods=t.size, freq="1h", tz="UTC")
+    values = {"ok": np.sin(2 * np.pi * t / 24) * 5, "huge": np.resize([1.79e308, -1.79e308], t.size)}
+    frame = pd.concat([pd.DataFrame({"series_id": sid, "ts": ts, "value": v}) for sid, v in values.items()],
+                      ignore_index=True)
+    scales = {sid: robust_scale(v) for sid, (_, v) in series_steps(frame, Grid("1h")).items()}
+    mc = ModelConfig(hidden_size=8, horizon=4, lookback=24)
+    prepared = prepare(frame, Grid("1h"), scales, mc, DataConfig(), 0.25)
+    torch.manual_seed(0)
+    result = fit(Forecaster(prepared.segments[0][0].shape[1], mc), prepared,
+                 TrainingConfig(epochs=1, min_epoch_steps=10, device="cpu", learning_rates=()))
+    assert np.isfinite(result.history[0]["train_loss"]) and np.isfinite(result.metrics["val_loss"])
+    assert prepared.series_ids == ["huge", "ok"] and "series_left_out" not in result.metrics
+
+
+def test_a_series_without_a_usable_unit_is_left_out_named_and_the_others_kept(caplog):
+    import logging
+
+    import pandas as pd
+
+    from forecastd.config import DataConfig
+    from forecastd.errors import DataError
+    from forecastd.frames import Grid
+    from forecastd.training import prepare
+
+    ts = pd.date_range("2024-01-01", periods=50, freq="1h", tz="UTC")
+    frame = pd.concat([pd.DataFrame({"series_id": sid, "ts": ts, "value": np.arange(50.0)}) for sid in ("ok", "bad")],
+                      ignore_index=True)
+    mc = ModelConfig(hidden_size=8, horizon=4, lookback=0)
+    with caplog.at_level(logging.WARNING, "forecastd.training"):
+        prepared = prepare(frame, Grid("1h"), {"ok": 1.0, "bad": float("inf")}, mc, DataConfig(), 0.25)
+    assert prepared.series_ids == ["ok"] and list(prepared.left_out) == ["bad"] and len(prepared.segments) == 1
+    assert "'bad' is left out of training: its unit of change is inf" in caplog.text
+    with pytest.raises(DataError, match="no series can be trained on: 1 left out \\('bad'\\)"):
+        prepare(frame[frame["series_id"] == "bad"], Grid("1h"), {"bad": float("nan")}, mc, DataConfig(), 0.25)
+
+
 def test_weight_average_is_what_gets_validated_and_kept():
     from forecastd.training import fit
 

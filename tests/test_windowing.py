@@ -92,6 +92,22 @@ def test_robust_scale_handles_constant_spiky_and_tiny_series():
     assert robust_scale(spiky) == pytest.approx(robust_scale(rw), rel=0.1)
 
 
+def test_robust_scale_is_finite_and_positive_for_any_finite_values():
+    """Differences of values near ±1.8e308 overflowed: an infinite unit made every feature inf/inf."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow on the way either
+        for values in (np.resize([1.79e308, -1.79e308], 50), np.array([1.79e308, -1.79e308, 1e308] * 20),
+                       np.full(20, 1.7e308), np.full(5, 5e-324), np.array([5e-324])):
+            s = robust_scale(values)
+            assert np.isfinite(s) and s > 0, values[:3]
+            x, _, _ = _encode(values, scale=s)
+            assert np.isfinite(x).all()
+    rw = np.cumsum(np.random.default_rng(2).normal(size=500))
+    assert robust_scale(rw * 2.0**1000) == robust_scale(rw) * 2.0**1000  # measured smaller, the same unit exactly
+
+
 def test_targets_are_changes_from_origin_and_respect_the_limit():
     v = np.arange(10, dtype=float)
     y, m = targets(v, v, 1.0, 3, limit=8)
