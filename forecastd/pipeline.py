@@ -30,7 +30,7 @@ from forecastd.frames import LATE, FrameReport, Grid, infer_freq, validate
 from forecastd.models import Forecaster
 from forecastd.sinks import Sink, open_sink
 from forecastd.sources import Source, open_source
-from forecastd.planning import plan_backfill, plan_tick
+from forecastd.planning import START_POINTS, plan_backfill, plan_tick
 from forecastd.state import ModelVersion, StateStore, StreamState
 from forecastd.streaming import Carried, Emit, Outputs, run_segments
 from forecastd.training import fit, prepare, resolve_device
@@ -317,6 +317,10 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
                         config.data.warmup, config.data.max_gap)
     report.series = planned.series
     report.points = planned.points
+    if planned.waiting:
+        log.info("%d new series wait for %d observed points before they start, so that their unit of change "
+                 "is measured (%s)", len(planned.waiting), START_POINTS,
+                 ", ".join(repr(s) for s in planned.waiting[:5]) + (" ..." if len(planned.waiting) > 5 else ""))
     clock.lap("plan")
 
     outputs, state = run_segments(mv.model, state, planned.segments, planned.fresh_scale, grid, mv.model_config,
@@ -367,6 +371,10 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
     planned = plan_backfill(frame, grid, lo, mv.scales, warmup, config.data.max_gap)
     report.series = planned.series
     report.points = planned.points
+    if planned.waiting:
+        log.info("%d new series wait for %d observed points before they start, so that their unit of change "
+                 "is measured (%s)", len(planned.waiting), START_POINTS,
+                 ", ".join(repr(s) for s in planned.waiting[:5]) + (" ..." if len(planned.waiting) > 5 else ""))
     empty = StreamState.empty(mv.model_config, config.anomaly.forecasts)
     outputs, _ = run_segments(mv.model, empty, planned.segments, planned.fresh_scale, grid, mv.model_config,
                               config.anomaly, mv.version, Emit(warmup, lo, hi))

@@ -17,6 +17,7 @@ import torch
 from forecastd.config import load_config
 from forecastd.errors import DataError, ModelError
 from forecastd.pipeline import backfill, run_once, state_store, train
+from forecastd.planning import START_POINTS
 from forecastd.streaming import Outputs
 
 H = 6
@@ -299,6 +300,30 @@ def _ticked_to_500(trained, tmp_path: Path, list_series_every: str) -> tuple:
     data[data["ts"] < _ts(500)].to_parquet(tmp_path / "data.parquet")
     run_once(config, _ts(500))
     return config, data
+
+
+def test_a_new_series_arriving_point_by_point_starts_with_a_measured_unit(trained, tmp_path):
+    """A series the model never saw, started at its first point, kept a unit of a thousandth of that
+    value: every band written for it was far too narrow (1 % coverage for 95 %)."""
+    config, data = _ticked_to_500(trained, tmp_path, "1e7")
+    noise = np.random.default_rng(5).normal(20.0, 1.0, 40)
+    newcomer = pd.DataFrame({"series_id": "new", "ts": _ts(500) + pd.to_timedelta(np.arange(40), unit="h"),
+                             "value": noise})
+    rows = []
+    for k in range(1, 41):
+        pd.concat([data[data["ts"] < _ts(500 + k)], newcomer.iloc[:k]]).to_parquet(tmp_path / "data.parquet")
+        r = run_once(config, _ts(500 + k), keep_outputs=True)
+        a = r.outputs.anomalies
+        rows.append(a[a["series_id"] == "new"])
+        if k < START_POINTS:
+            assert rows[-1].empty, k
+    mine = pd.concat(rows)
+    assert len(mine) == 40 - START_POINTS + 1  # from its START_POINTS-th point on, each point once
+    state, _ = state_store(config).load_stream(state_store(config).live_version())
+    scale = float(state.scale[state.series_ids.index("new")])
+    assert 0.5 < scale < 5.0, scale  # the changes of N(20, 1) noise: about 1.4 (one value gave 0.02)
+    inside = ((mine["value"] >= mine["lower"]) & (mine["value"] <= mine["upper"])).mean()
+    assert inside >= 0.6, inside
 
 
 def test_listing_every_tick_finds_the_newcomer_at_once(trained, tmp_path):

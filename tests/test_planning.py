@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from forecastd.frames import Grid
-from forecastd.planning import Plan, plan_backfill, plan_tick
+from forecastd.planning import START_POINTS, Plan, plan_backfill, plan_tick
 from forecastd.state import Segment, plan
 from forecastd.windowing import robust_scale, series_steps
 
@@ -50,6 +50,8 @@ def reference_tick(frame, carried_ids, carried_step, carried_scale, model_scales
             after = steps[steps > prior[sid]] if sid in prior else steps[-1:]
             if after.size == 0:
                 continue
+            if sid not in prior and sid not in model_scales and np.isfinite(values).sum() < START_POINTS:
+                continue  # too few points to measure its unit: it waits
             anchor = int(after[0])
             segs = _reference_warm(sid, steps, values, anchor, warmup, max_gap)
             fresh_scale[sid] = _reference_scale(model_scales, sid, values[steps <= anchor], [], [])
@@ -63,7 +65,9 @@ def reference_backfill(frame, lo, model_scales, warmup, max_gap) -> Plan:
     for sid, (steps, values) in series_steps(frame, GRID).items():
         segs = _reference_warm(sid, steps, values, lo, warmup, max_gap)
         if segs:
-            fresh_scale[sid] = _reference_scale(model_scales, sid, values[steps <= max(lo, int(steps[0]))], [], [])
+            observed = steps[np.isfinite(values)]
+            until = observed[min(START_POINTS, observed.size) - 1] if observed.size else steps[-1]
+            fresh_scale[sid] = _reference_scale(model_scales, sid, values[steps <= max(lo, int(until))], [], [])
             segments.extend(segs)
     return Plan(segments, fresh_scale, len(fresh_scale), int(sum(np.isfinite(g.values).sum() for g in segments)))
 
@@ -149,6 +153,21 @@ def test_rows_at_or_before_the_watermark_are_refused_like_the_reference():
         reference_tick(frame, *args)
     with pytest.raises(ValueError, match="watermark"):
         plan_tick(frame, GRID, *args)
+
+
+def test_a_new_series_waits_for_enough_points_to_measure_its_unit():
+    ids = ["old", "new"]
+    frame = pd.DataFrame({"series_id": ["old"] * 3 + ["new"] * (START_POINTS - 1),
+                          "ts": GRID.ts(np.r_[100:103, 80:80 + START_POINTS - 1]), "value": 1.0})
+    plan = plan_tick(frame, GRID, ["old"], np.array([99]), np.array([1.0]), {}, {}, 10, 5)
+    assert {g.series_id for g in plan.segments} == {"old"} and plan.waiting == ["new"]
+    more = pd.concat([frame, pd.DataFrame({"series_id": ["new"], "ts": GRID.ts(np.array([80 + START_POINTS - 1])),
+                                           "value": 2.0})])
+    plan = plan_tick(more.sort_values(["series_id", "ts"]), GRID, ["old"], np.array([99]), np.array([1.0]), {}, {}, 10, 5)
+    assert {g.series_id for g in plan.segments} == set(ids) and plan.waiting == []
+    # A unit the model learnt needs no measuring: such a series starts at once.
+    plan = plan_tick(frame, GRID, ["old"], np.array([99]), np.array([1.0]), {"new": 3.0}, {}, 10, 5)
+    assert plan.fresh_scale["new"] == 3.0 and plan.waiting == []
 
 
 def test_a_resumed_series_with_nothing_new_waits():
