@@ -26,6 +26,11 @@ from forecastd.errors import (
     SourceError,
     StateError,
 )
+from forecastd.runtime import ensure_numba_cache
+
+# Here, before any module that compiles with numba is imported: numba fixes its cache directory then,
+# and fails the import where it finds none writable (forecastd.runtime says when).
+ensure_numba_cache()
 
 if TYPE_CHECKING:
     from forecastd.pipeline import TickReport, TrainSummary, backfill, run_once, train

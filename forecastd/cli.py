@@ -300,7 +300,7 @@ def epoch_progress(console: Console, total: int, label: str = "training") -> Ite
 
 # -- commands -------------------------------------------------------------------------------------
 
-@app.command(epilog="Example: forecastd init forecastd.toml   (then edit [source] and run `forecastd train`)")
+@app.command(epilog="Example: forecastd init forecastd.toml   (then edit \\[source] and run `forecastd train`)")
 def init(
     path: Annotated[Path, typer.Argument(help="Where to write the example config.", dir_okay=False)] = DEFAULT_CONFIG,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,11 +32,14 @@ NowOption = Annotated[str | None, typer.Option(
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of tables.")]
 
 
+# Help texts are rich markup: a bare "[serve]" is read as a style tag and vanishes, "\[serve]" prints.
 def serve(ctx: typer.Context, config: ConfigOption = DEFAULT_CONFIG) -> None:
-    """Run the daemon in the foreground: tick every [serve] interval, retrain on [serve] retrain_cron.
+    r"""Run the daemon in the foreground: tick every \[serve] interval, retrain on \[serve] retrain_cron.
 
     Stops cleanly on SIGTERM or Ctrl-C after the running tick. Under systemd use deploy/forecastd.service.
     """
+    # Until the daemon installs its own handler, after seconds of imports, SIGHUP's default would end it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from forecastd.cli import load
     from forecastd.daemon import serve as run_daemon
 

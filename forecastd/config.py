@@ -7,6 +7,8 @@ are errors (a typo silently ignored is a production incident later).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 import types
 import typing
@@ -344,7 +346,16 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} = {value!r} must be a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond a float's range
+            number = math.inf
+        # TOML spells inf and nan, and they got past the range checks (nan fails every comparison), then
+        # failed at run time: an infinite [serve] interval made serve exit 1, restarted by systemd forever.
+        if not math.isfinite(number):
+            raise ConfigError(f"{where} = {value!r} must be a finite number; inf and nan are not allowed (where "
+                              "the key allows it, 0 means off or no limit)")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f'{where} = {value!r} must be a string in quotes, e.g. {key} = "..."')
@@ -459,9 +470,24 @@ def _crontab_weekdays(field_: str) -> str:
     return ",".join(_WEEKDAYS[d] for d in sorted(days))
 
 
+_YEAR = 366 * 86400
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _check_url(section: str, url: str) -> None:
+    """At load, not at the first tick: a port that is not a number failed there as an unexpected ValueError."""
+    import sqlalchemy as sa  # only for SQL configs, so `import forecastd` stays light
+
+    try:
+        sa.make_url(url)
+    except (sa.exc.ArgumentError, ValueError) as exc:
+        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)  # the password stays out of the log
+        raise ConfigError(f"[{section}] url = {shown!r} is not a valid SQLAlchemy URL ({exc}); use the form "
+                          '"postgresql+psycopg://user@host:5432/db" or "sqlite:///file.db"') from None
 
 
 def _validate(c: Config) -> None:
@@ -471,6 +497,7 @@ def _validate(c: Config) -> None:
     else:
         _require(bool(s.url), '[source] kind = "sql" needs url = "sqlite:///file.db" (an SQLAlchemy URL)')
         _require(bool(s.table), '[source] kind = "sql" needs table = "name of the table to read"')
+        _check_url("source", s.url)
     try:
         from zoneinfo import ZoneInfo
 
@@ -544,6 +571,7 @@ def _validate(c: Config) -> None:
         _require(bool(k.path), '[sink] kind = "parquet" needs path = "a directory for the output datasets"')
     else:
         _require(bool(k.url), '[sink] kind = "sql" needs url = "sqlite:///out.db" (an SQLAlchemy URL)')
+        _check_url("sink", k.url)
     _require(k.forecasts_table != k.anomalies_table,
              "[sink] forecasts_table and anomalies_table must differ")
 
@@ -553,7 +581,9 @@ def _validate(c: Config) -> None:
              f"[state] keep_checkpoints = {st.keep_checkpoints} must be at least 2 so a corrupt one can fall back")
 
     v = c.serve
-    _require(v.interval > 0, f"[serve] interval = {v.interval} must be positive (seconds)")
+    # The cap keeps the scheduler's timedelta in range (1e14 s overflowed it: serve exited 1 at start).
+    _require(0 < v.interval <= _YEAR, f"[serve] interval = {v.interval} must be positive seconds, at most a year "
+             f"({_YEAR})")
     _require(0 <= v.http_port < 65536, f"[serve] http_port = {v.http_port} must be a port number (0 disables)")
     _require(v.misfire_grace >= 0, f"[serve] misfire_grace = {v.misfire_grace} must be 0 or more seconds")
     _require(v.unhealthy_after >= 1, f"[serve] unhealthy_after = {v.unhealthy_after} must be at least 1 tick")
@@ -586,6 +616,7 @@ path = "data/*.parquet"          # parquet: a file, a directory dataset or a glo
 # url = "sqlite:///data.db"      # sql: an SQLAlchemy URL (required for sql); PostgreSQL:
 #                                #   "postgresql+psycopg://user@host:5432/db"
 # table = "readings"             # sql: the table to read (required for sql)
+# db_schema = "public"           # sql: the table's schema (default: the connection's search path)
 layout = "long"                  # "long": series_id, ts, value rows; "wide": one column per series
 series_column = "series_id"      # long layout: the column naming the series
 time_column = "ts"
@@ -606,52 +637,76 @@ hidden_size = 64
 num_layers = 1
 dropout = 0.0
 horizon = 24                     # steps ahead forecast at every point
-lookback = "auto"                # recent steps carried for the model to read: a week, 24..336, less on short history (0 = none)
+level_alphas = [0.5, 0.1, 0.02, 0.005]  # smoothing of the running levels the model sees the value against
+input_clip = 6.0                 # scaled changes beyond this are clipped before the model sees them
+lookback = "auto"                # recent steps carried for the model to read: a week, 24..336, less on short history, none below a day (0 = none)
+distribution = "gaussian"        # the forecast distribution (mean and scale)
+bidirectional = false            # true is refused: a bidirectional encoder reads the future
 
 [training]
 bptt = 32                        # truncated-BPTT chunk length
 segment_length = 256             # long series are cut into parallel segments this long
 batch_size = 16
 epochs = 30
+min_epoch_steps = 100            # small datasets repeat passes until an epoch has this many optimiser steps
 learning_rate = 0.001
 learning_rates = [0.0005]        # further rates tried from the same start; lowest validation loss wins ([] = one training)
+weight_decay = 0.0
 weight_average = 0.99            # moving average of the weights that is validated and saved (0 = off)
 clip = 1.0                       # gradient-norm clip
 patience = 6                     # early stopping on the validation tail
 validation_fraction = 0.15
+burn_in = 16                     # steps at each segment's start whose loss is ignored (the state starts cold)
 seed = 0                         # start weights and shuffling: same seed and data, same model on a CPU
 device = "auto"                  # "auto" (CUDA when present), "cpu" or "cuda"
+max_seconds = 0.0                # stop training after this many seconds (0 = no limit)
 
 [anomaly]
 threshold = 0.5                  # score in [0, 1] at or above which a point is flagged
 coverage = 0.95                  # central coverage of the lower/upper bands
+short_window = 10                # points in the short average of surprise
+long_window = 2000               # points in the long-run distribution it is compared with
+forecasts = 1                    # forecasts that judge each point (1..8): issued 1, 2, ... steps before
+likelihood = true                # compare the short average with its long-run distribution (Numenta's recipe)
+raw_cap = 2.0                    # cap (-log10 p) on the surprise fed to the likelihood (0 = no cap)
+point_gate = true                # the point itself must be rare too
+scale = "soft"                   # "soft" or "linear" map from rarity to score
+novelty_tolerance = 0.05         # values beyond the range seen, widened by this fraction of it, score 1 (negative = off)
+cooldown = 100                   # points after a report in which only a higher score is reported again
+empirical_tail = true            # no point rarer than the series' own history of such excursions
+slow_window = 100                # a second, slower likelihood: a pattern that changes with no striking point (0 = off)
+slow_cap = 1.0                   # cap (-log10 p) on the surprise fed to the slow likelihood
 
 [sink]
 kind = "parquet"                 # "parquet" or "sql"
 path = "out"                     # parquet: output directory (required for parquet)
 # url = "sqlite:///out.db"       # sql: an SQLAlchemy URL (required for sql)
+# db_schema = "forecasting"      # sql: the tables' schema (default: the connection's search path)
 forecasts_table = "forecasts"
 anomalies_table = "anomalies"
+partition = "day"                # parquet: "day", "hour" or "month" directories
 
 [state]
 dir = "state"                    # model versions, hidden states, watermarks
-keep_versions = 5
+keep_versions = 5                # model versions kept on disk
+keep_checkpoints = 3             # stream checkpoints kept, so a corrupt one falls back (at least 2)
 
 [serve]
 interval = 60.0                  # seconds between ticks
 retrain_cron = "0 3 * * *"       # UTC cron for retraining; "" disables
+retrain_window = 0               # steps of recent history a retrain learns from (0 = all)
 retrain_growth = 1.0             # train once the new points reach this fraction of the last training's; 0 = every run
-http_host = "127.0.0.1"
-http_port = 9108                 # /metrics and /healthz; 0 disables
 promote_margin = 0.0             # a challenger must beat the live model's validation loss by this fraction
 always_promote = false           # promote every successful retrain regardless of its loss
+http_host = "127.0.0.1"
+http_port = 9108                 # /metrics and /healthz; 0 disables
 misfire_grace = 30.0             # seconds a late tick may still start
 unhealthy_after = 3              # failed ticks in a row before /healthz answers 503
 max_backoff = 300.0              # cap (seconds) on the wait before retrying after failed ticks
-tick_timeout = 600.0             # a tick running longer is hung: /healthz 503, watchdog pings stop
-retrain_timeout = 14400.0        # a retrain running longer is killed and counted as failed
-list_series_every = 3600.0       # seconds between listings of every series id (new series with old rows)
+tick_timeout = 600.0             # a tick running longer is hung: /healthz 503, watchdog pings stop (0 = off)
+retrain_timeout = 14400.0        # a retrain running longer is killed and counted as failed (0 = off)
 device = "cpu"                   # where ticks and backfills run the model ("cpu", "cuda" or "auto"); training uses [training] device
+list_series_every = 3600.0       # seconds between listings of every series id (new series with old rows)
 '''
 
 

@@ -7,6 +7,11 @@ Shape of a running daemon:
   handler runs between two bytecodes of the main thread, whatever that thread holds) and a wakeup fd
   wakes the wait. (Blocking the signals instead is not enough: threads that numpy's BLAS starts at
   import have them unblocked, and the kernel may hand SIGTERM to one of those, killing the process.)
+  SIGHUP is counted the same way and logged by the main thread: there is no reload, and Python's
+  default for it would end the daemon in a way systemd's Restart=on-failure does not restart.
+- Ticks share one source and one sink, opened at the first tick, so a database's connection and
+  reflected tables are reused; after a tick fails on either (or unforeseeably), both are disposed of
+  and opened afresh by the next one, which is how a database restart is got over, and at shutdown.
 - A BackgroundScheduler in UTC, jobs built from the config at start in a MemoryJobStore:
   `tick` (every [serve] interval, one at a time, missed runs coalesced) on a one-thread pool;
   `retrain` ([serve] retrain_cron) on a pool of its own, so a retrain never holds up a tick;
@@ -50,12 +55,14 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from forecastd.config import Config, cron_fields
-from forecastd.errors import ForecastdError, LockError, StateError
+from forecastd.errors import ForecastdError, LockError, SinkError, SourceError, StateError
 from forecastd.metrics import Health, Metrics, MetricsServer
 from forecastd.notify import Notifier, watchdog_interval
 from forecastd.pipeline import TickReport, run_once, state_store
 from forecastd.retrain import RetrainResult, request, switch_live
 from forecastd.runtime import freeze_heap
+from forecastd.sinks import Sink, open_sink
+from forecastd.sources import Source, open_source
 from forecastd.status import LOCK_FILE, write_daemon_info
 
 __all__ = ["Daemon", "StateLock", "serve"]
@@ -124,6 +131,10 @@ class RetrainWorker:
 
     def run(self, now: dt.datetime) -> RetrainResult:
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        # `systemctl kill -s HUP` signals every process of the unit, and SIGHUP's default would end the
+        # worker mid-training. A signal mask survives fork and exec, so blocking it in this (pool) thread
+        # blocks it in the worker; the daemon's main thread still takes it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         with self._lock:
             if self._abandoned:
                 return RetrainResult("abandoned", "the daemon is stopping")
@@ -226,6 +237,8 @@ class Daemon:
         self.swap = threading.Lock()  # held by a tick and by a model switch
         self._next_attempt = 0.0  # monotonic time before which ticks are skipped (backoff)
         self._signal: int | None = None  # set by the signal handler, nothing else
+        self._hangups = 0  # SIGHUPs received, counted by their handler
+        self._io: tuple[Source, Sink] | None = None  # the ticks' source and sink; only the tick thread uses it
         self._wake: socket.socket | None = None
         self._info_lock = threading.Lock()
         self.info: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(),
@@ -243,6 +256,7 @@ class Daemon:
         wake_r, wake_w = socket.socketpair()
         wake_w.setblocking(False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in _SIGNALS}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         previous_fd = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         self._wake = wake_r
         try:
@@ -262,6 +276,9 @@ class Daemon:
             self.worker.abandon_now()
             os._exit(1)
         self._signal = signum
+
+    def _on_hangup(self, signum: int, frame: object) -> None:
+        self._hangups += 1  # logged by the main thread's wait: no locks in a handler
 
     def _run_locked(self) -> int:
         self.notifier.status("recovering state")
@@ -290,6 +307,7 @@ class Daemon:
                 scheduler.shutdown(wait=False)
             if server is not None:
                 server.close()
+            self._close_io()
         self._set_info(state="stopped", stopped_at=self.clock().isoformat())
         log.info("stopped")
         return 0
@@ -309,9 +327,14 @@ class Daemon:
         return what
 
     def _wait_for_signal(self) -> int:
+        hangups = 0
         while self._signal is None:
             if select.select([self._wake], [], [], 1.0)[0]:
                 self._wake.recv(64)
+            if self._hangups != hangups:
+                hangups = self._hangups
+                log.warning("received SIGHUP: forecastd does not reload its configuration and keeps running with "
+                            "the one it started with; restart it to apply a new config (systemctl restart forecastd)")
         return self._signal
 
     def _shutdown(self, scheduler: BackgroundScheduler) -> None:
@@ -364,8 +387,16 @@ class Daemon:
         started = time.perf_counter()
         try:
             with self.swap:
-                report = run_once(self.config, now)
+                if self._io is None:
+                    self._io = (open_source(self.config), open_sink(self.config))
+                source, sink = self._io
+                report = run_once(self.config, now, source=source, sink=sink)
         except Exception as exc:
+            if isinstance(exc, (SourceError, SinkError)) or not isinstance(exc, ForecastdError):
+                # Opened afresh by the next tick: a restarted database, a table dropped and made again or a
+                # replaced file share leave a dead connection or a stale reflected table behind, and what
+                # forecastd did not foresee may have too. A bad model or bad data leaves them as they are.
+                self._close_io()
             self._tick_failed(exc, now, time.perf_counter() - started)
             return None
         seconds = time.perf_counter() - started
@@ -384,6 +415,16 @@ class Daemon:
         self._set_info(consecutive_failures=0, last_success_at=now.isoformat(), last_tick={
             "at": now.isoformat(), "duration_seconds": round(seconds, 4), "outcome": "ok", **report.as_dict()})
         return report
+
+    def _close_io(self) -> None:
+        io, self._io = self._io, None
+        for part in io or ():
+            engine = getattr(part, "engine", None)  # SQL sources and sinks; Parquet holds nothing open
+            if engine is not None:
+                try:
+                    engine.dispose()
+                except Exception as exc:  # a connection that cannot even be closed cleanly is gone anyway
+                    log.debug("disposing of %r: %s", part, exc)
 
     def _tick_failed(self, exc: Exception, now: dt.datetime, seconds: float) -> None:
         message = str(exc) if isinstance(exc, ForecastdError) else f"{type(exc).__name__}: {exc}"

@@ -1,5 +1,5 @@
-"""Process-wide settings for a long-running forecastd process: malloc's thresholds, and the garbage
-collector's view of the objects that live as long as the process.
+"""Process-wide settings for a long-running forecastd process: malloc's thresholds, the garbage
+collector's view of the objects that live as long as the process, and where numba caches its code.
 
 glibc's malloc serves every block over its mmap threshold with fresh pages from the kernel and gives
 the top of the heap back once more than its trim threshold lies free there. A tick allocates and frees
@@ -14,6 +14,13 @@ torch, pandas and SQLAlchemy that is some 260,000 objects and 170-190 ms, and a 
 allocates enough to set one off every few ticks: a 300 ms stall in one tick of six in speed.py's
 end-to-end run. The daemon freezes what it holds once it has started (`gc.freeze`), so later
 collections walk only what ticks create.
+
+The step-by-step loops are compiled by numba with `cache=True`, and numba looks for a writable cache
+directory when each module that defines them is imported: `$NUMBA_CACHE_DIR`, the package's own
+`__pycache__`, then `$XDG_CACHE_HOME/numba` (or `~/.cache/numba`). Where none is writable (a read-only
+install run by a user without a home, as `systemd-run -p DynamicUser=yes` without a cache directory
+does) the import fails with "cannot cache function ...: no locator available". `ensure_numba_cache`,
+run when the package is imported, points numba at a private temporary directory instead.
 """
 
 from __future__ import annotations
@@ -23,9 +30,13 @@ import ctypes.util
 import gc
 import logging
 import os
+import stat
 import sys
+import tempfile
+from collections.abc import MutableMapping
+from pathlib import Path
 
-__all__ = ["tune_malloc", "freeze_heap"]
+__all__ = ["tune_malloc", "freeze_heap", "ensure_numba_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +86,61 @@ def freeze_heap() -> int:
     count = gc.get_freeze_count()
     log.debug("%d objects frozen out of the garbage collector's full collections", count)
     return count
+
+
+def ensure_numba_cache(environ: MutableMapping[str, str] = os.environ,
+                       package_dir: Path = Path(__file__).resolve().parent) -> str | None:
+    """Set NUMBA_CACHE_DIR in `environ` to a private temporary directory when numba would find no
+    writable cache directory for this package's modules; returns that directory, else None.
+
+    Call it before numba is imported: numba reads the variable once, at its own import (an already
+    imported numba is pointed there too).
+    """
+    chosen = environ.get("NUMBA_CACHE_DIR")
+    xdg = environ.get("XDG_CACHE_HOME")  # as numba's appdirs reads it: set but empty means the working directory
+    user = Path(xdg if xdg is not None else Path(environ.get("HOME") or "~").expanduser() / ".cache") / "numba"
+    candidates = [Path(chosen)] if chosen else []
+    if any(_writable(p) for p in (*candidates, package_dir / "__pycache__", user)):
+        return None
+    try:
+        fallback = _private_temp_dir()
+    except OSError as exc:
+        log.warning("numba has no writable cache directory (%s, %s, %s) and no temporary directory is usable "
+                    "(%s); set NUMBA_CACHE_DIR or XDG_CACHE_HOME to a writable directory",
+                    chosen or "NUMBA_CACHE_DIR unset", package_dir / "__pycache__", user, exc)
+        return None
+    environ["NUMBA_CACHE_DIR"] = fallback
+    numba_config = sys.modules.get("numba.core.config")
+    if numba_config is not None:
+        numba_config.CACHE_DIR = fallback
+    # A warning, not debug: the cache in a temporary directory may not outlive the process (PrivateTmp=),
+    # so each start compiles again, seconds the operator can save by giving the process a cache.
+    log.warning("numba cannot cache compiled code in %s or %s%s; caching it in %s instead. Set XDG_CACHE_HOME "
+                "(or NUMBA_CACHE_DIR) to a writable directory, e.g. systemd's CacheDirectory=, to keep it",
+                package_dir / "__pycache__", user, f" or NUMBA_CACHE_DIR={chosen}" if chosen else "", fallback)
+    return fallback
+
+
+def _writable(directory: Path) -> bool:
+    """numba's own test of a cache directory: create it, then a file in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError:
+        return False
+    return True
+
+
+def _private_temp_dir() -> str:
+    """A directory under the temp dir that only this user can write, reused by later runs when it is
+    still ours; cached code is loaded from it, so one that another user could have planted is refused."""
+    uid = os.getuid()
+    path = os.path.join(tempfile.gettempdir(), f"forecastd-numba-{uid}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        return tempfile.mkdtemp(prefix="forecastd-numba-")
+    return path

@@ -374,6 +374,93 @@ def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
     assert load_config(config).model.horizon == 24
 
 
+def _example_keys() -> dict[str, dict[str, bool]]:
+    """Each section's keys in the file `forecastd init` writes: key -> whether it is set (not commented out)."""
+    from forecastd.config import EXAMPLE_TOML
+
+    keys: dict[str, dict[str, bool]] = {}
+    section = None
+    for line in EXAMPLE_TOML.splitlines():
+        if match := re.fullmatch(r"\[(\w+)\]", line.strip()):
+            section = match.group(1)
+        elif section and (match := re.match(r"(#\s*)?(\w+)\s*=", line)):
+            keys.setdefault(section, {})[match.group(2)] = match.group(1) is None
+    return keys
+
+
+def test_init_writes_every_key_with_its_default(tmp_path: Path) -> None:
+    """Every key the config accepts, with its default (a commented-out example where it has none), so the
+    file cannot fall behind the dataclasses again."""
+    import dataclasses
+
+    from forecastd.config import Config, config_to_dict
+
+    config = tmp_path / "forecastd.toml"
+    assert cli("init", config).exit_code == 0
+    loaded = config_to_dict(load_config(config))
+    defaults = config_to_dict(Config())
+    keys = _example_keys()
+    assert set(keys) == set(defaults)
+    for section, values in defaults.items():
+        for key, default in values.items():
+            assert key in keys[section], f"`forecastd init` does not write [{section}] {key}"
+            if not keys[section][key]:
+                assert default in (None, []), f"[{section}] {key} is commented out but has a default, {default!r}"
+            elif (section, key) not in {("source", "path"), ("sink", "path")}:  # required, shown with an example
+                assert loaded[section][key] == default, f"[{section}] {key} is written as {loaded[section][key]!r}"
+    for section, written in keys.items():
+        field_names = {f.name for f in dataclasses.fields(getattr(Config(), section))}
+        assert set(written) <= field_names, f"[{section}] lists keys the config refuses: {set(written) - field_names}"
+
+
+def test_readme_shows_the_file_init_writes() -> None:
+    from forecastd.config import EXAMPLE_TOML
+
+    blocks = re.findall(r"```toml\n(.*?)```", README, re.DOTALL)
+    assert EXAMPLE_TOML in blocks, "README's config block differs from what `forecastd init` writes"
+
+
+@pytest.mark.parametrize("key, value", [("serve.interval", "inf"), ("serve.tick_timeout", "nan"),
+                                        ("anomaly.threshold", "-inf"), ("model.level_alphas", "[0.5, nan]"),
+                                        ("serve.max_backoff", "1" + "0" * 400)])
+def test_non_finite_numbers_are_config_errors(tmp_path: Path, key: str, value: str) -> None:
+    """TOML's inf and nan passed validation, then serve exited 1 with an OverflowError, restarted forever."""
+    section, name = key.split(".")
+    config = tmp_path / "forecastd.toml"
+    assert cli("init", config).exit_code == 0
+    text = re.sub(rf"(?m)^{name} = .*$", f"{name} = {value}", config.read_text(), count=1)
+    config.write_text(text)
+    result = cli("serve", "--config", config)
+    assert result.exit_code == ConfigError.exit_code == 2, result.output
+    line = one_error_line(result.stderr)
+    assert f"[{section}] {name}" in line and "must be a finite number" in line
+
+
+def test_a_huge_interval_is_a_config_error() -> None:
+    from forecastd.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=r"\[serve\] interval = 1e\+20 must be .* at most a year"):
+        config_from_dict({"sink": {"path": "out"}, "source": {"path": "x"}, "serve": {"interval": 1e20}})
+
+
+@pytest.mark.parametrize("section, url, shown", [
+    ("source", "postgresql+psycopg://u@127.0.0.1:5432:99/test", "postgresql+psycopg://u@127.0.0.1:5432:99/test"),
+    ("sink", "postgresql+psycopg://u:secret@db:port/test", "postgresql+psycopg://u:***@db:port/test"),
+    ("source", "not a url", "not a url"),
+])
+def test_an_unparseable_url_is_a_config_error(tmp_path: Path, section: str, url: str, shown: str) -> None:
+    """Not an unexpected ValueError (exit 1) at the first tick, hours into a deployment."""
+    config = tmp_path / "forecastd.toml"
+    assert cli("init", config).exit_code == 0
+    text = set_keys(config.read_text(), section, kind="sql", url=url, **({"table": "readings"} if section == "source" else {}))
+    config.write_text(text)
+    proc = run_module("serve", "--config", config)
+    assert proc.returncode == ConfigError.exit_code, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert f"[{section}] url = {shown!r} is not a valid SQLAlchemy URL" in line and "postgresql+psycopg://user@host" in line
+    assert "secret" not in line
+
+
 def _commands(group: Any = None, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     """Every leaf command, sub-apps included (`models list`), so commands added later meet the rule too."""
     group = group or typer.main.get_command(app)
@@ -389,6 +476,33 @@ def test_help_has_an_example(command: tuple[str, ...]) -> None:
     result = cli(*command, "--help")
     assert result.exit_code == 0
     assert "Example" in result.stdout
+
+
+def _help_texts(command: Any) -> list[str]:
+    """What `--help` of a command shows: its help, epilog and options, and the first line of its commands'."""
+    texts = [command.help, command.epilog, command.short_help]
+    texts += [getattr(p, "help", None) for p in command.params]
+    texts += [(sub.short_help or sub.help or "").strip().splitlines()[0] for sub in getattr(command, "commands", {}).values()]
+    return [t for t in texts if t]
+
+
+@pytest.mark.parametrize("command", [(), ("models",), *_commands()], ids=lambda c: " ".join(c) or "forecastd")
+def test_help_shows_config_sections_in_brackets(command: tuple[str, ...]) -> None:
+    """Help is rich markup, where a bare "[serve]" is a style tag and vanishes ("tick every  interval")."""
+    group = typer.main.get_command(app)
+    target = group
+    for name in command:
+        target = target.commands[name]
+    sections = {m for text in _help_texts(target) for m in re.findall(r"\[(\w+)\]", text)}
+    result = cli(*command, "--help")
+    assert result.exit_code == 0
+    for section in sections:
+        assert f"[{section}]" in result.stdout, f"[{section}] vanished from `forecastd {' '.join(command)} --help`"
+
+
+def test_serve_help_names_its_config_keys() -> None:
+    assert "tick every [serve] interval" in " ".join(cli("serve", "--help").stdout.split())
+    assert "then edit [source]" in " ".join(cli("init", "--help").stdout.split())
 
 
 def test_top_level_help_and_version() -> None:

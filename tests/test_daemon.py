@@ -6,7 +6,9 @@ serve_support.py) and checks what it left on disk against one uninterrupted tick
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import signal
 import sqlite3
@@ -226,6 +228,34 @@ def test_retrain_promotes_then_sigterm_during_the_next_one_exits_0(tmp_path, not
     assert (new["model_version"] >= 2).all()
 
 
+def test_sighup_is_logged_and_ignored_by_the_daemon_and_its_retrain_worker(tmp_path, notify):
+    """Python's default for SIGHUP ends a process, and systemd's Restart=on-failure takes that death as
+    clean: the daemon would stay down. It keeps ticking instead and says there is no reload, and a retrain
+    worker that gets one too (`systemctl kill -s HUP` signals every process of the unit) is not killed."""
+    config = clone(tmp_path, serve={"retrain_cron": "* * * * * *", "promote_margin": 1e9})
+    serve = Serve(config, notify=notify)
+    try:
+        notify.wait_for("READY", "1", proc=serve.proc)
+        workers = wait_until(lambda: serve.running() and serve.children(), 120, "a retrain worker process")
+        for pid in (serve.pid, *workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        append_rows(tmp_path / "src.db", T0, DAY)
+        wait_until(lambda: serve.running() and watermark(config) == DAY, 60, "the new rows to be ticked")
+        wait_until(lambda: "received SIGHUP" in serve.log(), 10, "the SIGHUP warning")
+        # A worker killed by the signal is reported at once as "retrain failed ... killed by signal 1".
+        log = serve.log()
+        assert "retrain failed" not in log and "killed by signal" not in log, log[-3000:]
+        serve.signal(signal.SIGTERM)
+        assert serve.wait(STOP_TIMEOUT) == 0, serve.log()
+    finally:
+        serve.kill()
+    log = serve.log()
+    assert "WARNING forecastd.daemon: received SIGHUP: forecastd does not reload its configuration" in log
+    assert "restart it to apply a new config" in log and "stopped" in log
+    assert_same_outputs(outputs(config), reference(DAY))
+
+
 def test_the_daemon_freezes_its_startup_heap_before_it_is_ready(tmp_path, notify):
     serve = Serve(clone(tmp_path), notify=notify, log_level="debug")
     try:
@@ -321,6 +351,32 @@ def _up(url: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _own_database():
+    """A database and a login role of the test's own, both named `name`: (name, admin connection, connection
+    to the new database as the superuser). Dropped afterwards, with any connection still open to it."""
+    import uuid
+
+    import psycopg
+
+    name = f"forecastd_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=PG_DB, autocommit=True)
+    admin.execute(f'CREATE ROLE "{name}" LOGIN')  # generated names, not user input
+    admin.execute(f'CREATE DATABASE "{name}" OWNER "{name}"')
+    admin.execute(f'REVOKE CONNECT ON DATABASE "{name}" FROM PUBLIC')
+    admin.execute(f'GRANT CONNECT ON DATABASE "{name}" TO "{name}"')
+    db = psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=name, autocommit=True)
+    try:
+        db.execute("CREATE TABLE readings (series_id text, ts timestamptz, value double precision)")
+        db.execute(f'ALTER TABLE readings OWNER TO "{name}"')
+        yield name, admin, db
+    finally:
+        db.close()
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'DROP ROLE IF EXISTS "{name}"')
+        admin.close()
+
+
 @pytest.mark.postgres
 def test_postgresql_outage_fails_ticks_then_catches_up(tmp_path, pg_server):
     """Guarantee 6 against the real server: the daemon's database refuses it and its connections are cut
@@ -329,21 +385,8 @@ def test_postgresql_outage_fails_ticks_then_catches_up(tmp_path, pg_server):
     Stopping the server itself would break every other test using it, so the outage is confined to a
     database and a role of this test's own: REVOKE CONNECT plus pg_terminate_backend.
     """
-    import uuid
-
-    import psycopg
-
-    name = f"forecastd_outage_{uuid.uuid4().hex[:10]}"
-    admin = psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=PG_DB, autocommit=True)
-    admin.execute(f'CREATE ROLE "{name}" LOGIN')  # generated names, not user input
-    admin.execute(f'CREATE DATABASE "{name}" OWNER "{name}"')
-    admin.execute(f'REVOKE CONNECT ON DATABASE "{name}" FROM PUBLIC')
-    admin.execute(f'GRANT CONNECT ON DATABASE "{name}" TO "{name}"')
-    db = psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=name, autocommit=True)
     port = free_port()
-    try:
-        db.execute("CREATE TABLE readings (series_id text, ts timestamptz, value double precision)")
-        db.execute(f'ALTER TABLE readings OWNER TO "{name}"')
+    with _own_database() as (name, admin, db):
         _copy_rows(db, None, T0)
         url = f"postgresql+psycopg://{name}@{PG_HOST}:{PG_PORT}/{name}"
         config = clone(tmp_path, source={"url": url}, sink={"kind": "sql", "url": url, "path": None},
@@ -376,11 +419,44 @@ def test_postgresql_outage_fails_ticks_then_catches_up(tmp_path, pg_server):
         want = {"forecasts": reference(DAY)["forecasts"].query("issued_at > @T0"),
                 "anomalies": reference(DAY)["anomalies"].query("ts > @T0")}
         assert_same_outputs(got, want)
-    finally:
-        db.close()
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.execute(f'DROP ROLE IF EXISTS "{name}"')
-        admin.close()
+
+
+@pytest.mark.postgres
+def test_postgresql_connections_stay_bounded_across_ticks(tmp_path, pg_server):
+    """Ticks share one source and one sink: at most one connection each, however many ticks run (a new
+    source and sink per tick left a connection behind each time, 10 after 5 ticks). At shutdown they close."""
+    with _own_database() as (name, admin, db):
+        _copy_rows(db, None, T0)
+        url = f"postgresql+psycopg://{name}@{PG_HOST}:{PG_PORT}/{name}"
+        config = clone(tmp_path, source={"url": url}, sink={"kind": "sql", "url": url, "path": None})
+
+        def connections() -> int:
+            return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (name,)).fetchone()[0]
+
+        def ticks_ok() -> int:
+            return serve.log().count("tick ok")
+
+        serve = Serve(config)
+        try:
+            counts = []
+            hour = T0
+            for _ in range(6):  # new rows every few ticks, so the sink writes too
+                append_to = hour + pd.Timedelta(hours=4)
+                _copy_rows(db, hour, append_to)
+                hour = append_to
+                wait_until(lambda h=hour: serve.running() and watermark(config) == h, 60, f"the rows up to {hour}")
+                for _ in range(3):
+                    before = ticks_ok()
+                    wait_until(lambda b=before: serve.running() and ticks_ok() > b, 30, "the next tick")
+                    counts.append(connections())
+            assert ticks_ok() >= 20, serve.log()[-3000:]
+            assert max(counts) <= 2, counts
+            serve.signal(signal.SIGTERM)
+            assert serve.wait(STOP_TIMEOUT) == 0, serve.log()
+        finally:
+            serve.kill()
+        wait_until(lambda: connections() == 0, 10, "the daemon's connections to close")
+        assert "tick failed" not in serve.log()
 
 
 def _copy_rows(db, since: pd.Timestamp | None, until: pd.Timestamp) -> None:

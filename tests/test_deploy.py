@@ -66,3 +66,28 @@ def test_example_config_loads():
     assert config.state.dir == "/var/lib/forecastd/state" and config.serve.http_host == "127.0.0.1"
     env = (DEPLOY / "forecastd.env.example").read_text()
     assert "FORECASTD_CONFIG=/etc/forecastd/forecastd.toml" in env
+
+
+def test_documentation_is_installed_by_the_readme_steps():
+    """Documentation= pointed at a file nothing installed; each file:// one is put there by deploy/README.md."""
+    root = DEPLOY.parent
+    readme = (DEPLOY / "README.md").read_text()
+    docs = [uri for value in _directives().get("Documentation", []) for uri in value.split()]
+    assert docs
+    for uri in docs:
+        if not uri.startswith("file://"):
+            continue
+        target = uri.removeprefix("file://")
+        step = [line for line in readme.splitlines() if line.startswith("sudo install") and line.split("#")[0].split()[-1] == target]
+        assert step, f"deploy/README.md installs nothing at {target}"
+        source = step[0].split("#")[0].split()[-2]
+        assert (root / source).is_file(), f"{source} (installed as {target}) is not in the repository"
+
+
+def test_first_training_step_can_cache_compiled_code():
+    """Under DynamicUser= only the state and cache directories are writable, and numba needs a cache."""
+    readme = (DEPLOY / "README.md").read_text()
+    command = readme.split("sudo systemd-run", 1)[1].split("forecastd train", 1)[0]
+    assert "-p CacheDirectory=forecastd" in command and "-E XDG_CACHE_HOME=/var/cache/forecastd" in command
+    assert "XDG_CACHE_HOME=%C/forecastd" in " ".join(_directives()["Environment"])
+    assert _directives()["CacheDirectory"] == ["forecastd"]

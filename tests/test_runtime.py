@@ -96,3 +96,58 @@ def test_freeze_heap_takes_what_is_loaded_out_of_full_collections():
     before, frozen, after, old_freed, new_freed = done.stdout.split()
     assert int(before) > 100_000 and int(frozen) >= int(before) and int(after) < 1000
     assert old_freed == "True" and new_freed == "True"
+
+
+# numba's `cache=True` needs a writable directory when each module that compiles is imported; here
+# none is: the package's __pycache__ is a file and the user cache sits under a file. Without the
+# fallback the import fails ("cannot cache function ...: no locator available").
+NUMBA_IMPORT = textwrap.dedent("""
+    import os
+    import forecastd.anomaly, forecastd.models, forecastd.streaming, forecastd.windowing
+    print(os.environ.get("NUMBA_CACHE_DIR"))
+""")
+
+
+def test_numba_caches_in_a_private_temp_dir_when_nothing_else_is_writable(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "forecastd"
+    shutil.copytree(package, tmp_path / "pkg" / "forecastd", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "pkg" / "forecastd" / "__pycache__").write_text("not a directory")
+    (tmp_path / "blocker").write_text("a file, so nothing can be made below it")
+    (tmp_path / "tmp").mkdir()
+    environ = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH")}
+    environ.update(PYTHONPATH=str(tmp_path / "pkg"), XDG_CACHE_HOME=str(tmp_path / "blocker" / "cache"),
+                   HOME=str(tmp_path / "blocker"), TMPDIR=str(tmp_path / "tmp"), PYTHONDONTWRITEBYTECODE="1")
+    done = subprocess.run([sys.executable, "-c", NUMBA_IMPORT], capture_output=True, text=True, timeout=300,
+                          env=environ, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    fallback = tmp_path / "tmp" / f"forecastd-numba-{os.getuid()}"
+    assert done.stdout.split() == [str(fallback)]
+    assert f"caching it in {fallback} instead" in done.stderr and "XDG_CACHE_HOME" in done.stderr
+    assert fallback.stat().st_mode & 0o777 == 0o700
+
+
+def test_numba_cache_fallback_leaves_a_writable_cache_alone(tmp_path, monkeypatch):
+    from forecastd.runtime import ensure_numba_cache
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "blocker").write_text("")
+    unwritable = tmp_path / "blocker" / "x"
+    # The package's __pycache__, the user cache, or a NUMBA_CACHE_DIR of the user's: any one will do.
+    assert ensure_numba_cache({"HOME": str(unwritable)}, tmp_path / "pkg") is None
+    assert ensure_numba_cache({"XDG_CACHE_HOME": str(tmp_path / "cache")}, unwritable) is None
+    environ = {"NUMBA_CACHE_DIR": str(tmp_path / "mine"), "XDG_CACHE_HOME": str(unwritable)}
+    assert ensure_numba_cache(environ, unwritable) is None and environ["NUMBA_CACHE_DIR"] == str(tmp_path / "mine")
+
+    # An unwritable NUMBA_CACHE_DIR falls back too; and a directory under that name that someone else
+    # could write (cached code is loaded from it) is not used.
+    environ = {"NUMBA_CACHE_DIR": str(unwritable), "XDG_CACHE_HOME": str(unwritable)}
+    fallback = tmp_path / "tmp" / f"forecastd-numba-{os.getuid()}"
+    assert ensure_numba_cache(environ, unwritable) == environ["NUMBA_CACHE_DIR"] == str(fallback)
+    fallback.chmod(0o777)
+    environ = {"XDG_CACHE_HOME": str(unwritable)}
+    other = ensure_numba_cache(environ, unwritable)
+    assert other is not None and other != str(fallback) and os.stat(other).st_mode & 0o777 == 0o700
