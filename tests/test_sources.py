@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from conftest import NASTY_ID, SERIES, START
 from forecastd import frames
 from forecastd.config import config_from_dict
-from forecastd.errors import DataError, SourceError
+from forecastd.errors import DataError, SinkError, SourceError
 from forecastd.frames import Grid, validate
 from forecastd.sources import COLUMNS, MemorySource, ParquetSource, Source, SqlSource, open_source
 from forecastd.sources import parquet as parquet_module
@@ -654,3 +654,14 @@ def test_hive_partition_keys_keep_ids_as_spelled(glob, tmp_path):
     assert source.read(series=["7"]).empty
     got = source.read(since=START)
     assert got.groupby("series_id")["value"].apply(list).to_dict() == {"007": [1.0], "0012": [3.0], "12": [5.0]}
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://u:hunter2@127.0.0.1:5432:99/test", "not a url at all"])
+def test_unparseable_urls_are_source_and_sink_errors_without_the_password(url):
+    from forecastd.sinks.sql import SqlSink
+    from forecastd.sources.sql import SqlSource
+
+    for make, error in ((lambda: SqlSource(url, table="t"), SourceError), (lambda: SqlSink(url), SinkError)):
+        with pytest.raises(error, match="is not an SQLAlchemy URL") as caught:
+            make()
+        assert "hunter2" not in str(caught.value)

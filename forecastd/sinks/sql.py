@@ -42,7 +42,7 @@ from forecastd.errors import SinkError
 from forecastd.sinks import pgbinary
 from forecastd.sinks.schema import SPECS, TableName, TableSpec, conform, empty, spec_for
 from forecastd.sources.mapping import utc_bound
-from forecastd.sources.sql import SERIES_CHUNK, connect, db_reason, describe_url, make_engine
+from forecastd.sources.sql import SERIES_CHUNK, connect, db_reason, describe_url, make_engine, mask_password
 
 __all__ = ["SqlSink", "SUPPORTED_DIALECTS", "BATCH_ROWS", "SQLITE_VARIABLES"]
 
@@ -83,9 +83,9 @@ class SqlSink:
     ) -> None:
         try:
             backend = (engine.url if engine is not None else sa.make_url(url)).get_backend_name()
-        except sa.exc.ArgumentError:
+        except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
             raise SinkError(
-                f"[sink] url = {url!r} is not an SQLAlchemy URL; use e.g. \"sqlite:///out.db\" or "
+                f"[sink] url = {mask_password(url)!r} is not an SQLAlchemy URL; use e.g. \"sqlite:///out.db\" or "
                 "\"postgresql+psycopg://user@host:5432/db\""
             ) from None
         if backend not in SUPPORTED_DIALECTS:

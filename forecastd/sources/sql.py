@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -76,7 +77,7 @@ def describe_url(url: str | sa.URL) -> str:
     """The URL for messages and logs, password hidden."""
     try:
         return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):
         return "<unparseable url>"
 
 
@@ -100,11 +101,17 @@ def make_engine(url: str, *, error: type[ForecastdError] = SourceError, section:
 def _parse_url(url: str, error: type[ForecastdError], section: str) -> sa.URL:
     try:
         return sa.make_url(url)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise error(
-            f"[{section}] url = {url!r} is not an SQLAlchemy URL; use e.g. \"sqlite:///data.db\" or "
+            f"[{section}] url = {mask_password(url)!r} is not an SQLAlchemy URL; use e.g. \"sqlite:///data.db\" or "
             "\"postgresql+psycopg://user@host:5432/db\""
         ) from None
+
+
+def mask_password(url: str) -> str:
+    """`url` with the password of a user:password@ part starred: for text SQLAlchemy cannot parse (and so
+    cannot render with the password hidden), which still ends up in messages and logs."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def db_reason(exc: BaseException) -> str:
