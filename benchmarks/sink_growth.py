@@ -2,6 +2,7 @@
 
     python benchmarks/sink_growth.py [--series 2000] [--ticks 288] [--horizon 24] [--step-minutes 5]
                                      [--pg-url postgresql+psycopg://postgres@127.0.0.1:5432/test]
+                                     [--sinks parquet sqlite postgresql]
 
 Each tick writes one point's outputs for every series (`horizon` forecast rows and one anomaly row a
 series), as the daemon does, at consecutive steps of one UTC day, so every write lands in the same
@@ -72,6 +73,8 @@ def main() -> None:
     ap.add_argument("--horizon", type=int, default=24)
     ap.add_argument("--step-minutes", type=int, default=5)
     ap.add_argument("--pg-url", default=None)
+    ap.add_argument("--sinks", nargs="+", default=["parquet", "sqlite", "postgresql"],
+                    choices=["parquet", "sqlite", "postgresql"])
     args = ap.parse_args()
     if args.ticks * args.step_minutes > 24 * 60:
         ap.error("--ticks x --step-minutes must fit in one day (one partition)")
@@ -79,9 +82,11 @@ def main() -> None:
           f"{args.ticks * args.series * (args.horizon + 1):,} rows into one day")
     print(f"{'sink':<12}{'first 10 ms':>12}{'last 10 ms':>12}{'max ms':>10}{'total s':>10}{'rows':>12}{'files':>6}")
     with tempfile.TemporaryDirectory() as tmp:
-        run("parquet", ParquetSink(f"{tmp}/out"), args, f"{tmp}/out")
-        run("sqlite", SqlSink(f"sqlite:///{tmp}/out.sqlite"), args)
-    if args.pg_url:
+        if "parquet" in args.sinks:
+            run("parquet", ParquetSink(f"{tmp}/out"), args, f"{tmp}/out")
+        if "sqlite" in args.sinks:
+            run("sqlite", SqlSink(f"sqlite:///{tmp}/out.sqlite"), args)
+    if args.pg_url and "postgresql" in args.sinks:
         pid = os.getpid()
         sink = SqlSink(args.pg_url, forecasts_table=f"growth_forecasts_{pid}", anomalies_table=f"growth_anomalies_{pid}")
         try:

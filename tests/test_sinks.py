@@ -249,6 +249,24 @@ def test_parquet_ticks_keep_few_files_and_rewrite_each_row_a_few_times(tmp_path,
     assert len(got) == ticks * len(series) and (got.groupby("series_id")["value"].sum() == sum(range(ticks))).all()
 
 
+def test_parquet_files_past_the_merge_size_are_left_alone(tmp_path, monkeypatch):
+    # A busy day's top tiers made one tick merge four files of 3.6M rows (30 s); merges stop at a size.
+    monkeypatch.setattr(parquet_module, "_MERGE_ROWS", 64)
+    written = []
+    real = parquet_module.pq.write_table
+    monkeypatch.setattr(parquet_module.pq, "write_table", lambda table, where, **kw: (
+        written.append(table.num_rows), real(table, where, **kw))[1])
+    sink = ParquetSink(tmp_path)
+    for i in range(100):
+        ts = pd.DatetimeIndex([START.floor("D") + pd.Timedelta(minutes=5 * i)] * 5).as_unit("ns")
+        sink.write(empty(SPECS["forecasts"]), pd.DataFrame({
+            "series_id": np.array([f"s{k}" for k in range(5)], dtype=object), "ts": ts, "value": 1.0,
+            "expected": 0.0, "lower": -1.0, "upper": 1.0, "score": 0.0, "is_anomaly": False,
+            "model_version": np.int64(1)}))
+    assert max(written) < 4 * 64  # no merge took in a file of 64 rows or more
+    assert len(sink.read("anomalies")) == 500
+
+
 def test_parquet_rows_left_twice_by_a_merge_cut_short_read_once_newest_first(tmp_path, make_forecasts,
                                                                              make_anomalies):
     sink = ParquetSink(tmp_path)

@@ -20,8 +20,8 @@ only: read, old rows whose key is in the new rows dropped, one new file written,
 deleted. Every file is written with forecastd.files.atomic_write (temp file beside it, fsync, rename,
 fsync the directory), so a reader never sees half a file. Then files are compacted in tiers, as a
 log-structured merge does: whenever `_FANOUT` files hold rows of the same order of magnitude (in powers
-of `_FANOUT`) they are merged into one, so a partition keeps a few dozen files at most and a row is
-rewritten a few times, not once per tick.
+of `_FANOUT`) they are merged into one, up to files of `_MERGE_ROWS` rows, so a partition keeps a few
+files per million rows and a row is rewritten a few times, not once per tick.
 
 A crash between writing a merge and deleting its inputs leaves rows in two files; the higher number is
 the newer, and both `read` and the next merge of those files keep its rows. Part files from another
@@ -69,6 +69,9 @@ PART_FILE = "part-0.parquet"  # the first file of a partition
 _PART = re.compile(r"part-(\d+)\.parquet")
 _RANGES = b"forecastd.series_ranges"  # footer key: per series, the first and last time in the file (ns)
 _FANOUT = 4  # files of one size tier merged into one
+# Files this large are not merged again: merging the top tiers of a busy day (four 3.6M-row files)
+# held a tick for 30 s, so a merge now reads and writes at most _FANOUT such files' worth.
+_MERGE_ROWS = _FANOUT ** 10  # 1,048,576
 
 # Lock files live outside forecasts/ and anomalies/ so that no reader of a dataset (ours, pyarrow,
 # Spark, a glob) ever meets them and _grain_of sees only partitions; the dot hides the directory from
@@ -224,7 +227,8 @@ class ParquetSink:
         while True:
             tiers: dict[int, list[_Part]] = {}
             for p in parts:
-                tiers.setdefault(_tier(p.rows), []).append(p)
+                if p.rows < _MERGE_ROWS:
+                    tiers.setdefault(_tier(p.rows), []).append(p)
             full = next((group for _, group in sorted(tiers.items()) if len(group) >= _FANOUT), None)
             if full is None:
                 return
