@@ -267,6 +267,21 @@ def test_parquet_files_past_the_merge_size_are_left_alone(tmp_path, monkeypatch)
     assert len(sink.read("anomalies")) == 500
 
 
+def test_parquet_footer_cache_holds_only_live_files_of_recent_partitions(tmp_path, make_anomalies):
+    # A daemon keeps one sink for months: cached footers of merged-away files and old days would pile up.
+    sink = ParquetSink(tmp_path)
+    for day in range(12):
+        for i in range(10):
+            ts = pd.DatetimeIndex([START.floor("D") + pd.Timedelta(days=day, minutes=5 * i)] * 2).as_unit("ns")
+            sink.write(empty(SPECS["forecasts"]), pd.DataFrame({
+                "series_id": np.array(["a", "b"], dtype=object), "ts": ts, "value": 1.0, "expected": 0.0,
+                "lower": -1.0, "upper": 1.0, "score": 0.0, "is_anomaly": False, "model_version": np.int64(1)}))
+    assert len(sink._footers) == parquet_module._CACHED_PARTITIONS
+    for directory, files in sink._footers.items():
+        assert set(files) <= set(directory.glob("*.parquet"))
+    assert len(sink.read("anomalies")) == 12 * 10 * 2
+
+
 def test_parquet_rows_left_twice_by_a_merge_cut_short_read_once_newest_first(tmp_path, make_forecasts,
                                                                              make_anomalies):
     sink = ParquetSink(tmp_path)

@@ -72,6 +72,7 @@ _FANOUT = 4  # files of one size tier merged into one
 # Files this large are not merged again: merging the top tiers of a busy day (four 3.6M-row files)
 # held a tick for 30 s, so a merge now reads and writes at most _FANOUT such files' worth.
 _MERGE_ROWS = _FANOUT ** 10  # 1,048,576
+_CACHED_PARTITIONS = 8  # partitions whose footers a sink keeps between writes
 
 # Lock files live outside forecasts/ and anomalies/ so that no reader of a dataset (ours, pyarrow,
 # Spark, a glob) ever meets them and _grain_of sees only partitions; the dot hides the directory from
@@ -132,7 +133,9 @@ class ParquetSink:
         self.path = Path(path)
         self.partition: Grain = partition
         self._checked: set[str] = set()
-        self._footers: dict[Path, tuple[tuple[int, int, int], _Part]] = {}
+        # Per partition directory (the last few written), per file: its identity and footer. Entries of
+        # files gone are dropped at each listing: a daemon's sink lives for months of merged-away files.
+        self._footers: dict[Path, dict[Path, tuple[tuple[int, int, int], _Part]]] = {}
 
     def __repr__(self) -> str:
         return f"ParquetSink({str(self.path)!r}, partition={self.partition!r})"
@@ -281,10 +284,14 @@ class ParquetSink:
         if not directory.is_dir():
             return []
         parts = []
+        known = self._footers.pop(directory, {})
+        seen = self._footers[directory] = {}  # re-inserted: the most recently written partition is last
+        while len(self._footers) > _CACHED_PARTITIONS:
+            del self._footers[next(iter(self._footers))]
         for f in directory.glob("*.parquet"):
             st = f.stat()
             ident = (st.st_ino, st.st_mtime_ns, st.st_size)
-            hit = self._footers.get(f)
+            hit = known.get(f)
             if hit is None or hit[0] != ident:
                 try:
                     meta = pq.read_metadata(f)
@@ -293,7 +300,8 @@ class ParquetSink:
                         f"cannot read existing partition {str(directory)!r} to merge into it: {exc}; move the "
                         "damaged file away (the sink rewrites the partition) or point [sink] path elsewhere"
                     ) from exc
-                hit = self._footers[f] = (ident, _Part(f, _number(f), meta.num_rows, _footer_ranges(meta)))
+                hit = (ident, _Part(f, _number(f), meta.num_rows, _footer_ranges(meta)))
+            seen[f] = hit
             parts.append(hit[1])
         return sorted(parts, key=lambda p: p.number)
 
