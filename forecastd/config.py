@@ -478,6 +478,12 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def mask_password(url: str) -> str:
+    """`url` with the password of a user:password@ part starred: for text SQLAlchemy cannot parse (and so
+    cannot render with the password hidden), which still ends up in messages and logs."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
 def _check_url(section: str, url: str) -> None:
     """At load, not at the first tick: a port that is not a number failed there as an unexpected ValueError."""
     import sqlalchemy as sa  # only for SQL configs, so `import forecastd` stays light
@@ -485,8 +491,7 @@ def _check_url(section: str, url: str) -> None:
     try:
         sa.make_url(url)
     except (sa.exc.ArgumentError, ValueError) as exc:
-        shown = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)  # the password stays out of the log
-        raise ConfigError(f"[{section}] url = {shown!r} is not a valid SQLAlchemy URL ({exc}); use the form "
+        raise ConfigError(f"[{section}] url = {mask_password(url)!r} is not a valid SQLAlchemy URL ({exc}); use the form "
                           '"postgresql+psycopg://user@host:5432/db" or "sqlite:///file.db"') from None
 
 

@@ -38,11 +38,12 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from forecastd.config import mask_password
 from forecastd.errors import SinkError
 from forecastd.sinks import pgbinary
 from forecastd.sinks.schema import SPECS, TableName, TableSpec, conform, empty, spec_for
 from forecastd.sources.mapping import utc_bound
-from forecastd.sources.sql import SERIES_CHUNK, connect, db_reason, describe_url, make_engine, mask_password
+from forecastd.sources.sql import SERIES_CHUNK, connect, db_reason, describe_url, make_engine
 
 __all__ = ["SqlSink", "SUPPORTED_DIALECTS", "BATCH_ROWS", "SQLITE_VARIABLES"]
 

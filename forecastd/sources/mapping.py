@@ -129,13 +129,12 @@ def has_offset(sample: str) -> bool:
 def text_offsets(sample: str, where: str) -> bool:
     """Whether a column's time text carries UTC offsets, judged by one stored value; SourceError naming the
     fix where that value is not ISO-8601."""
-    m = _ISO.match(sample)
-    if m is None:
+    if _ISO.match(sample) is None:
         raise SourceError(
             f"time values in {where} are text that is not ISO-8601 (e.g. {sample!r}); store them as "
             "'YYYY-MM-DD HH:MM:SS' text or as a timestamp column so reads can filter by time"
         )
-    return bool(m.group("tz"))
+    return has_offset(sample)
 
 
 # Text with a UTC offset spells its instant on a clock up to this far ahead or behind: zones use -12:00

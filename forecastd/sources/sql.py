@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -35,7 +34,7 @@ import pandas as pd
 import pyarrow as pa
 import sqlalchemy as sa
 
-from forecastd.config import Config
+from forecastd.config import Config, mask_password
 from forecastd.errors import ForecastdError, SourceError
 from forecastd.sources.mapping import (
     COLUMNS,
@@ -107,11 +106,6 @@ def _parse_url(url: str, error: type[ForecastdError], section: str) -> sa.URL:
             "\"postgresql+psycopg://user@host:5432/db\""
         ) from None
 
-
-def mask_password(url: str) -> str:
-    """`url` with the password of a user:password@ part starred: for text SQLAlchemy cannot parse (and so
-    cannot render with the password hidden), which still ends up in messages and logs."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def db_reason(exc: BaseException) -> str:
