@@ -223,9 +223,10 @@ class ParquetSink:
         parts = self._parts(directory)
         ranges = _series_ranges(rows, spec.time)
         clash = [p for p in parts if p.ranges is None or _overlaps(p.ranges, ranges)]
-        rows = rows.drop_duplicates(list(spec.key), keep="last")
         parts = [p for p in parts if p not in clash]
-        parts.append(self._write_part(spec, directory, _next_number(parts + clash), clash, rows))
+        # Alone, the new rows keep their ranges (dropping a repeated key moves no first or last time).
+        parts.append(self._write_part(spec, directory, _next_number(parts + clash), clash, rows,
+                                      None if clash else ranges))
         # Tiered compaction: merge the first tier holding _FANOUT files, until none does.
         while True:
             tiers: dict[int, list[_Part]] = {}
@@ -239,9 +240,11 @@ class ParquetSink:
             parts.append(self._write_part(spec, directory, _next_number(parts + full), full, None))
 
     def _write_part(self, spec: TableSpec, directory: Path, number: int, merged: list[_Part],
-                    rows: pd.DataFrame | None) -> _Part:
+                    rows: pd.DataFrame | None, ranges: pd.DataFrame | None = None) -> _Part:
         """Write part file `number` holding the rows of the `merged` files and `rows` (the newest last,
-        which win a shared key), then delete the merged files. Returns the new file's entry."""
+        which win a shared key), then delete the merged files. Returns the new file's entry. `ranges`:
+        the written rows' series ranges, where the caller has them."""
+        frames = [] if rows is None else [rows]
         if merged:
             try:
                 old = pa.concat_tables(
@@ -249,15 +252,13 @@ class ParquetSink:
                     promote_options="permissive",
                 ).to_pandas()
             except (pa.ArrowException, OSError) as exc:
-                raise SinkError(
-                    f"cannot read existing partition {str(directory)!r} to merge into it: {exc}; move the "
-                    "damaged file away (the sink rewrites the partition) or point [sink] path elsewhere"
-                ) from exc
-            frames = [conform(old, spec)] + ([] if rows is None else [rows])
-            rows = pd.concat(frames, ignore_index=True).drop_duplicates(list(spec.key), keep="last")
-        assert rows is not None
-        rows = rows.sort_values(list(spec.key), kind="stable", ignore_index=True)
-        ranges = _series_ranges(rows, spec.time)
+                raise _unreadable(directory, exc) from exc
+            frames.insert(0, conform(old, spec))
+        key = list(spec.key)
+        rows = pd.concat(frames, ignore_index=True).drop_duplicates(key, keep="last")
+        rows = rows.sort_values(key, kind="stable", ignore_index=True)
+        if ranges is None:
+            ranges = _series_ranges(rows, spec.time)
         meta = {_RANGES: json.dumps({"series": ranges.index.tolist(), "first": ranges["first"].tolist(),
                                      "last": ranges["last"].tolist()}).encode()}
         table = pa.Table.from_pandas(rows, schema=_arrow_schema(spec), preserve_index=False)
@@ -296,10 +297,7 @@ class ParquetSink:
                 try:
                     meta = pq.read_metadata(f)
                 except (pa.ArrowException, OSError) as exc:
-                    raise SinkError(
-                        f"cannot read existing partition {str(directory)!r} to merge into it: {exc}; move the "
-                        "damaged file away (the sink rewrites the partition) or point [sink] path elsewhere"
-                    ) from exc
+                    raise _unreadable(directory, exc) from exc
                 hit = (ident, _Part(f, _number(f), meta.num_rows, _footer_ranges(meta)))
             seen[f] = hit
             parts.append(hit[1])
@@ -354,6 +352,13 @@ def _make_dirs(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for d in reversed(missing):
         fsync_dir(d.parent)
+
+
+def _unreadable(directory: Path, exc: Exception) -> SinkError:
+    return SinkError(
+        f"cannot read existing partition {str(directory)!r} to merge into it: {exc}; move the damaged file "
+        "away (the sink rewrites the partition) or point [sink] path elsewhere"
+    )
 
 
 class _Part(NamedTuple):
