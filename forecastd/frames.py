@@ -417,6 +417,27 @@ def validate(
         report.add(frame.loc[bad_ts, "series_id"], "rejected: bad timestamp")
         frame = frame[~bad_ts]
 
+    step = grid.index(frame["ts"])
+    snapped_ts = grid.ts(step)
+    off = snapped_ts.as_unit("ns").asi8 != pd.DatetimeIndex(frame["ts"]).as_unit("ns").asi8
+    frame = frame.assign(ts=pd.Series(snapped_ts, index=frame.index))
+
+    # Rows processed already or not due yet are set aside before any repair is counted: a tick reads
+    # such rows again (from the oldest watermark; future ones until their time), and counting their NaNs,
+    # snaps and duplicates at every read multiplied the warnings by the number of reads.
+    if watermarks is not None and len(watermarks):
+        wm = frame["series_id"].map(watermarks)
+        late = (wm.notna() & (frame["ts"] <= wm)).to_numpy(dtype=bool)
+        if late.any():
+            report.add(frame.loc[late, "series_id"], LATE)
+            frame, off = frame[~late], off[~late]
+    if now is not None:
+        limit = pd.Timestamp(now).tz_convert("UTC") if pd.Timestamp(now).tzinfo else pd.Timestamp(now, tz="UTC")
+        future = (frame["ts"] > limit + pd.Timedelta(grid.step_ns, unit="ns")).to_numpy(dtype=bool)
+        if future.any():
+            report.add(frame.loc[future, "series_id"], "future-stamped, deferred to a later read")
+            frame, off = frame[~future], off[~future]
+
     raw_values = raw.loc[frame.index, "value"]
     nonnum = frame["value"].isna() & raw_values.notna() & ~raw_values.apply(lambda v: isinstance(v, float))
     if nonnum.any():
@@ -429,12 +450,8 @@ def validate(
         report.add(frame.loc[inf, "series_id"], "inf kept as missing")
         frame.loc[inf, "value"] = np.nan
 
-    step = grid.index(frame["ts"])
-    snapped_ts = grid.ts(step)
-    off = snapped_ts.as_unit("ns").asi8 != pd.DatetimeIndex(frame["ts"]).as_unit("ns").asi8
     if off.any():
         report.add(frame.loc[off, "series_id"], "snapped to grid")
-    frame = frame.assign(ts=pd.Series(snapped_ts, index=frame.index))
 
     # Out of order means a row earlier in the source than a row before it of the same series.
     keys = frame["ts"].astype("int64")
@@ -453,20 +470,6 @@ def validate(
             frame = frame.groupby(["series_id", "ts"], as_index=False, sort=True)["value"].mean()
         else:
             frame = frame.drop_duplicates(["series_id", "ts"], keep=duplicates)
-
-    if watermarks is not None and len(watermarks):
-        wm = frame["series_id"].map(watermarks)
-        late = wm.notna() & (frame["ts"] <= wm)
-        if late.any():
-            report.add(frame.loc[late, "series_id"], LATE)
-            frame = frame[~late]
-
-    if now is not None:
-        limit = pd.Timestamp(now).tz_convert("UTC") if pd.Timestamp(now).tzinfo else pd.Timestamp(now, tz="UTC")
-        future = frame["ts"] > limit + pd.Timedelta(grid.step_ns, unit="ns")
-        if future.any():
-            report.add(frame.loc[future, "series_id"], "future-stamped, deferred to a later read")
-            frame = frame[~future]
 
     frame = frame.reset_index(drop=True)
     frame["ts"] = frame["ts"].astype("datetime64[ns, UTC]")

@@ -361,7 +361,11 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
         raise DataError(f"backfill range is empty: --end {end} is before --start {start}")
     warmup = config.data.warmup
     report = TickReport(mv.version)
-    raw = open_source(config).read(since=grid.ts(np.array([lo - warmup - 1]))[0], until=grid.ts(np.array([hi]))[0])
+    # From the step before the warm-up (a series that has no START_POINTS points in it would wait) through
+    # every instant that rounds to `hi`: stamps after the step's time (hourly data at :05) belong to it.
+    first = lo - max(warmup, START_POINTS) - 1
+    raw = open_source(config).read(since=grid.last_instant(np.array([first]))[0],
+                                   until=grid.last_instant(np.array([hi]))[0])
     report.rows_read = len(raw)
     frame, frame_report = validate(raw, grid=grid, timezone=config.source.timezone,
                                    duplicates=config.data.duplicates)

@@ -102,7 +102,10 @@ def plan_tick(
         sid = rows.ids[np.flatnonzero(late)[0]]
         raise ValueError(f"series {sid!r} has rows at or before its watermark; validate() must reject them first")
 
-    # Anchor of each new series: its first step after the prior watermark, or else its latest step.
+    # Anchor of each new series: its first step after the prior watermark; else, for one that could start
+    # (`_start_step`) only after the newest step the stream has processed, that start point, so that its
+    # outputs begin there whether ticks come every step or every few; else (a first tick, a backlog) its
+    # latest step.
     prior_step = (np.array([prior.get(s, _NONE) for s in rows.ids], dtype=np.int64) if prior
                   else np.full(G, _NONE, dtype=np.int64))  # G
     resumed = ~known & (prior_step != _NONE)
@@ -110,19 +113,31 @@ def plan_tick(
     anchor_row = np.where(resumed, rows.first + at_or_before, rows.last)
     planned = known | (anchor_row <= rows.last)  # a resumed series with nothing after its watermark waits
     anchor = rows.steps[np.minimum(anchor_row, rows.last)]  # G, used for new series only
-    waiting = []
-    unknown = np.flatnonzero(~known & ~resumed)
-    unknown = unknown[[rows.ids[g] not in model_scales for g in unknown.tolist()]]
-    if unknown.size:  # a new series without a unit from the model waits until it can be measured
-        finite = np.add.reduceat(np.isfinite(rows.values).astype(np.int64), rows.first)  # G
-        short = unknown[finite[unknown] < START_POINTS]
-        planned[short] = False
-        waiting = rows.ids[short].tolist()
+    start, enough = _start_step(rows, model_scales)
+    fresh = ~known & ~resumed
+    carried_step = np.asarray(carried_step, dtype=np.int64)
+    if carried_step.size and carried_step.max() >= 0:
+        anchor = np.where(fresh & enough & (start > carried_step.max()), start, anchor)
+    short = np.flatnonzero(fresh & ~enough)  # a new series without a unit from the model waits until it can
+    planned[short] = False                   # be measured
+    waiting = rows.ids[short].tolist()
 
     keep = planned[rows.group] & (known[rows.group] | (rows.steps >= anchor[rows.group] - warmup))
     plan = _plan(rows, keep, cstep, ~known, anchor, anchor, carried_scale, pos, model_scales, warmup, max_gap)
     plan.waiting = waiting
     return plan
+
+
+def _start_step(rows: _Rows, model_scales: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Where each series can start from a fresh state, and whether it can yet: a series the model learnt
+    at its first row; any other at its START_POINTS-th observed point, the first whose unit is measured."""
+    learnt = np.array([s in model_scales for s in rows.ids.tolist()], dtype=bool)  # G
+    counts = np.cumsum(np.isfinite(rows.values))
+    before = np.r_[0, counts][rows.first]  # G: observed points of the groups before each one
+    nth = np.searchsorted(counts, before + START_POINTS)  # G: row of each group's START_POINTS-th point
+    enough = learnt | (nth <= rows.last)
+    start = np.where(learnt, rows.steps[rows.first], rows.steps[np.minimum(nth, rows.last)])
+    return start, enough
 
 
 def plan_backfill(frame: pd.DataFrame, grid: Grid, lo: int, model_scales: Mapping[str, float], warmup: int,
@@ -132,16 +147,15 @@ def plan_backfill(frame: pd.DataFrame, grid: Grid, lo: int, model_scales: Mappin
     G = len(rows.ids)
     if G == 0:
         return Plan([], {}, 0, 0)
-    anchor = np.full(G, lo, dtype=np.int64)
-    # A unit computed from the data uses the points up to lo, or the first START_POINTS observed points
-    # of a series that starts later (all it has, if fewer), as a tick would measure it.
-    counts = np.cumsum(np.isfinite(rows.values))
-    before = np.r_[0, counts][rows.first]  # G: observed points of the groups before each one
-    nth = np.searchsorted(counts, before + START_POINTS)  # G: row of each group's START_POINTS-th point
-    scale_until = np.maximum(lo, rows.steps[np.minimum(nth, rows.last)])
-    keep = rows.steps >= lo - warmup
-    return _plan(rows, keep, np.full(G, -1, dtype=np.int64), np.ones(G, dtype=bool), anchor, scale_until, np.zeros(0),
+    # As ticks from `lo` on would start each series: at lo, or later at its start point (`_start_step`),
+    # where a series that began inside the range gets its first outputs; one that cannot start yet waits.
+    start, enough = _start_step(rows, model_scales)
+    anchor = np.maximum(lo, start)  # G
+    keep = enough[rows.group] & (rows.steps >= anchor[rows.group] - warmup)
+    plan = _plan(rows, keep, np.full(G, -1, dtype=np.int64), np.ones(G, dtype=bool), anchor, anchor, np.zeros(0),
                  np.full(G, -1, dtype=np.int64), model_scales, warmup, max_gap)
+    plan.waiting = rows.ids[~enough].tolist()
+    return plan
 
 
 def _plan(rows: _Rows, keep: np.ndarray, cstep: np.ndarray, warming: np.ndarray, anchor: np.ndarray,
@@ -186,9 +200,10 @@ def _plan(rows: _Rows, keep: np.ndarray, cstep: np.ndarray, warming: np.ndarray,
             fresh_scale[sid] = float(model_scales[sid])
         elif pos[gi] >= 0:
             fresh_scale[sid] = float(carried_scale[pos[gi]])
-        else:  # unknown to the model and not carried: the unit of the warm-up window's own data
+        else:  # unknown to the model and not carried: the unit of its warm-up rows up to where it starts
+            # (kept rows only: what a tick and a backfill from the same start both hold)
             lo_row = rows.first[gi]
             hi_row = rows.first[gi + 1] if gi + 1 < len(rows.first) else len(rows.steps)
-            window = rows.steps[lo_row:hi_row] <= scale_until[gi]
+            window = keep[lo_row:hi_row] & (rows.steps[lo_row:hi_row] <= scale_until[gi])
             fresh_scale[sid] = robust_scale(rows.values[lo_row:hi_row][window])
     return Plan(segments, fresh_scale, int(len(np.unique(g))), int(np.isfinite(dense).sum()))

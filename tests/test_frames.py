@@ -67,6 +67,19 @@ def test_late_and_future_rows_are_counted_not_lost():
                              "future-stamped, deferred to a later read": 1}
 
 
+def test_rows_read_again_or_not_due_count_no_other_repair():
+    """A tick reads rows at or before a watermark again (and future ones until their time): their NaNs,
+    snaps and duplicates were counted at every read, multiplying warnings by the number of reads."""
+    ts = pd.DatetimeIndex(["2024-01-01 00:10", "2024-01-01 01:00", "2024-01-01 01:00", "2024-01-01 02:00",
+                           "2024-01-01 03:10", "2024-01-01 09:00"], tz="UTC")
+    values = [np.nan, 1.0, 2.0, np.nan, 4.0, np.nan]
+    f, r = validate(_raw(["a"] * 6, ts, values), grid=G, watermarks={"a": ts[2]}, now=ts[4])
+    assert f["ts"].tolist() == [ts[3], pd.Timestamp("2024-01-01 03:00", tz="UTC")]
+    assert r.by_reason() == {"late (at or before the watermark), rejected": 3,
+                             "future-stamped, deferred to a later read": 1,
+                             "NaN kept as missing": 1, "snapped to grid": 1}
+
+
 def test_hostile_series_ids_are_kept_verbatim():
     f, _ = validate(_raw(["'; DROP TABLE x;--"], pd.to_datetime(["2024-01-01"], utc=True), [1.0]), grid=G)
     assert f["series_id"].iloc[0] == "'; DROP TABLE x;--"

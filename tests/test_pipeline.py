@@ -152,6 +152,39 @@ def test_backfill_equals_ticks_one_and_several_points_per_tick(trained, tmp_path
     _assert_same(ticks, bf)
 
 
+@pytest.mark.parametrize("every", [1, 3])
+def test_series_beginning_near_or_inside_the_range_backfill_as_ticks_start_them(trained, tmp_path, every):
+    """A backfill anchored every series at its range start: one that began inside the range waited a whole
+    warm-up where ticks started it at once (a series the model learnt) or at its START_POINTS-th point (one
+    it never saw, whose unit the backfill also measured on points after its first output: a look-ahead),
+    and ticks every few steps started a new series at a later point than ticks every step."""
+    _, data = trained
+    cfg = _workspace(trained, tmp_path)
+    t0, t1 = 450, 560
+    learnt = data[(data["series_id"] != "drift") | (data["ts"] >= _ts(t0 + 10))]  # learnt; begins inside
+    walk = 20 + np.random.default_rng(3).normal(0, 1, 120).cumsum()
+    newcomer = pd.DataFrame({"series_id": "newcomer", "value": walk,  # never learnt; begins just before
+                             "ts": _ts(t0 - 5) + pd.to_timedelta(np.arange(120), unit="h")})
+    source = pd.concat([learnt, newcomer], ignore_index=True)
+    ticks = _tick_through(cfg, source, sorted({t0 + 1, *range(t0 + 1 + every, t1, every), t1}))
+    bf = backfill(load_config(cfg), _ts(t0), _ts(t1 - 1), keep_outputs=True, write=False).outputs
+    _assert_same(ticks, bf)
+    starts = bf.anomalies.groupby("series_id")["ts"].min()
+    assert starts["drift"] == _ts(t0 + 10) and starts["newcomer"] == _ts(t0 - 5 + START_POINTS - 1)
+    assert starts["sine"] == starts["walk"] == _ts(t0)
+
+
+def test_backfill_reads_the_last_step_stamped_after_its_time(trained, tmp_path):
+    """Stamps at :05 round to the hour before them; the backfill read stopped at the last step's own
+    time, and so lost the last step of every series without a count."""
+    _, data = trained
+    cfg = _workspace(trained, tmp_path)
+    data.assign(ts=data["ts"] + pd.Timedelta(minutes=5)).to_parquet(tmp_path / "data.parquet")
+    r = backfill(load_config(cfg), _ts(450), _ts(500), keep_outputs=True, write=False)
+    assert r.anomalies_written == 3 * 51
+    assert (r.outputs.anomalies.groupby("series_id")["ts"].max() == _ts(500)).all()
+
+
 def test_restart_from_disk_equals_ticking_straight_through(trained, tmp_path):
     _, data = trained
     straight = _tick_through(_workspace(trained, tmp_path / "a"), data, list(range(500, 560, 3)))

@@ -38,6 +38,14 @@ def _reference_scale(model_scales, sid, values, carried_ids, carried_scale) -> f
     return robust_scale(values)
 
 
+def _reference_start(sid, steps, values, model_scales) -> int | None:
+    """A learnt series starts at its first row, any other at its START_POINTS-th observed point (None: waits)."""
+    if sid in model_scales:
+        return int(steps[0])
+    observed = steps[np.isfinite(values)]
+    return int(observed[START_POINTS - 1]) if observed.size >= START_POINTS else None
+
+
 def reference_tick(frame, carried_ids, carried_step, carried_scale, model_scales, prior, warmup, max_gap) -> Plan:
     segments, fresh_scale = [], {}
     pos = {s: i for i, s in enumerate(carried_ids)}
@@ -47,14 +55,21 @@ def reference_tick(frame, carried_ids, carried_step, carried_scale, model_scales
             if any(g.fresh for g in segs):
                 fresh_scale[sid] = _reference_scale(model_scales, sid, values, carried_ids, carried_scale)
         else:
-            after = steps[steps > prior[sid]] if sid in prior else steps[-1:]
-            if after.size == 0:
-                continue
-            if sid not in prior and sid not in model_scales and np.isfinite(values).sum() < START_POINTS:
-                continue  # too few points to measure its unit: it waits
-            anchor = int(after[0])
+            if sid in prior:
+                after = steps[steps > prior[sid]]
+                if after.size == 0:
+                    continue
+                anchor = int(after[0])
+            else:
+                start = _reference_start(sid, steps, values, model_scales)
+                if start is None:
+                    continue  # too few points to measure its unit: it waits
+                # startable only after the stream's newest step: from its start point
+                newest = max([int(w) for w in carried_step] + [-1])
+                anchor = start if newest >= 0 and start > newest else int(steps[-1])
             segs = _reference_warm(sid, steps, values, anchor, warmup, max_gap)
-            fresh_scale[sid] = _reference_scale(model_scales, sid, values[steps <= anchor], [], [])
+            kept = (steps >= anchor - warmup) & (steps <= anchor)
+            fresh_scale[sid] = _reference_scale(model_scales, sid, values[kept], [], [])
         segments.extend(segs)
     return Plan(segments, fresh_scale, len({g.series_id for g in segments}),
                 int(sum(np.isfinite(g.values).sum() for g in segments)))
@@ -63,11 +78,14 @@ def reference_tick(frame, carried_ids, carried_step, carried_scale, model_scales
 def reference_backfill(frame, lo, model_scales, warmup, max_gap) -> Plan:
     segments, fresh_scale = [], {}
     for sid, (steps, values) in series_steps(frame, GRID).items():
-        segs = _reference_warm(sid, steps, values, lo, warmup, max_gap)
+        start = _reference_start(sid, steps, values, model_scales)
+        if start is None:
+            continue
+        anchor = max(lo, start)
+        segs = _reference_warm(sid, steps, values, anchor, warmup, max_gap)
         if segs:
-            observed = steps[np.isfinite(values)]
-            until = observed[min(START_POINTS, observed.size) - 1] if observed.size else steps[-1]
-            fresh_scale[sid] = _reference_scale(model_scales, sid, values[steps <= max(lo, int(until))], [], [])
+            kept = (steps >= anchor - warmup) & (steps <= anchor)
+            fresh_scale[sid] = _reference_scale(model_scales, sid, values[kept], [], [])
             segments.extend(segs)
     return Plan(segments, fresh_scale, len(fresh_scale), int(sum(np.isfinite(g.values).sum() for g in segments)))
 
