@@ -309,12 +309,16 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     reread = sum(frame_report.counts.pop(key) for key in [k for k in frame_report.counts if k[1] == LATE])
     if reread:
         log.debug("%d row(s) at or before their series' watermark read again and dropped", reread)
-    frame_report.log()
-    report.repairs = frame_report.by_reason()
     clock.lap("validate")
 
     planned = plan_tick(frame, grid, state.series_ids, state.step, state.scale, mv.scales, prior,
                         config.data.warmup, config.data.max_gap)
+    # A waiting series' rows are read again at every tick until it starts, and counted then.
+    waiting = set(planned.waiting)
+    for key in [k for k in frame_report.counts if k[0] in waiting]:
+        del frame_report.counts[key]
+    frame_report.log()
+    report.repairs = frame_report.by_reason()
     report.series = planned.series
     report.points = planned.points
     if planned.waiting:

@@ -359,6 +359,24 @@ def test_a_new_series_arriving_point_by_point_starts_with_a_measured_unit(traine
     assert inside >= 0.6, inside
 
 
+def test_a_waiting_series_counts_its_repairs_once(trained, tmp_path):
+    """A new series' rows are read again at every tick while it waits for START_POINTS points: its NaN
+    was counted, and logged as a warning, at each of those reads."""
+    config, data = _ticked_to_500(trained, tmp_path, "1e7")
+    values = np.random.default_rng(6).normal(20.0, 1.0, 30)
+    values[2] = np.nan
+    newcomer = pd.DataFrame({"series_id": "new", "ts": _ts(500) + pd.to_timedelta(np.arange(30), unit="h"),
+                             "value": values})
+    nan_counts, started = [], []
+    for k in range(1, 31):
+        pd.concat([data[data["ts"] < _ts(500 + k)], newcomer.iloc[:k]]).to_parquet(tmp_path / "data.parquet")
+        r = run_once(config, _ts(500 + k), keep_outputs=True)
+        nan_counts.append(r.repairs.get("NaN kept as missing", 0))
+        started.append("new" in set(r.outputs.anomalies["series_id"]))
+    assert started.index(True) == START_POINTS  # its 24th observed point is its 25th row
+    assert sum(nan_counts) == 1 and nan_counts[START_POINTS] == 1
+
+
 def test_listing_every_tick_finds_the_newcomer_at_once(trained, tmp_path):
     config, data = _ticked_to_500(trained, tmp_path, "0")
     old = data[(data["series_id"] == "walk") & (data["ts"] < _ts(450))].assign(series_id="old")
