@@ -209,13 +209,20 @@ def _prior(store: StateStore, live: int) -> tuple[dict[str, int], dict[str, Carr
     the old one stopped, and what each series' anomaly track carries over (`Carried`): its value range,
     so novelty does not start over from a warm-up's few points (a value only beyond the last four days
     would be flagged as never seen), and its open incident, so the switch does not report it again."""
+    # Each series from the newest stream that holds it: one quiet through two switches is in neither the
+    # live stream nor the one before it. Then the record of series whose streams were pruned.
+    steps: dict[str, int] = {}
+    carried: dict[str, Carried] = {}
     for v in sorted((v for v in store.versions() if v != live), reverse=True):
         state, _ = store.load_stream(v)
-        if state is not None:
-            rows = [i for i, st in enumerate(state.step) if st >= 0]
-            return ({state.series_ids[i]: int(state.step[i]) for i in rows},
-                    {state.series_ids[i]: Carried.of(state, i) for i in rows})
-    return {}, {}
+        for i, sid in enumerate(state.series_ids if state is not None else ()):
+            if state.step[i] >= 0 and sid not in steps:
+                steps[sid], carried[sid] = int(state.step[i]), Carried.of(state, i)
+    ids, fields = store.load_handover()
+    for i, sid in enumerate(ids):
+        if sid not in steps:
+            steps[sid], carried[sid] = int(fields["step"][i]), Carried.of_fields(fields, i)
+    return steps, carried
 
 
 def _read_start(state: StreamState, grid: Grid, max_gap: int) -> tuple[pd.Timestamp | None, dict[str, int]]:

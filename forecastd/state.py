@@ -10,6 +10,8 @@ Layout of the state directory:
     models/v000003/manifest.json         config, frequency and zone, per-series scales, metrics, versions, sha256
     live.json                            {"version": 3}: the model that serves
     streams/v000003/ckpt-000000042.safetensors + .json   hidden states, watermarks, running levels
+    handover.safetensors + .json         watermarks and anomaly history of series whose newest stream
+                                         was pruned with its model version (`HANDOVER_FIELDS`)
     lock                                 held by a serving daemon (see daemon.py)
 
 Every file is written atomically; a checkpoint counts only once its JSON manifest (written last) exists
@@ -177,6 +179,12 @@ def plan(
     return out
 
 
+# What a series' stream hands to the next model version's (`streaming.Carried`), kept past the pruning
+# of the version that last ran it: its watermark, value range, open incident and slow channel.
+HANDOVER_FIELDS = ("step", "lo", "hi", "peak", "since", "slow_short", "slow_mean", "slow_var", "slow_count",
+                   "slow_exceed")
+
+
 def manifest_grid(manifest: dict[str, Any]) -> Grid:
     """The grid a model version was trained on. Manifests written before grids had a zone lack "zone":
     their daily steps were UTC midnights, so they load as UTC and keep serving as they did."""
@@ -266,10 +274,62 @@ class StateStore:
 
     def _prune_models(self, keep: int) -> None:
         live = self.live_version()
-        for v in self.versions()[:-keep]:
-            if v != live:
-                shutil.rmtree(self._model_dir(v), ignore_errors=True)
-                shutil.rmtree(self.root / "streams" / f"v{v:06d}", ignore_errors=True)
+        doomed = [v for v in self.versions()[:-keep] if v != live]
+        if doomed:
+            self._hand_over(doomed)
+        for v in doomed:
+            shutil.rmtree(self._model_dir(v), ignore_errors=True)
+            shutil.rmtree(self.root / "streams" / f"v{v:06d}", ignore_errors=True)
+
+    def _hand_over(self, doomed: list[int]) -> None:
+        """Keep, in the handover record, the watermark and anomaly history of every series whose newest
+        stream is among the `doomed` versions' (no kept version's stream holds it). A series quiet through
+        `keep_versions` promotions (a source quiet while retrains ran) otherwise lost its watermark, and on
+        its return was started at its latest point: every point in between went without outputs."""
+        covered: set[str] = set()
+        for v in self.versions():
+            if v not in doomed:
+                state, _ = self.load_stream(v)
+                covered.update(state.series_ids if state is not None else ())
+        ids, arrays = self.load_handover()
+        parts = [(ids, arrays)]
+        for v in sorted(doomed):  # oldest first: a newer stream's row replaces an older one's
+            state, _ = self.load_stream(v)
+            if state is not None:
+                fields = {**state.anomaly.__dict__, "step": state.step}
+                rows = [i for i, sid in enumerate(state.series_ids) if sid not in covered and state.step[i] >= 0]
+                parts.append(([state.series_ids[i] for i in rows], {f: fields[f][rows] for f in HANDOVER_FIELDS}))
+        all_ids = [sid for part_ids, _ in parts for sid in part_ids]
+        if len(all_ids) == len(ids):
+            return
+        merged = {f: np.concatenate([a[f] for part_ids, a in parts if part_ids]) for f in HANDOVER_FIELDS}
+        last = ~pd.Index(all_ids).duplicated(keep="last") & ~pd.Index(all_ids).isin(list(covered))
+        keep_ids = [sid for sid, k in zip(all_ids, last) if k]
+        tensors = safetensors.numpy.save({f: np.ascontiguousarray(merged[f][last]) for f in HANDOVER_FIELDS},
+                                         metadata={"series_ids": json.dumps(keep_ids)})
+        atomic_write_bytes(self.root / "handover.safetensors", tensors)
+        manifest = {"format": FORMAT, "n_series": len(keep_ids), "sha256": sha256_bytes(tensors)}
+        atomic_write(self.root / "handover.json", lambda p: p.write_text(json.dumps(manifest, sort_keys=True)))
+        log.info("%d series' watermarks handed over from pruned model version(s) %s", len(keep_ids),
+                 ", ".join(f"v{v}" for v in doomed))
+
+    def load_handover(self) -> tuple[list[str], dict[str, np.ndarray]]:
+        """Series ids and their `HANDOVER_FIELDS` rows from the handover record (none if absent or corrupt)."""
+        path = self.root / "handover.safetensors"
+        if not (self.root / "handover.json").exists():
+            return [], {}
+        try:
+            manifest = _read_json(self.root / "handover.json")
+            data = path.read_bytes()
+            if sha256_bytes(data) != manifest.get("sha256") or manifest.get("format") != FORMAT:
+                raise CheckpointError(f"{path} fails its checksum or format check")
+            with safetensors.safe_open(path, "numpy") as fh:
+                ids = json.loads(fh.metadata()["series_ids"])
+            return ids, safetensors.numpy.load(data)
+        except (CheckpointError, OSError, ValueError, KeyError) as exc:
+            log.warning("the handover record is unusable (%s); series only it held start from their latest "
+                        "point when they send again", exc)
+            return [], {}
 
     def load_model(self, version: int, device: torch.device | str = "cpu") -> ModelVersion:
         d = self._model_dir(version)

@@ -185,6 +185,25 @@ def test_backfill_reads_the_last_step_stamped_after_its_time(trained, tmp_path):
     assert (r.outputs.anomalies.groupby("series_id")["ts"].max() == _ts(500)).all()
 
 
+def test_series_resume_without_a_gap_after_more_promotions_than_kept_versions(trained, tmp_path):
+    """A new live version has no stream until it runs a point, so its series continue from the stream
+    before it; that stream was pruned with its version once [state] keep_versions newer versions existed
+    (retrains every few seconds, or a quiet source), and every series then started at its latest point:
+    every point sent meanwhile went without outputs."""
+    _, data = trained
+    config = load_config(_workspace(trained, tmp_path))
+    store = state_store(config)
+    data[data["ts"] < _ts(500)].to_parquet(tmp_path / "data.parquet")
+    run_once(config, _ts(500))
+    for _ in range(3):  # retrains promoted between two ticks (same weights: the switch is what matters)
+        mv = store.load_live()
+        store.set_live(store.save_model(mv.model, store.manifest(mv.version), keep=2))
+    assert store.versions() == [3, 4] and store.live_version() == 4
+    data[data["ts"] < _ts(560)].to_parquet(tmp_path / "data.parquet")  # the source sends again
+    a = run_once(config, _ts(560), keep_outputs=True).outputs.anomalies
+    assert len(a) == 3 * 60 and a.groupby("series_id")["ts"].min().eq(_ts(500)).all()
+
+
 def test_restart_from_disk_equals_ticking_straight_through(trained, tmp_path):
     _, data = trained
     straight = _tick_through(_workspace(trained, tmp_path / "a"), data, list(range(500, 560, 3)))

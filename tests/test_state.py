@@ -46,6 +46,25 @@ def test_old_checkpoints_are_pruned(tmp_path):
     assert len(list((tmp_path / "streams" / "v000001").glob("ckpt-*.json"))) == 2
 
 
+def test_pruning_hands_over_the_series_only_a_pruned_stream_held(tmp_path, caplog):
+    store = StateStore(tmp_path)
+    m = Forecaster(11, ModelConfig())
+    store.set_live(store.save_model(m, _manifest(), keep=1))
+    store.save_stream(1, _state(["a", "b"]), {}, keep=2)  # a at step 10, b at 11
+    store.set_live(store.save_model(m, _manifest(), keep=1))
+    store.save_stream(2, _state(["b"]), {}, keep=2)  # v2 has run b (now at step 10), not a
+    store.set_live(store.save_model(m, _manifest(), keep=1))  # prunes v1: only a is not in a kept stream
+    assert store.versions() == [2, 3] and not (tmp_path / "streams" / "v000001").exists()
+    assert store.load_handover()[0] == ["a"]
+    store.set_live(store.save_model(m, _manifest(), keep=1))  # prunes v2, the last stream that held b
+    ids, fields = store.load_handover()
+    assert store.versions() == [3, 4] and ids == ["a", "b"] and fields["step"].tolist() == [10, 10]
+    assert set(fields) == {"step", "lo", "hi", "peak", "since", "slow_short", "slow_mean", "slow_var",
+                           "slow_count", "slow_exceed"}
+    (tmp_path / "handover.safetensors").write_bytes(b"\0" * 64)
+    assert store.load_handover() == ([], {}) and "handover record is unusable" in caplog.text
+
+
 def test_model_versions_checksum_and_fallback(tmp_path):
     store = StateStore(tmp_path)
     m = Forecaster(11, ModelConfig())
