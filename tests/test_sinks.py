@@ -301,6 +301,32 @@ def test_parquet_rows_left_twice_by_a_merge_cut_short_read_once_newest_first(tmp
     assert (got.loc[got["series_id"] == "a", "mean"] >= 100).all() and (got.loc[got["series_id"] != "a", "mean"] == 7.0).all()
 
 
+def test_parquet_merge_cut_short_is_finished_by_the_next_writer(tmp_path, make_forecasts, make_anomalies,
+                                                               monkeypatch):
+    """A crash after a merge's rename left its inputs beside it until a write met their keys again, so
+    any other reader of the directory (pyarrow, DuckDB, Spark) read those rows twice."""
+    sink = ParquetSink(tmp_path)
+    sink.write(make_forecasts(issued=[START]), make_anomalies().iloc[:0])
+    day = tmp_path / "forecasts" / "date=2024-03-30"
+
+    def die(self, missing_ok=False):
+        raise KeyboardInterrupt("killed")  # the process dies between the rename and the deletion
+
+    monkeypatch.setattr(parquet_module.Path, "unlink", die)
+    with pytest.raises(KeyboardInterrupt):
+        sink.write(make_forecasts(issued=[START], offset=5.0), make_anomalies().iloc[:0])  # a replay: merges
+    monkeypatch.undo()
+    assert _files(day) == ["part-0.parquet", "part-1.parquet"]
+    assert (tmp_path / ".locks" / "forecasts" / "date=2024-03-30.merge").exists()
+    n = len(SERIES) * 3  # one issue time, three steps
+    assert pq.read_table(day).num_rows == 2 * n
+    # A new process writes elsewhere (another day): it finishes the merge first.
+    ParquetSink(tmp_path).write(make_forecasts(issued=[START + 10 * H]), make_anomalies().iloc[:0])
+    assert _files(day) == ["part-1.parquet"] and not list((tmp_path / ".locks").rglob("*.merge"))
+    got = pq.read_table(day).to_pandas()
+    assert len(got) == n and (got["mean"] >= 5.0).all()
+
+
 def test_parquet_failed_write_keeps_the_old_partition(tmp_path, make_forecasts, make_anomalies, monkeypatch):
     sink = ParquetSink(tmp_path)
     sink.write(make_forecasts(), make_anomalies())

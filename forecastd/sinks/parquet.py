@@ -24,7 +24,10 @@ of `_FANOUT`) they are merged into one, up to files of `_MERGE_ROWS` rows, so a 
 files per million rows and a row is rewritten a few times, not once per tick.
 
 A crash between writing a merge and deleting its inputs leaves rows in two files; the higher number is
-the newer, and both `read` and the next merge of those files keep its rows. Part files from another
+the newer, and both `read` and the next merge of those files keep its rows. Other readers of the
+directories would see those rows twice, so a merge first records its inputs in an intent file beside the
+partition's lock (`.locks/forecasts/date=2024-01-31.merge`, removed once they are deleted), and the
+next write of any sink on the path deletes what an interrupted merge left of them. Part files from another
 writer or an older layout (no ranges in the footer) are merged into the first write to their partition.
 
 Two writer processes (the daemon ticking while a cron `forecastd backfill` runs over the same dates)
@@ -57,7 +60,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from forecastd.errors import SinkError
-from forecastd.files import atomic_write, exclusive_lock, fsync_dir
+from forecastd.files import atomic_write, atomic_write_bytes, exclusive_lock, fsync_dir
 from forecastd.sinks.schema import SPECS, TableName, TableSpec, conform, empty, spec_for
 from forecastd.sources.mapping import utc_bound
 
@@ -133,6 +136,7 @@ class ParquetSink:
         self.path = Path(path)
         self.partition: Grain = partition
         self._checked: set[str] = set()
+        self._recovered = False
         # Per partition directory (the last few written), per file: its identity and footer. Entries of
         # files gone are dropped at each listing: a daemon's sink lives for months of merged-away files.
         self._footers: dict[Path, dict[Path, tuple[tuple[int, int, int], _Part]]] = {}
@@ -194,6 +198,8 @@ class ParquetSink:
     # -- writing -----------------------------------------------------------------------------------
 
     def _upsert(self, spec: TableSpec, frame: pd.DataFrame) -> None:
+        if not self._recovered:
+            self._recover()
         root = self.path / spec.name
         self._check_layout(root)
         dirs, which = partition_dirs(frame[spec.time], self.partition)
@@ -217,7 +223,36 @@ class ParquetSink:
                     f"cannot lock partition {rel!r} of {spec.name} with {str(lock)!r}: {exc}; check that "
                     "[sink] path is writable by this user"
                 ) from exc
+            self._finish_merge(lock.with_suffix(".merge"), self.path / spec.name / rel)
             self._merge_partition(spec, self.path / spec.name / rel, rows)
+
+    def _recover(self) -> None:
+        """Finish the merges a crash interrupted, on every partition of the path (once per sink)."""
+        self._recovered = True
+        base = self.path / LOCK_DIR
+        for intent in sorted(base.glob("*/**/*.merge")) if base.is_dir() else ():
+            table, *rel = intent.relative_to(base).parts
+            with exclusive_lock(intent.with_suffix(".lock")):
+                self._finish_merge(intent, self.path / table / Path(*rel).with_suffix(""))
+
+    def _finish_merge(self, intent: Path, directory: Path) -> None:
+        """Under the partition's lock: delete the inputs an interrupted merge left beside its output."""
+        try:
+            note = json.loads(intent.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            raise SinkError(f"cannot read {str(intent)!r} ({exc}); if no forecastd process is writing, the "
+                            "file can be deleted") from exc
+        if (directory / note["output"]).exists():  # renamed into place: the inputs are redundant
+            left = [directory / name for name in note["inputs"] if (directory / name).exists()]
+            for path in left:
+                path.unlink()
+            if left:
+                fsync_dir(directory)
+                log.warning("removed %d part file(s) of %s that an interrupted merge left behind", len(left),
+                            directory)
+        intent.unlink()  # else the merge never got as far as its rename: its inputs are the data
 
     def _merge_partition(self, spec: TableSpec, directory: Path, rows: pd.DataFrame) -> None:
         parts = self._parts(directory)
@@ -265,7 +300,12 @@ class ParquetSink:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
         path = directory / f"part-{number}.parquet"
         _make_dirs(directory)
+        rel = directory.relative_to(self.path / spec.name)
+        intent = self.path / LOCK_DIR / spec.name / f"{rel}.merge"
         try:
+            if merged:
+                atomic_write_bytes(intent, json.dumps({"output": path.name, "inputs": [
+                    p.path.name for p in merged if p.path != path]}).encode())
             dictionary = _dictionary(spec)
             atomic_write(path, lambda tmp: pq.write_table(table, tmp, use_dictionary=dictionary))
         except (pa.ArrowException, OSError) as exc:
@@ -277,6 +317,7 @@ class ParquetSink:
                 p.path.unlink(missing_ok=True)
         if merged:
             fsync_dir(directory)
+            intent.unlink(missing_ok=True)
         return _Part(path, number, len(rows), ranges)
 
     def _parts(self, directory: Path) -> list[_Part]:
