@@ -124,9 +124,11 @@ def retrain(config: Config, now: dt.datetime) -> RetrainResult:
         result.outcome, result.reason = "promote", "no live model yet"
     else:
         try:
-            # The warm start's model is the live one unless the live files failed to load.
+            # The warm start's model is the live one unless the live files failed to load; then the challenger
+            # is judged against the version that serves instead (load_live's fallback): against the corrupt
+            # one every retrain failed, and nothing could replace it.
             device = resolve_device(config.training.device)
-            live_mv = init if init is not None and init.version == live else store.load_model(live, device)
+            live_mv = init if init is not None and init.version == live else store.load_live(device)
             challenger_mv = store.load_model(summary.version, device)
             result.live_loss, result.challenger_loss = tail_losses(config, live_mv, challenger_mv, now)
         except Exception as exc:  # ForecastdError or not: the live model stays, and the line says why

@@ -10,7 +10,7 @@ Layout of the state directory:
     models/v000003/manifest.json         config, frequency and zone, per-series scales, metrics, versions, sha256
     live.json                            {"version": 3}: the model that serves
     streams/v000003/ckpt-000000042.safetensors + .json   hidden states, watermarks, running levels
-    handover.safetensors + .json         watermarks and anomaly history of series whose newest stream
+    handover.safetensors                 watermarks and anomaly history of series whose newest stream
                                          was pruned with its model version (`HANDOVER_FIELDS`)
     lock                                 held by a serving daemon (see daemon.py)
 
@@ -20,6 +20,7 @@ and its checksum matches, so a crash mid-write leaves the previous checkpoint in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -185,6 +186,16 @@ HANDOVER_FIELDS = ("step", "lo", "hi", "peak", "since", "slow_short", "slow_mean
                    "slow_exceed")
 
 
+def _handover_digest(ids_text: str, arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the handover record's ids and arrays (names, dtypes, shapes and bytes), in field order."""
+    h = hashlib.sha256(ids_text.encode())
+    for f in HANDOVER_FIELDS:
+        a = np.ascontiguousarray(arrays[f])
+        h.update(f"{f}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def manifest_grid(manifest: dict[str, Any]) -> Grid:
     """The grid a model version was trained on. Manifests written before grids had a zone lack "zone":
     their daily steps were UTC midnights, so they load as UTC and keep serving as they did."""
@@ -251,9 +262,18 @@ class StateStore:
 
     def save_model(self, model: Forecaster, manifest: dict[str, Any], keep: int) -> int:
         """Write a new version (weights, then manifest) and return its number. Does not make it live."""
+        # Claimed by creating its directory: `forecastd train` and a retrain worker saving at once both took
+        # max + 1 and wrote one version's weights under the other's manifest (a live model that fails its
+        # checksum). A directory without a manifest (a save cut short) keeps its number.
         version = max(self.versions(), default=0) + 1
-        d = self._model_dir(version)
-        d.mkdir(parents=True, exist_ok=True)
+        (self.root / "models").mkdir(parents=True, exist_ok=True)
+        while True:
+            d = self._model_dir(version)
+            try:
+                d.mkdir()
+                break
+            except FileExistsError:
+                version += 1
         weights = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
         atomic_write_bytes(d / "weights.safetensors", weights)
         manifest = {
@@ -274,7 +294,10 @@ class StateStore:
 
     def _prune_models(self, keep: int) -> None:
         live = self.live_version()
-        doomed = [v for v in self.versions()[:-keep] if v != live]
+        # The version that serves while the live one's files are corrupt (load_live's fallback) is kept
+        # too: pruning it left nothing that loads, though newer versions did.
+        kept = {live, self._serving(live)}
+        doomed = [v for v in self.versions()[:-keep] if v not in kept]
         if doomed:
             self._hand_over(doomed)
         for v in doomed:
@@ -305,28 +328,31 @@ class StateStore:
         merged = {f: np.concatenate([a[f] for part_ids, a in parts if part_ids]) for f in HANDOVER_FIELDS}
         last = ~pd.Index(all_ids).duplicated(keep="last") & ~pd.Index(all_ids).isin(list(covered))
         keep_ids = [sid for sid, k in zip(all_ids, last) if k]
-        tensors = safetensors.numpy.save({f: np.ascontiguousarray(merged[f][last]) for f in HANDOVER_FIELDS},
-                                         metadata={"series_ids": json.dumps(keep_ids)})
+        arrays = {f: np.ascontiguousarray(merged[f][last]) for f in HANDOVER_FIELDS}
+        ids_text = json.dumps(keep_ids)
+        # One file, renamed into place whole, carrying the checksum of its own contents: a manifest beside
+        # it could not be renamed in the same step, and a crash between the two renames lost the record.
+        tensors = safetensors.numpy.save(arrays, metadata={"series_ids": ids_text, "format": str(FORMAT),
+                                                           "sha256": _handover_digest(ids_text, arrays)})
         atomic_write_bytes(self.root / "handover.safetensors", tensors)
-        manifest = {"format": FORMAT, "n_series": len(keep_ids), "sha256": sha256_bytes(tensors)}
-        atomic_write(self.root / "handover.json", lambda p: p.write_text(json.dumps(manifest, sort_keys=True)))
         log.info("%d series' watermarks handed over from pruned model version(s) %s", len(keep_ids),
                  ", ".join(f"v{v}" for v in doomed))
 
     def load_handover(self) -> tuple[list[str], dict[str, np.ndarray]]:
         """Series ids and their `HANDOVER_FIELDS` rows from the handover record (none if absent or corrupt)."""
         path = self.root / "handover.safetensors"
-        if not (self.root / "handover.json").exists():
+        if not path.exists():
             return [], {}
         try:
-            manifest = _read_json(self.root / "handover.json")
             data = path.read_bytes()
-            if sha256_bytes(data) != manifest.get("sha256") or manifest.get("format") != FORMAT:
-                raise CheckpointError(f"{path} fails its checksum or format check")
             with safetensors.safe_open(path, "numpy") as fh:
-                ids = json.loads(fh.metadata()["series_ids"])
-            return ids, safetensors.numpy.load(data)
-        except (CheckpointError, OSError, ValueError, KeyError) as exc:
+                meta = fh.metadata() or {}
+            arrays = safetensors.numpy.load(data)
+            ids_text = meta["series_ids"]
+            if meta.get("format") != str(FORMAT) or meta.get("sha256") != _handover_digest(ids_text, arrays):
+                raise CheckpointError(f"{path} fails its checksum or format check")
+            return json.loads(ids_text), arrays
+        except (CheckpointError, OSError, ValueError, KeyError, safetensors.SafetensorError) as exc:
             log.warning("the handover record is unusable (%s); series only it held start from their latest "
                         "point when they send again", exc)
             return [], {}
@@ -360,6 +386,18 @@ class StateStore:
         if version not in self.versions():
             raise ModelError(f"model version {version} does not exist; `forecastd models list` shows the versions")
         atomic_write_bytes(self.root / "live.json", json.dumps({"version": version}).encode())
+
+    def _serving(self, live: int | None) -> int | None:
+        """The version `load_live` serves: the live one, or the newest older one that loads."""
+        if live is None:
+            return None
+        for v in [live] + [v for v in reversed(self.versions()) if v < live]:
+            try:
+                self.load_model(v)
+                return v
+            except CheckpointError:
+                continue
+        return None
 
     def load_live(self, device: torch.device | str = "cpu") -> ModelVersion:
         """The live model; if its files are corrupt, the newest older version that loads, with a warning."""
@@ -402,8 +440,10 @@ class StateStore:
                     "sha256": sha256_bytes(tensors), **info}
         atomic_write(d / f"ckpt-{seq:09d}.json", lambda p: p.write_text(json.dumps(manifest, sort_keys=True)))
         for old in self._checkpoints(version)[:-keep]:
-            (d / f"ckpt-{old:09d}.json").unlink(missing_ok=True)
+            # Tensors first: checkpoints are listed by their JSON, so a crash between the two deletions
+            # leaves a listed (and pruned next time) JSON, not a tensors file that nothing lists.
             (d / f"ckpt-{old:09d}.safetensors").unlink(missing_ok=True)
+            (d / f"ckpt-{old:09d}.json").unlink(missing_ok=True)
         return seq
 
     def load_stream(self, version: int) -> tuple[StreamState | None, dict[str, Any]]:

@@ -181,6 +181,24 @@ def test_a_corrupt_version_is_never_made_live(tmp_path):
     assert store.live_version() == 1 and (store.root / "streams" / "v000001").exists()
 
 
+def test_a_corrupt_live_version_is_replaced_by_a_retrain_and_its_fallback_never_pruned(tmp_path):
+    """With the live version's weights corrupt, v1 served; every retrain then failed to compare with the
+    corrupt one, and pruning, which spared only the live version, deleted v1: nothing loaded any more."""
+    config = load_config(clone(tmp_path, serve={"always_promote": True}))
+    store = state_store(config)
+    v2 = _add_version(store, 2)
+    store.set_live(v2)
+    weights = store.root / "models" / f"v{v2:06d}" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    mv = store.load_model(1)
+    manifest = {k: v for k, v in mv.manifest.items() if k not in ("version", "weights_sha256", "format", "libraries")}
+    for _ in range(3):
+        store.save_model(mv.model, manifest, keep=1)
+    assert 1 in store.versions() and store.load_live().version == 1
+    result = retrain(config, NOW)
+    assert result.outcome == "promote", result.reason
+
+
 def test_tail_loss_is_the_pure_half_of_tail_losses(tmp_path):
     """Benchmarks judge challengers with `tail_loss` on a frame they hold; it must agree with the daemon's path."""
     from forecastd.frames import validate

@@ -65,6 +65,17 @@ def test_pruning_hands_over_the_series_only_a_pruned_stream_held(tmp_path, caplo
     assert store.load_handover() == ([], {}) and "handover record is unusable" in caplog.text
 
 
+def test_a_version_being_written_by_another_process_keeps_its_number(tmp_path):
+    """`forecastd train` beside a retrain worker: both took max + 1, and one's weights sat under the
+    other's manifest. A version is claimed by creating its directory."""
+    store = StateStore(tmp_path)
+    m = Forecaster(11, ModelConfig())
+    assert store.save_model(m, _manifest(), keep=5) == 1
+    (tmp_path / "models" / "v000002").mkdir()  # another writer's weights are on their way
+    assert store.save_model(m, _manifest(), keep=5) == 3
+    assert store.versions() == [1, 3]
+
+
 def test_model_versions_checksum_and_fallback(tmp_path):
     store = StateStore(tmp_path)
     m = Forecaster(11, ModelConfig())
