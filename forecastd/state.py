@@ -463,4 +463,9 @@ class StateStore:
             except (CheckpointError, OSError, ValueError, KeyError) as exc:
                 log.warning("stream checkpoint %d of model v%d is unusable (%s); falling back to the previous one",
                             seq, version, exc)
+        if self._checkpoints(version):
+            log.error("every stream checkpoint of model v%d is unusable: its series continue from an older "
+                      "version's stream or the handover record where one holds them, and otherwise start again "
+                      "at their latest point, with no outputs for the points before it; `forecastd backfill` "
+                      "over that time writes them", version)
         return None, {}

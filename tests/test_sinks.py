@@ -320,9 +320,11 @@ def test_parquet_merge_cut_short_is_finished_by_the_next_writer(tmp_path, make_f
     assert (tmp_path / ".locks" / "forecasts" / "date=2024-03-30.merge").exists()
     n = len(SERIES) * 3  # one issue time, three steps
     assert pq.read_table(day).num_rows == 2 * n
-    # A new process writes elsewhere (another day): it finishes the merge first.
+    (day / f".part-7.parquet.123{TMP_SUFFIX}").write_bytes(b"PAR1 half a file")  # a write cut short
+    # A new process writes elsewhere (another day): it finishes the merge first, and sweeps.
     ParquetSink(tmp_path).write(make_forecasts(issued=[START + 10 * H]), make_anomalies().iloc[:0])
     assert _files(day) == ["part-1.parquet"] and not list((tmp_path / ".locks").rglob("*.merge"))
+    assert not list(tmp_path.rglob(f"*{TMP_SUFFIX}"))
     got = pq.read_table(day).to_pandas()
     assert len(got) == n and (got["mean"] >= 5.0).all()
 

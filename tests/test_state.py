@@ -23,7 +23,7 @@ def _manifest():
     return {"config": config_to_dict(example_config()), "freq": "h", "n_features": 11, "scales": {"a": 1.0}}
 
 
-def test_stream_checkpoint_roundtrip_and_corrupt_fallback(tmp_path):
+def test_stream_checkpoint_roundtrip_and_corrupt_fallback(tmp_path, caplog):
     store = StateStore(tmp_path)
     s1 = _state(["a", "b"], 1)
     s2 = _state(["a", "b", "c"], 2)
@@ -37,6 +37,12 @@ def test_stream_checkpoint_roundtrip_and_corrupt_fallback(tmp_path):
     newest.write_bytes(newest.read_bytes()[:100])
     loaded, info = store.load_stream(1)
     assert loaded.series_ids == ["a", "b"] and info["seq"] == 1
+    # All of them unusable: no state, and an error that names the way to fill the gap.
+    first = tmp_path / "streams" / "v000001" / "ckpt-000000001.safetensors"
+    first.write_bytes(first.read_bytes()[:100])
+    with caplog.at_level("ERROR"):
+        assert store.load_stream(1) == (None, {})
+    assert "forecastd backfill" in caplog.text
 
 
 def test_old_checkpoints_are_pruned(tmp_path):

@@ -27,7 +27,8 @@ A crash between writing a merge and deleting its inputs leaves rows in two files
 the newer, and both `read` and the next merge of those files keep its rows. Other readers of the
 directories would see those rows twice, so a merge first records its inputs in an intent file beside the
 partition's lock (`.locks/forecasts/date=2024-01-31.merge`, removed once they are deleted), and the
-next write of any sink on the path deletes what an interrupted merge left of them. Part files from another
+first write of any sink on the path deletes what an interrupted merge left of them, and the temp files
+of writes a crash cut short. Part files from another
 writer or an older layout (no ranges in the footer) are merged into the first write to their partition.
 
 Two writer processes (the daemon ticking while a cron `forecastd backfill` runs over the same dates)
@@ -60,7 +61,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from forecastd.errors import SinkError
-from forecastd.files import atomic_write, atomic_write_bytes, exclusive_lock, fsync_dir
+from forecastd.files import TMP_SUFFIX, atomic_write, atomic_write_bytes, exclusive_lock, fsync_dir
 from forecastd.sinks.schema import SPECS, TableName, TableSpec, conform, empty, spec_for
 from forecastd.sources.mapping import utc_bound
 
@@ -227,13 +228,22 @@ class ParquetSink:
             self._merge_partition(spec, self.path / spec.name / rel, rows)
 
     def _recover(self) -> None:
-        """Finish the merges a crash interrupted, on every partition of the path (once per sink)."""
+        """Finish the merges a crash interrupted and delete the temp files a crashed write left, on every
+        partition of the path (once per sink), each under its partition's lock: a writer that holds it
+        is mid-write, and its temp file is renamed before the lock is ours."""
         self._recovered = True
         base = self.path / LOCK_DIR
         for intent in sorted(base.glob("*/**/*.merge")) if base.is_dir() else ():
             table, *rel = intent.relative_to(base).parts
             with exclusive_lock(intent.with_suffix(".lock")):
                 self._finish_merge(intent, self.path / table / Path(*rel).with_suffix(""))
+        for name in SPECS:
+            root = self.path / name
+            for directory in sorted({p.parent for p in root.rglob(f"*{TMP_SUFFIX}")} if root.is_dir() else ()):
+                with exclusive_lock(base / name / f"{directory.relative_to(root)}.lock"):
+                    for p in directory.glob(f"*{TMP_SUFFIX}"):
+                        p.unlink(missing_ok=True)
+                        log.warning("removed leftover temp file %s (from an interrupted write)", p)
 
     def _finish_merge(self, intent: Path, directory: Path) -> None:
         """Under the partition's lock: delete the inputs an interrupted merge left beside its output."""
