@@ -379,8 +379,13 @@ class StateStore:
         try:
             return int(_read_json(p)["version"])
         except (CheckpointError, KeyError, ValueError):
-            log.warning("live.json is unreadable; falling back to the newest model version")
-            return max(self.versions(), default=None)
+            # The newest version that has served (it has a stream), not the newest: a challenger a retrain
+            # kept, or one trained without --live, would otherwise serve without ever being promoted.
+            served = [v for v in self.versions() if self._checkpoints(v)]
+            version = max(served or self.versions(), default=None)
+            log.warning("live.json is unreadable; serving v%s, the newest model version that has served "
+                        "(`forecastd models promote V` sets another)", version)
+            return version
 
     def set_live(self, version: int) -> None:
         if version not in self.versions():

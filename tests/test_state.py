@@ -82,6 +82,17 @@ def test_a_version_being_written_by_another_process_keeps_its_number(tmp_path):
     assert store.versions() == [1, 3]
 
 
+def test_an_unreadable_live_pointer_serves_the_newest_version_that_has_served(tmp_path, caplog):
+    """It served the newest version, which may be a challenger a retrain kept and never promoted."""
+    store = StateStore(tmp_path)
+    m = Forecaster(11, ModelConfig())
+    store.set_live(store.save_model(m, _manifest(), keep=5))
+    store.save_stream(1, _state(["a"]), {}, keep=2)
+    store.save_model(m, _manifest(), keep=5)  # v2: trained, kept, never live
+    (tmp_path / "live.json").write_text("{trunc")
+    assert store.live_version() == 1 and "serving v1" in caplog.text
+
+
 def test_model_versions_checksum_and_fallback(tmp_path):
     store = StateStore(tmp_path)
     m = Forecaster(11, ModelConfig())
