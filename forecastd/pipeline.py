@@ -204,23 +204,29 @@ def warm_weights(init: Forecaster, init_config: ModelConfig, config: ModelConfig
     return weights
 
 
-def _prior(store: StateStore, live: int) -> tuple[dict[str, int], dict[str, Carried]]:
+def _prior(store: StateStore, live: int, wanted: list[str]) -> tuple[dict[str, int], dict[str, Carried]]:
     """From the newest other version's stream: watermarks (grid steps), so a new model picks up where
     the old one stopped, and what each series' anomaly track carries over (`Carried`): its value range,
     so novelty does not start over from a warm-up's few points (a value only beyond the last four days
     would be flagged as never seen), and its open incident, so the switch does not report it again."""
     # Each series from the newest stream that holds it: one quiet through two switches is in neither the
     # live stream nor the one before it. Then the record of series whose streams were pruned.
+    # Only the `wanted` series, and no further stream once each is found: a tick calls this while any
+    # series it reads is new to the live stream.
+    missing = set(wanted)
     steps: dict[str, int] = {}
     carried: dict[str, Carried] = {}
     for v in sorted((v for v in store.versions() if v != live), reverse=True):
+        if not missing:
+            break
         state, _ = store.load_stream(v)
         for i, sid in enumerate(state.series_ids if state is not None else ()):
-            if state.step[i] >= 0 and sid not in steps:
+            if state.step[i] >= 0 and sid in missing:
                 steps[sid], carried[sid] = int(state.step[i]), Carried.of(state, i)
-    ids, fields = store.load_handover()
+                missing.discard(sid)
+    ids, fields = store.load_handover() if missing else ([], {})
     for i, sid in enumerate(ids):
-        if sid not in steps:
+        if sid in missing:
             steps[sid], carried[sid] = int(fields["step"][i]), Carried.of_fields(fields, i)
     return steps, carried
 
@@ -284,7 +290,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     new_ids = [s for s in all_ids if s not in known]
     # Series the live model has no state for continue from the newest other version's watermark, so
     # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
-    prior, carried = _prior(store, mv.version) if new_ids else ({}, {})
+    prior, carried = _prior(store, mv.version, new_ids) if new_ids else ({}, {})
     if new_ids:
         warm_from = [prior[s] for s in new_ids if s in prior]
         start = grid.ts(np.array([min(warm_from) - config.data.warmup - 1]))[0] if len(warm_from) == len(new_ids) else None
