@@ -205,14 +205,15 @@ def warm_weights(init: Forecaster, init_config: ModelConfig, config: ModelConfig
 
 
 def _prior(store: StateStore, live: int, wanted: list[str]) -> tuple[dict[str, int], dict[str, Carried]]:
-    """From the newest other version's stream: watermarks (grid steps), so a new model picks up where
-    the old one stopped, and what each series' anomaly track carries over (`Carried`): its value range,
-    so novelty does not start over from a warm-up's few points (a value only beyond the last four days
-    would be flagged as never seen), and its open incident, so the switch does not report it again."""
-    # Each series from the newest stream that holds it: one quiet through two switches is in neither the
-    # live stream nor the one before it. Then the record of series whose streams were pruned.
-    # Only the `wanted` series, and no further stream once each is found: a tick calls this while any
-    # series it reads is new to the live stream.
+    """For each `wanted` series, from the newest other version's stream that holds it, else from the
+    handover record of pruned streams: its watermark (grid step), so a new model picks up where the old
+    one stopped, and what its anomaly track carries over (`Carried`): its value range, so novelty does
+    not start over from a warm-up's few points (a value only beyond the last four days would be flagged
+    as never seen), and its open incident, so the switch does not report it again.
+
+    Newest holder, not newest stream: a series quiet through two switches is in neither the live stream
+    nor the one before it. Streams stop loading once every wanted series is found: a tick calls this
+    while any series it reads is new to the live stream."""
     missing = set(wanted)
     steps: dict[str, int] = {}
     carried: dict[str, Carried] = {}
@@ -220,9 +221,12 @@ def _prior(store: StateStore, live: int, wanted: list[str]) -> tuple[dict[str, i
         if not missing:
             break
         state, _ = store.load_stream(v)
-        for i, sid in enumerate(state.series_ids if state is not None else ()):
+        if state is None:
+            continue
+        fields = state.handover_fields()
+        for i, sid in enumerate(state.series_ids):
             if state.step[i] >= 0 and sid in missing:
-                steps[sid], carried[sid] = int(state.step[i]), Carried.of(state, i)
+                steps[sid], carried[sid] = int(state.step[i]), Carried.of_fields(fields, i)
                 missing.discard(sid)
     ids, fields = store.load_handover() if missing else ([], {})
     for i, sid in enumerate(ids):
@@ -334,10 +338,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     report.repairs = frame_report.by_reason()
     report.series = planned.series
     report.points = planned.points
-    if planned.waiting:
-        log.info("%d new series wait for %d observed points before they start, so that their unit of change "
-                 "is measured (%s)", len(planned.waiting), START_POINTS,
-                 ", ".join(repr(s) for s in planned.waiting[:5]) + (" ..." if len(planned.waiting) > 5 else ""))
+    _log_waiting(planned.waiting)
     clock.lap("plan")
 
     outputs, state = run_segments(mv.model, state, planned.segments, planned.fresh_scale, grid, mv.model_config,
@@ -392,10 +393,7 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
     planned = plan_backfill(frame, grid, lo, mv.scales, warmup, config.data.max_gap)
     report.series = planned.series
     report.points = planned.points
-    if planned.waiting:
-        log.info("%d new series wait for %d observed points before they start, so that their unit of change "
-                 "is measured (%s)", len(planned.waiting), START_POINTS,
-                 ", ".join(repr(s) for s in planned.waiting[:5]) + (" ..." if len(planned.waiting) > 5 else ""))
+    _log_waiting(planned.waiting)
     empty = StreamState.empty(mv.model_config, config.anomaly.forecasts)
     outputs, _ = run_segments(mv.model, empty, planned.segments, planned.fresh_scale, grid, mv.model_config,
                               config.anomaly, mv.version, Emit(warmup, lo, hi))
@@ -409,6 +407,13 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
     report.seconds = clock.seconds
     report.outputs = outputs if keep_outputs else None
     return report
+
+
+def _log_waiting(waiting: list[str]) -> None:
+    if waiting:
+        log.info("%d new series wait for %d observed points before they start, so that their unit of change "
+                 "is measured (%s)", len(waiting), START_POINTS,
+                 ", ".join(repr(s) for s in waiting[:5]) + (" ..." if len(waiting) > 5 else ""))
 
 
 def _utc(t: dt.datetime | pd.Timestamp) -> pd.Timestamp:

@@ -73,6 +73,11 @@ class StreamState:
     def __len__(self) -> int:
         return len(self.series_ids)
 
+    def handover_fields(self) -> dict[str, np.ndarray]:
+        """The arrays a series hands to the next model version's stream (`HANDOVER_FIELDS`), by name."""
+        fields = {**self.anomaly.__dict__, "step": self.step}
+        return {f: fields[f] for f in HANDOVER_FIELDS}
+
     @classmethod
     def fresh(cls, series_ids: list[str], scale: np.ndarray, n_levels: int, hidden_shape: tuple[int, int],
               judges: int = 2, lookback: int = 0) -> StreamState:
@@ -319,9 +324,9 @@ class StateStore:
         for v in sorted(doomed):  # oldest first: a newer stream's row replaces an older one's
             state, _ = self.load_stream(v)
             if state is not None:
-                fields = {**state.anomaly.__dict__, "step": state.step}
                 rows = [i for i, sid in enumerate(state.series_ids) if sid not in covered and state.step[i] >= 0]
-                parts.append(([state.series_ids[i] for i in rows], {f: fields[f][rows] for f in HANDOVER_FIELDS}))
+                parts.append(([state.series_ids[i] for i in rows],
+                              {f: a[rows] for f, a in state.handover_fields().items()}))
         all_ids = [sid for part_ids, _ in parts for sid in part_ids]
         if len(all_ids) == len(ids):
             return
@@ -392,11 +397,15 @@ class StateStore:
             raise ModelError(f"model version {version} does not exist; `forecastd models list` shows the versions")
         atomic_write_bytes(self.root / "live.json", json.dumps({"version": version}).encode())
 
+    def _fallbacks(self, live: int) -> list[int]:
+        """The versions `load_live` tries, in order: the live one, then older ones, newest first."""
+        return [live] + [v for v in reversed(self.versions()) if v < live]
+
     def _serving(self, live: int | None) -> int | None:
-        """The version `load_live` serves: the live one, or the newest older one that loads."""
+        """The version `load_live` serves: the first of `_fallbacks` that loads."""
         if live is None:
             return None
-        for v in [live] + [v for v in reversed(self.versions()) if v < live]:
+        for v in self._fallbacks(live):
             try:
                 self.load_model(v)
                 return v
@@ -410,8 +419,7 @@ class StateStore:
         if live is None:
             raise ModelError(f"no trained model in state directory {str(self.root)!r}; run "
                              "`forecastd train --config FILE` first")
-        candidates = [live] + [v for v in reversed(self.versions()) if v < live]
-        for v in candidates:
+        for v in self._fallbacks(live):
             try:
                 mv = self.load_model(v, device)
             except CheckpointError as exc:

@@ -132,11 +132,12 @@ class Carried:
     @classmethod
     def of(cls, state: StreamState, i: int) -> Carried:
         """What row `i` of the old version's `state` hands over."""
-        return cls.of_fields({**state.anomaly.__dict__, "step": state.step}, i)
+        return cls.of_fields(state.handover_fields(), i)
 
     @classmethod
     def of_fields(cls, a: Mapping[str, np.ndarray], i: int) -> Carried:
-        """Row `i` of arrays named as `state.HANDOVER_FIELDS` (a stream's, or the handover record's)."""
+        """Row `i` of arrays named as `state.HANDOVER_FIELDS`: an old version's stream's
+        (`StreamState.handover_fields`), or the handover record's."""
         slow = (float(a["slow_short"][i]), float(a["slow_mean"][i]), float(a["slow_var"][i]),
                 int(a["slow_count"][i]), a["slow_exceed"][i].copy())
         return cls(float(a["lo"][i]), float(a["hi"][i]), float(a["peak"][i]), int(a["since"][i]), int(a["step"][i]),

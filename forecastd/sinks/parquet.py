@@ -61,7 +61,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from forecastd.errors import SinkError
-from forecastd.files import TMP_SUFFIX, atomic_write, atomic_write_bytes, exclusive_lock, fsync_dir
+from forecastd.files import TMP_SUFFIX, atomic_write, atomic_write_bytes, exclusive_lock, fsync_dir, sweep_temp_files
 from forecastd.sinks.schema import SPECS, TableName, TableSpec, conform, empty, spec_for
 from forecastd.sources.mapping import utc_bound
 
@@ -215,7 +215,7 @@ class ParquetSink:
         # One lock per partition, not per table: a backfill rewriting last month and the daemon writing
         # today never wait on each other. A writer holds one partition's lock at a time, so no two
         # writers can each hold one the other wants.
-        lock = self.path / LOCK_DIR / spec.name / f"{rel}.lock"
+        lock = self._lock_file(spec.name, rel)
         with contextlib.ExitStack() as held:
             try:
                 held.enter_context(exclusive_lock(lock))
@@ -240,10 +240,13 @@ class ParquetSink:
         for name in SPECS:
             root = self.path / name
             for directory in sorted({p.parent for p in root.rglob(f"*{TMP_SUFFIX}")} if root.is_dir() else ()):
-                with exclusive_lock(base / name / f"{directory.relative_to(root)}.lock"):
-                    for p in directory.glob(f"*{TMP_SUFFIX}"):
-                        p.unlink(missing_ok=True)
+                with exclusive_lock(self._lock_file(name, directory.relative_to(root))):
+                    for p in sweep_temp_files(directory):
                         log.warning("removed leftover temp file %s (from an interrupted write)", p)
+
+    def _lock_file(self, table: str, rel: str | Path) -> Path:
+        """The lock of partition `rel` of `table`; an interrupted merge's intent file sits beside it."""
+        return self.path / LOCK_DIR / table / f"{rel}.lock"
 
     def _finish_merge(self, intent: Path, directory: Path) -> None:
         """Under the partition's lock: delete the inputs an interrupted merge left beside its output."""
@@ -310,8 +313,7 @@ class ParquetSink:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
         path = directory / f"part-{number}.parquet"
         _make_dirs(directory)
-        rel = directory.relative_to(self.path / spec.name)
-        intent = self.path / LOCK_DIR / spec.name / f"{rel}.merge"
+        intent = self._lock_file(spec.name, directory.relative_to(self.path / spec.name)).with_suffix(".merge")
         try:
             if merged:
                 atomic_write_bytes(intent, json.dumps({"output": path.name, "inputs": [
