@@ -62,6 +62,9 @@ _CELL_CODE = {"gru": 0, "lstm": 1, "rnn": 2}  # for the compiled loop
 # 2x at 16 (a tick on 2 cores, H = 24 and 96); their cost grows with rows x steps, torch's mostly with
 # steps (a dozen ops each, some microseconds apiece), and from about 64 rows torch is faster.
 _LOOP_MAX_ROWS = 16
+# The lengths of a tick's rows, which `_recur` only reads (not flagged read-only: numba would compile
+# it once more for that type).
+_ONES = np.ones(_LOOP_MAX_ROWS, dtype=np.int64)
 
 
 class Forecaster(nn.Module):
@@ -115,7 +118,8 @@ class Forecaster(nn.Module):
             return self._tick(x[:, 0], state)
         if compiled:
             lens = np.full(B, T, dtype=np.int64) if lengths is None else lengths.numpy().astype(np.int64)
-            out, hidden = self._loop(x.numpy(), state.rnn, lens, self._derived("compiled", self._compiled_weights)[0])
+            out, hidden = self._loop(x.numpy(), state.rnn, lens,
+                                     self._derived("compiled", self._compiled_weights, detached=True)[0])
             out = torch.from_numpy(out)
         elif lengths is None:
             out, hidden = self.rnn(x, state.rnn)  # B, T, H
@@ -147,11 +151,13 @@ class Forecaster(nn.Module):
         """The path weights over changes: column q multiplies the change W-1-q steps back. [K, W]"""
         return self._derived("kernel", lambda: -self.path.flip(-1).cumsum(-1))
 
-    def _derived(self, name: str, build):
+    def _derived(self, name: str, build, detached: bool = False):
         """build(), a rearrangement of the weights, kept between inference calls until a weight changes
         (`_version` counts in-place updates: an optimiser step, a load). A tick for one series would
-        otherwise spend a good part of its model time rebuilding these few small tensors."""
-        if torch.is_grad_enabled():
+        otherwise spend a good part of its model time rebuilding these few small tensors. With grad
+        enabled it is built afresh, for autograd to follow, unless `detached` (numpy copies, outside any
+        graph: kept and built under no_grad, so a tick need not enter no_grad itself, 1.5 us a call)."""
+        if not detached and torch.is_grad_enabled():
             return build()
         # Straight from the parameter dicts: parameters() costs 5x more, and nn.RNN.all_weights, which goes
         # through Module.__getattr__ (about 3 us an attribute) for every tensor, was 25 of a one-series
@@ -161,7 +167,8 @@ class Forecaster(nn.Module):
         key = tuple([(w.data_ptr(), w._version) for w in weights if w is not None])
         hit = self._cache.get(name)
         if hit is None or hit[0] != key:
-            hit = self._cache[name] = (key, build())
+            with torch.no_grad():
+                hit = self._cache[name] = (key, build())
         return hit[1]
 
     def _tick(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
@@ -281,11 +288,12 @@ class Forecaster(nn.Module):
         and scale [B, K], the hidden state and window after the step, all new arrays. The compiled loop,
         then the head in one compiled call: for one series the torch calls of `_tick`, and even the
         conversions around a compiled call, a few microseconds each, would be most of a tick."""
-        B, K, L, H = x.shape[0], self.horizon, self.rnn.num_layers, self.rnn.hidden_size
-        layers, head = self._derived("compiled", self._compiled_weights)
+        layers, head = self._derived("compiled", self._compiled_weights, detached=True)
+        # Sizes from the arrays, not self.rnn: Module.__getattr__ costs a microsecond a name.
+        B, K, L, H = x.shape[0], self.horizon, len(layers), layers[0][2].shape[0]
         h = hidden.transpose(1, 0, 2).copy()  # L (LSTM 2L), B, H: a copy the loop updates in place
         c = h[L:] if self.cell == "lstm" else h  # GRU and Elman cells never touch c
-        ones = np.ones(B, dtype=np.int64)
+        ones = _ONES[:B]
         out = x[:, None]
         for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(layers):
             inp, out = out, np.empty((B, 1, H), dtype=np.float32)

@@ -434,6 +434,29 @@ def test_the_compiled_loop_serves_only_inference():
     assert x.grad.abs().sum() > 0 and m.rnn.weight_hh_l0.grad is not None
 
 
+
+def test_the_numpy_tick_follows_optimiser_steps_with_gradients_on():
+    """`tick_arrays` runs outside no_grad (it keeps its numpy weights whatever the grad mode) and still
+    sees every optimiser step; training's own forward keeps its graph through the path kernel."""
+    torch.manual_seed(0)
+    m = Forecaster(11, ModelConfig(hidden_size=8, horizon=3, lookback=4)).eval()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    for _ in range(3):
+        x, state = torch.randn(2, 1, 11), _random_state(m, 2)
+        hidden = pack_hidden(state.rnn).transpose(0, 1).contiguous().numpy()
+        assert torch.is_grad_enabled()
+        mean, scale, h, window = m.tick_arrays(x[:, 0].numpy(), hidden, state.window.numpy())
+        want = _general(m, x, state)
+        _assert_same((torch.from_numpy(mean)[:, None], torch.from_numpy(scale)[:, None],
+                      State(torch.from_numpy(h).transpose(0, 1).contiguous(), torch.from_numpy(window))), want)
+        m.train()
+        loss = m(torch.randn(2, 5, 11))[0].sum()
+        opt.zero_grad()
+        loss.backward()
+        assert m.path.grad.abs().sum() > 0
+        opt.step()
+        m.eval()
+
 def test_max_seconds_bounds_every_learning_rates_run():
     from forecastd.training import fit
 
