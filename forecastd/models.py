@@ -293,7 +293,7 @@ class Forecaster(nn.Module):
         B, K, L, H = x.shape[0], self.horizon, len(layers), layers[0][2].shape[0]
         h = hidden.transpose(1, 0, 2).copy()  # L (LSTM 2L), B, H: a copy the loop updates in place
         c = h[L:] if self.cell == "lstm" else h  # GRU and Elman cells never touch c
-        ones = _ONES[:B]
+        ones = _ONES[:B] if B <= _ONES.size else np.ones(B, dtype=np.int64)
         out = x[:, None]
         for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(layers):
             inp, out = out, np.empty((B, 1, H), dtype=np.float32)

@@ -437,12 +437,13 @@ def test_the_compiled_loop_serves_only_inference():
 
 def test_the_numpy_tick_follows_optimiser_steps_with_gradients_on():
     """`tick_arrays` runs outside no_grad (it keeps its numpy weights whatever the grad mode) and still
-    sees every optimiser step; training's own forward keeps its graph through the path kernel."""
+    sees every optimiser step; training's own forward keeps its graph through the path kernel. Any
+    number of rows is served, past those a tick hands it (`compiled_tick`)."""
     torch.manual_seed(0)
     m = Forecaster(11, ModelConfig(hidden_size=8, horizon=3, lookback=4)).eval()
     opt = torch.optim.SGD(m.parameters(), lr=0.5)
-    for _ in range(3):
-        x, state = torch.randn(2, 1, 11), _random_state(m, 2)
+    for B in (2, 1, 40):
+        x, state = torch.randn(B, 1, 11), _random_state(m, B)
         hidden = pack_hidden(state.rnn).transpose(0, 1).contiguous().numpy()
         assert torch.is_grad_enabled()
         mean, scale, h, window = m.tick_arrays(x[:, 0].numpy(), hidden, state.window.numpy())
