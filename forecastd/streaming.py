@@ -173,7 +173,7 @@ def advance(
     # A tick (T = 1) takes the shortest forms: a one-series tick is some forty numpy-sized calls.
     steps = (state.step + 1)[:, None] if T == 1 else state.step[:, None] + 1 + np.arange(T)  # B, T
     values = np.asarray(values, dtype=np.float64)
-    ragged = int(lengths.min(initial=T)) < T  # lengths never exceed T
+    ragged = B > 0 and bool(lengths.min() < T)  # lengths never exceed T
     if ragged:
         values = np.where(np.arange(T) >= lengths[:, None], np.nan, values)  # padding reads as missing
     x, origin, track = encode(values, grid.wall_ns(steps.ravel()).reshape(B, T), state.track,
