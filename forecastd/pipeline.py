@@ -292,12 +292,20 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     else:
         all_ids = pd.unique(frames[0]["series_id"].dropna().astype(str)).tolist()
     new_ids = [s for s in all_ids if s not in known]
+    # A new series that waits for its START_POINTS-th point (planning) was looked for in the other versions'
+    # streams and read from the source's beginning the tick it first came; the checkpoint keeps the step of
+    # its first row, so later ticks read it from there and do not search again, while the versions stay
+    # as they were (a promotion or a rollback may have put it in a stream).
+    versions = store.versions()
+    waited = info.get("waiting", {}) if info.get("waiting_versions") == versions else {}
+    fresh = [s for s in new_ids if s not in waited]
     # Series the live model has no state for continue from the newest other version's watermark, so
     # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
-    prior, carried = _prior(store, mv.version, new_ids) if new_ids else ({}, {})
+    prior, carried = _prior(store, mv.version, fresh) if fresh else ({}, {})
     if new_ids:
-        warm_from = [prior[s] for s in new_ids if s in prior]
-        start = grid.ts(np.array([min(warm_from) - config.data.warmup - 1]))[0] if len(warm_from) == len(new_ids) else None
+        warm_from = [prior[s] - config.data.warmup for s in fresh if s in prior] + \
+            [waited[s] for s in new_ids if s in waited]
+        start = grid.ts(np.array([min(warm_from) - 1]))[0] if len(warm_from) == len(new_ids) else None
         # Only the rows before the first read's: reading them twice counted every one as a duplicate.
         if not known:
             frames.append(source.read(since=start))
@@ -349,8 +357,10 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     # Only now, with the outputs durable, may the watermarks move (DESIGN.md guarantee 1).
     # A tick with nothing to process checkpoints too when it listed, so idle ticks (a daemon ticking every
     # minute on hourly data) do not each list again.
-    if planned.segments or (len(state) and listed_at != info.get("listed_at")):
-        store.save_stream(mv.version, state, {"ticked_at": pd.Timestamp(now).isoformat(), "listed_at": listed_at},
+    # So do waiting series when they change, or each later tick would read them from the beginning again.
+    if planned.segments or (len(state) and listed_at != info.get("listed_at")) or planned.first_steps != waited:
+        store.save_stream(mv.version, state, {"ticked_at": pd.Timestamp(now).isoformat(), "listed_at": listed_at,
+                                              "waiting": planned.first_steps, "waiting_versions": versions},
                           keep=config.state.keep_checkpoints)
     clock.lap("checkpoint")
     report.forecasts_written = len(outputs.forecasts)

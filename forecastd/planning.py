@@ -41,6 +41,7 @@ class Plan:
     series: int  # series with at least one segment
     points: int  # observed values across the segments
     waiting: list[str] = field(default_factory=list)  # new series with fewer than START_POINTS points
+    first_steps: dict[str, int] = field(default_factory=dict)  # tick plans: the step of each waiting one's first row
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def plan_tick(
     keep = planned[rows.group] & (known[rows.group] | (rows.steps >= anchor[rows.group] - warmup))
     plan = _plan(rows, keep, cstep, ~known, anchor, anchor, carried_scale, pos, model_scales, warmup, max_gap)
     plan.waiting = waiting
+    plan.first_steps = dict(zip(waiting, first_step[short].tolist()))
     return plan
 
 

@@ -18,6 +18,7 @@ from forecastd.config import load_config
 from forecastd.errors import DataError, ModelError
 from forecastd.pipeline import backfill, run_once, state_store, train
 from forecastd.planning import START_POINTS
+from forecastd.sources.parquet import ParquetSource
 from forecastd.streaming import Outputs
 
 H = 6
@@ -376,6 +377,41 @@ def test_a_new_series_arriving_point_by_point_starts_with_a_measured_unit(traine
     assert 0.5 < scale < 5.0, scale  # the changes of N(20, 1) noise: about 1.4 (one value gave 0.02)
     inside = ((mine["value"] >= mine["lower"]) & (mine["value"] <= mine["upper"])).mean()
     assert inside >= 0.6, inside
+
+
+def test_a_waiting_series_is_read_from_its_first_row_and_looked_up_once(trained, tmp_path, monkeypatch):
+    """While a new series waits for START_POINTS points, every tick read it from the source's beginning
+    (a scan of every Parquet file) and searched every older stream and the handover record for it. Now
+    the first tick does, and later ones read from its first row, until the model versions change."""
+    import forecastd.pipeline as pipeline
+    from forecastd.state import StateStore
+
+    config, data = _ticked_to_500(trained, tmp_path, "1e7")
+    newcomer = pd.DataFrame({"series_id": "new", "ts": _ts(500) + pd.to_timedelta(np.arange(30), unit="h"),
+                             "value": np.random.default_rng(7).normal(20.0, 1.0, 30)})
+    reads, lookups = [], []
+    read = ParquetSource.read
+    monkeypatch.setattr(ParquetSource, "read", lambda self, since=None, until=None, series=None: (
+        reads.append((since, series)), read(self, since, until, series))[1])
+    prior = pipeline._prior
+    monkeypatch.setattr(pipeline, "_prior", lambda store, live, wanted: (lookups.append(list(wanted)),
+                                                                         prior(store, live, wanted))[1])
+    versions = StateStore.versions
+    started = []
+    for k in range(1, 31):
+        if k == 10:  # a new model version (trained, say, and not promoted): the series is looked for again
+            monkeypatch.setattr(StateStore, "versions", lambda self: [*versions(self), 99])
+        pd.concat([data[data["ts"] < _ts(500 + k)], newcomer.iloc[:k]]).to_parquet(tmp_path / "data.parquet")
+        reads.clear()
+        r = run_once(config, _ts(500 + k), keep_outputs=True)
+        started.append("new" in set(r.outputs.anomalies["series_id"]))
+        history = [since for since, series in reads if series == ["new"]]
+        if k in (1, 10):
+            assert history == [None], (k, reads)  # from the beginning, once
+        elif k < START_POINTS:
+            assert history == [_ts(499)], (k, reads)  # from its first row
+    assert lookups == [["new"], ["new"]]
+    assert started.index(True) == START_POINTS - 1  # at its START_POINTS-th point, as before
 
 
 def test_a_waiting_series_counts_its_repairs_once(trained, tmp_path):
