@@ -414,6 +414,29 @@ def test_a_waiting_series_is_read_from_its_first_row_and_looked_up_once(trained,
     assert started.index(True) == START_POINTS - 1  # at its START_POINTS-th point, as before
 
 
+def test_a_first_stream_of_waiting_series_only_keeps_them_and_starts_them(trained, tmp_path):
+    """Ticks whose every series waits (a source that has just begun collecting) checkpoint an empty
+    stream that remembers them; the series start at their START_POINTS-th point all the same."""
+    config = load_config(_workspace(trained, tmp_path))
+    shutil.rmtree(tmp_path / "state" / "streams", ignore_errors=True)
+    rng = np.random.default_rng(8)
+    newcomers = pd.concat([pd.DataFrame({"series_id": sid, "ts": _ts(600) + pd.to_timedelta(np.arange(30), unit="h"),
+                                         "value": rng.normal(20.0, 1.0, 30)}) for sid in ("p", "q")])
+    firsts, first_step = [], {}
+    for k in range(1, 27):
+        newcomers[newcomers["ts"] < _ts(600 + k)].to_parquet(tmp_path / "data.parquet")
+        r = run_once(config, _ts(600 + k), keep_outputs=True)
+        state, info = state_store(config).load_stream(state_store(config).live_version())
+        first_step = first_step or dict(info["waiting"])
+        if k < START_POINTS:
+            assert len(r.outputs) == 0 and len(state) == 0 and info["waiting"] == first_step, k
+            assert set(first_step) == {"p", "q"} and len(set(first_step.values())) == 1
+        elif not firsts:
+            firsts.append(k)
+            assert set(r.outputs.anomalies["series_id"]) == {"p", "q"} and info["waiting"] == {}
+    assert firsts == [START_POINTS]
+
+
 def test_a_waiting_series_counts_its_repairs_once(trained, tmp_path):
     """A new series' rows are read again at every tick while it waits for START_POINTS points: its NaN
     was counted, and logged as a warning, at each of those reads."""
