@@ -55,6 +55,7 @@ __all__ = ["AnomalyTrack", "surprise", "likelihood", "final", "novel", "cooldown
 
 _LN10 = math.log(10.0)
 _LOG10_2 = math.log10(2.0)
+Z_MAX = 1e6  # the largest z a surprise is computed for (about 2.2e11 = -log10 p)
 _SQRT_HALF = math.sqrt(0.5)
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 # Below this many scored points the long-run distribution is too thin to judge by; no alarms.
@@ -168,8 +169,10 @@ def _surprise_point(value, expected, spread):  # pragma: no cover - compiled
     judge gives a finite z."""
     best = np.nan
     for j in range(expected.shape[0]):
-        z = abs(value - expected[j]) / spread[j]
-        if np.isfinite(z) and not z >= best:  # a number beats NaN and any larger number
+        # Capped: past Z_MAX every point is as surprising as can be, and a larger z (a spike at 1e154, a
+        # difference that overflows to inf) made a surprise of inf, which scores as unscored, and no alarm.
+        z = min(abs(value - expected[j]) / spread[j], Z_MAX)
+        if z == z and not z >= best:  # a number beats NaN and any larger number
             best = z
     if best != best:
         return np.nan

@@ -164,3 +164,18 @@ def test_outputs_expand_per_origin_ids_when_joined_with_another_horizon():
     assert mixed.forecasts["series_id"].tolist() == ["a", "a", "b", "b", "b"]
     assert mixed.forecasts["step"].tolist() == [1, 2, 1, 2, 3]
     assert mixed.anomalies["series_id"].tolist() == ["a", "b"]
+
+
+@pytest.mark.parametrize("spike", [1e10, 1e154, 1e300, np.finfo(np.float64).max])
+def test_a_spike_of_any_size_is_flagged(spike):
+    """A point of 1e154 or more after calm scored 0 and raised no alarm: its z overflowed into an infinite
+    surprise, which scores as missing. Surprise stops growing at anomaly.Z_MAX instead."""
+    model, mc = _model("gru", 4)
+    ac = AnomalyConfig()
+    values = 10 + np.random.default_rng(1).normal(size=400)
+    values[350] = spike
+    empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (1, mc.hidden_size), ac.forecasts, model.lookback)
+    out, _ = run_segments(model, empty, [Segment("s", True, 0, values)], {"s": 1.0}, GRID, mc, ac, 1, Emit(0))
+    a = out.anomalies.set_index(GRID.index(pd.DatetimeIndex(out.anomalies["ts"])))
+    assert a.loc[350, "score"] == 1.0 and a.loc[350, "is_anomaly"]
+    assert not a.loc[300:349, "is_anomaly"].any()
