@@ -92,6 +92,7 @@ def empty_frame() -> pd.DataFrame:
 
 # A row at or before its series' watermark: processed already, or arrived too late to be.
 LATE = "late (at or before the watermark), rejected"
+MAX_ID_BYTES = 1000  # series ids longer than this in UTF-8 are rejected, see validate
 
 
 @dataclass
@@ -400,10 +401,22 @@ def validate(
     # PostgreSQL text cannot hold NUL, and one such id failed the sink's write of every series in the
     # batch; stripping it instead could merge the series into another.
     nul = ids.str.contains("\x00", regex=False).to_numpy(dtype=bool)
+    # An id too long for a database index (PostgreSQL's btree takes ~2,700 bytes a key) failed the sink's
+    # write of every series; the byte lengths are measured only where the characters could exceed it.
+    chars = ids.str.len().to_numpy()
+    long = np.zeros_like(nul)
+    if chars.size and chars.max() > MAX_ID_BYTES // 4:
+        maybe = chars > MAX_ID_BYTES // 4
+        long[maybe] = [len(i.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES for i in ids[maybe]]
+        long &= ~nul
     if nul.any():
         report.add(ids[nul], "rejected: NUL character in series_id")
-        ids = ids[~nul]
-        keep[keep] = ~nul
+    if long.any():
+        report.add(ids[long], f"rejected: series_id longer than {MAX_ID_BYTES} bytes")
+    if nul.any() or long.any():
+        drop = nul | long
+        ids = ids[~drop]
+        keep[keep] = ~drop
     frame = pd.DataFrame(
         {
             "series_id": ids.astype(object),

@@ -268,6 +268,22 @@ def test_times_nanoseconds_cannot_hold_are_bad_timestamps_and_the_rest_go_on(kin
     assert infer_freq(_raw(["a", "b", "b", "a"], ts, [1.0, 2.0, 3.0, 4.0])) == "h"
 
 
+def test_series_ids_too_long_for_a_database_index_are_rejected_and_counted():
+    """A 3,000-character id failed a PostgreSQL sink's write of every series (its primary key's btree
+    takes about 2,700 bytes): ids over MAX_ID_BYTES in UTF-8 are rejected, the others kept."""
+    from forecastd.frames import MAX_ID_BYTES
+
+    ascii_ok, ascii_long = "a" * MAX_ID_BYTES, "b" * 3000
+    wide = "\U0001f600" * (MAX_ID_BYTES // 4 + 1)  # 251 characters, 1,004 bytes
+    ids = [ascii_ok, ascii_long, wide, "h", ascii_long, "b\x00c"]
+    ts = pd.to_datetime(["2024-01-01 00:00"] * 6, utc=True)
+    f, r = validate(_raw(ids, ts, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), grid=G)
+    assert sorted(f["series_id"]) == sorted([ascii_ok, "h"])
+    assert r.counts == {(ascii_long, f"rejected: series_id longer than {MAX_ID_BYTES} bytes"): 2,
+                        (wide, f"rejected: series_id longer than {MAX_ID_BYTES} bytes"): 1,
+                        ("b\x00c", "rejected: NUL character in series_id"): 1}
+
+
 def test_series_ids_with_a_nul_are_rejected_and_named(caplog):
     """PostgreSQL text cannot hold NUL: one such id failed the sink's write for every series of the batch."""
     ts = pd.to_datetime(["2024-01-01 00:00", "2024-01-01 01:00", "2024-01-01 00:00"], utc=True)
