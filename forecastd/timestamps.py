@@ -14,7 +14,7 @@ __all__ = ["utc_instant"]
 
 
 def utc_instant(value: object, zone: str | ZoneInfo) -> pd.Timestamp:
-    """A UTC Timestamp, or NaT for a missing, unparseable or impossible local time.
+    """A UTC Timestamp, or NaT for a missing, unparseable (text other than ISO-8601) or impossible local time.
 
     A naive value is read in `zone`; an ambiguous or non-existent local time (a DST change) is NaT
     rather than a guess.
@@ -24,8 +24,10 @@ def utc_instant(value: object, zone: str | ZoneInfo) -> pd.Timestamp:
         # numbers in a column of them get `frames`' error that names the fix.
         return pd.NaT
     try:
-        t = pd.Timestamp(value)
-    except (ValueError, TypeError):
+        # Text only as ISO-8601, as the column-wide parse reads it: pd.Timestamp would guess at any other
+        # shape, month first, so '01/03/2024' became January 3rd (and '13/03/2024' a bad timestamp).
+        t = pd.to_datetime(value, format="ISO8601") if isinstance(value, str) else pd.Timestamp(value)
+    except (ValueError, TypeError, OverflowError):
         return pd.NaT
     if t is pd.NaT:
         return pd.NaT

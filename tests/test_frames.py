@@ -293,3 +293,13 @@ def test_series_ids_with_a_nul_are_rejected_and_named(caplog):
     with caplog.at_level("WARNING", logger="forecastd.frames"):
         r.log()
     assert "'b\\x00c': 2 row(s) rejected: NUL character in series_id" in caplog.text
+
+
+def test_text_times_other_than_iso_8601_are_bad_timestamps_not_guesses():
+    """Day-first text was read month first, row by row: '01/03/2024 05:00' became January 3rd, and the
+    series was trained on scrambled data with nothing said. Only ISO-8601 text is read."""
+    ts = pd.Series(["2024-03-01 05:00", "01/03/2024 05:00", "13/03/2024 05:00", "Mar 1 2024", "2024-03-01T06:00Z"])
+    f, r = validate(_raw(["a", "b", "b", "b", "a"], ts, [1.0, 2.0, 3.0, 4.0, 5.0]), grid=G)
+    assert f["series_id"].tolist() == ["a", "a"]
+    assert f["ts"].tolist() == [pd.Timestamp("2024-03-01 05:00", tz="UTC"), pd.Timestamp("2024-03-01 06:00", tz="UTC")]
+    assert r.counts == {("b", "rejected: bad timestamp"): 3}
