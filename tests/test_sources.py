@@ -665,3 +665,22 @@ def test_unparseable_urls_are_source_and_sink_errors_without_the_password(url):
         with pytest.raises(error, match="is not an SQLAlchemy URL") as caught:
             make()
         assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "parquet"])
+def test_a_bad_time_text_stored_first_does_not_stop_bounded_reads(kind, tmp_path):
+    """The shape of a text time column was judged by its first stored value: a single day-first row
+    stored first made every bounded read (ticks, backfills) of every series fail. The first ISO-8601
+    value among the first few stands for the column now; the bad row is validate's to reject."""
+    rows = [("bad", "31/12/2023 23:00", 1.0)] + [("s", f"2024-01-01 {h:02d}:00:00", float(h)) for h in range(6)]
+    if kind == "sqlite":
+        source = SqlSource(_sqlite_rows(tmp_path / "t.db", rows), "readings", series_column="sensor",
+                           time_column="stamp", value_column="reading")
+    else:
+        pd.DataFrame(rows, columns=["sensor", "stamp", "reading"]).to_parquet(tmp_path / "t.parquet")
+        source = ParquetSource(tmp_path / "t.parquet", series_column="sensor", time_column="stamp",
+                               value_column="reading")
+    got = source.read(since=pd.Timestamp("2024-01-01 02:00", tz="UTC"))
+    assert sorted(got["value"]) == [3.0, 4.0, 5.0]
+    everything = source.read()
+    assert "bad" in set(everything["series_id"])  # a whole read brings it, for validate to count

@@ -23,7 +23,9 @@ from forecastd.errors import SourceError
 from forecastd.sources.mapping import (
     COLUMNS,
     ColumnMap,
+    SAMPLES,
     empty_raw,
+    iso_sample,
     local_naive,
     melt,
     text_offsets,
@@ -229,10 +231,10 @@ class ParquetSource:
 
     def _sample(self, dataset: ds.Dataset, name: str) -> str | None:
         try:
-            values = dataset.head(1, columns=[name], filter=ds.field(name).is_valid()).column(0).to_pylist()
+            values = dataset.head(SAMPLES, columns=[name], filter=ds.field(name).is_valid()).column(0).to_pylist()
         except (pa.ArrowException, OSError) as exc:
             raise SourceError(f"cannot read parquet source {self.path!r}: {exc}") from exc
-        return values[0] if values else None
+        return iso_sample(values)
 
 
 def _and(a: ds.Expression | None, b: ds.Expression) -> ds.Expression:

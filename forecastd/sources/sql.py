@@ -39,8 +39,10 @@ from forecastd.errors import ForecastdError, SourceError
 from forecastd.sources.mapping import (
     COLUMNS,
     ColumnMap,
+    SAMPLES,
     empty_raw,
     has_offset,
+    iso_sample,
     local_naive,
     melt,
     text_offsets,
@@ -320,9 +322,8 @@ class SqlSource:
 
     def _stored_sample(self, conn: sa.Connection, column: sa.Column) -> Any:
         if self._sample is None:
-            stmt = sa.select(sa.type_coerce(column, sa.String)).where(column.is_not(None)).limit(1)
-            rows = self._execute(conn, stmt)
-            self._sample = rows[0][0] if rows else None
+            stmt = sa.select(sa.type_coerce(column, sa.String)).where(column.is_not(None)).limit(SAMPLES)
+            self._sample = iso_sample([r[0] for r in self._execute(conn, stmt)])
         return self._sample
 
     def _time_filter(
