@@ -123,11 +123,11 @@ _ISO = re.compile(
 SAMPLES = 100  # stored time texts looked at for one that stands for the column's shape
 
 
-def iso_sample(values: Sequence) -> str | None:
-    """The first ISO-8601 text among some stored time values, else the first of them (which the caller's
-    check then names): one bad row stored first stopped every bounded read of the source."""
-    texts = [str(v) for v in values if v is not None]
-    return next((t for t in texts if _ISO.match(t)), texts[0] if texts else None)
+def iso_sample(values: Sequence) -> object:
+    """The first ISO-8601 text among some stored time values, else the first of them as stored (which the
+    caller's checks then name): one bad row stored first stopped every bounded read of the source."""
+    stored = [v for v in values if v is not None]
+    return next((v for v in stored if isinstance(v, str) and _ISO.match(v)), stored[0] if stored else None)
 
 
 def has_offset(sample: str) -> bool:
