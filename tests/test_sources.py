@@ -684,3 +684,21 @@ def test_a_bad_time_text_stored_first_does_not_stop_bounded_reads(kind, tmp_path
     assert sorted(got["value"]) == [3.0, 4.0, 5.0]
     everything = source.read()
     assert "bad" in set(everything["series_id"])  # a whole read brings it, for validate to count
+
+
+@pytest.mark.parametrize("layout", ["long", "wide"])
+def test_files_that_disagree_on_integer_or_float_values_are_read_alike(layout, tmp_path):
+    """A directory's schema is its first file's: whole values stored as integers in the first file and
+    floats in the next failed every read ("Float value 10.5 was truncated converting to int64")."""
+    d = tmp_path / "data"
+    d.mkdir()
+    ts = pd.date_range("2024-01-01", periods=4, freq="h", tz="UTC")
+    first = pd.DataFrame({"series_id": "a", "ts": ts[:2], "value": np.array([10, 11], dtype=np.int64)})
+    later = pd.DataFrame({"series_id": "a", "ts": ts[2:], "value": [10.5, 11.5]})
+    for name, part in (("0.parquet", first), ("1.parquet", later)):
+        (part if layout == "long" else _wide(part, "ts")).to_parquet(d / name)
+    source = (ParquetSource(d) if layout == "long" else
+              ParquetSource(d, layout="wide", time_column="ts"))
+    got = source.read().sort_values("ts")
+    assert got["value"].tolist() == [10.0, 11.0, 10.5, 11.5]
+    assert sorted(source.read(since=ts[1])["value"]) == [10.5, 11.5]
