@@ -493,6 +493,33 @@ def test_text_with_offsets_that_change_at_dst_is_filtered_by_instant(backend, tm
     assert len(source.read()) == len(frame)
 
 
+@pytest.mark.parametrize("backend", ["parquet", "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_column_mixing_naive_and_offset_text_is_read_whole_and_named(backend, tmp_path, request, caplog):
+    """One writer stores naive local text, another UTC text with 'Z'. Bounded reads judged the column by
+    its first stored value's shape and silently lost the other writer's rows near the bounds (every other
+    hourly tick in Europe/Berlin). Seen once, the mixture is logged and reads scan wide enough for both."""
+    ts = pd.date_range("2024-03-01 00:00", periods=48, freq="h", tz="UTC")
+    frame = pd.concat([
+        pd.DataFrame({"series_id": "naive", "ts": ts.tz_convert(ZONE).strftime("%Y-%m-%d %H:%M:%S"),
+                      "value": np.arange(48.0)}),
+        pd.DataFrame({"series_id": "utc", "ts": ts.strftime("%Y-%m-%dT%H:%M:%SZ"), "value": np.arange(48.0)}),
+    ], ignore_index=True)  # the naive rows first: the stored sample is naive
+    if backend == "parquet":
+        frame.to_parquet(tmp_path / "x.parquet")
+        source = ParquetSource(tmp_path / "x.parquet", timezone=ZONE)
+    elif backend == "sqlite":
+        url = _sqlite_rows(tmp_path / "t.db", list(frame.itertuples(index=False)))
+        source = SqlSource(url, "readings", series_column="sensor", time_column="stamp", value_column="reading",
+                           timezone=ZONE)
+    else:
+        source = _pg_write(request, frame, "readings", {"series_id": sa.Text(), "ts": sa.Text()}, timezone=ZONE)
+    with caplog.at_level("WARNING"):
+        for h in (10, 11, 30):  # ticks of one hour each, the first read of the source among them
+            got = source.read(since=ts[h - 1], until=ts[h])
+            assert sorted(got["series_id"]) == ["naive", "utc"] and (got["value"] == h).all(), (h, got)
+    assert caplog.text.count("mixes text with a UTC offset and text without") == 1
+
+
 # -- open_source --------------------------------------------------------------------------------------
 
 

@@ -203,6 +203,29 @@ def text_within(
     return keep
 
 
+def mixed_shapes(sample: object, values: pa.Array | pa.ChunkedArray) -> tuple[str, str] | None:
+    """An ISO-8601 time text with a UTC offset and one without, where the stored `sample` and the `values`
+    a read brought back hold both; else None. A read bounded in time judges text by the sample's shape
+    (`text_scan`), so a column that mixes the two must be scanned as if all of it had offsets."""
+    if not isinstance(sample, str) or not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        return None
+    texts = pa.chunked_array([pa.array([sample], type=values.type), *getattr(values, "chunks", [values])])
+    texts = pc.drop_null(texts)
+    iso = pc.match_substring_regex(texts, _ISO.pattern).to_numpy(zero_copy_only=False)
+    offset = pc.match_substring_regex(texts, _OFFSET_SUFFIX).to_numpy(zero_copy_only=False)
+    naive = iso & ~offset
+    if not (naive.any() and offset.any()):
+        return None
+    return texts[int(offset.argmax())].as_py(), texts[int(naive.argmax())].as_py()
+
+
+def mixed_warning(where: str, column: str, pair: tuple[str, str]) -> str:
+    return (f"time column {column!r} of {where} mixes text with a UTC offset and text without (e.g. {pair[0]!r} "
+            f"and {pair[1]!r}); reads now scan 15 more hours of rows to place both, and a read made before this "
+            "one may have missed rows of the other kind: store every time in one shape, all with an offset "
+            "such as 'Z' or all without")
+
+
 def empty_raw() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series([], dtype=object) for c in COLUMNS})
 

@@ -28,6 +28,8 @@ from forecastd.sources.mapping import (
     iso_sample,
     local_naive,
     melt,
+    mixed_shapes,
+    mixed_warning,
     text_offsets,
     text_scan,
     text_within,
@@ -55,6 +57,7 @@ class ParquetSource:
     ) -> None:
         self.path = str(path)
         self.columns = ColumnMap(layout, series_column, time_column, value_column, tuple(value_columns), timezone)
+        self._mixed = False  # whether time text was seen both with offsets and without (`mixed_shapes`)
 
     def __repr__(self) -> str:
         return f"ParquetSource({self.path!r}, layout={self.columns.layout!r})"
@@ -75,12 +78,16 @@ class ParquetSource:
             if not value_columns:
                 return empty_raw()
             table = self._scan(dataset, [cm.time_column, *value_columns], where)
+            if self._newly_mixed(dataset, table.column(0)) and text:
+                return self.read(since, until, series)  # again, scanning as wide as both shapes need
             if text:
                 table = table.filter(text_within(table.column(0), since, until, cm.timezone))
             return melt(table.to_pandas(), value_columns)
         if series is not None:
             where = _and(where, self._series_filter(dataset, series))
         table = self._scan(dataset, [cm.series_column, cm.time_column, cm.value_column], where)
+        if self._newly_mixed(dataset, table.column(1)) and text:
+            return self.read(since, until, series)  # again, scanning as wide as both shapes need
         if text:
             table = table.filter(text_within(table.column(1), since, until, cm.timezone))
         ids = table.column(0)
@@ -216,7 +223,7 @@ class ParquetSource:
             sample = self._sample(dataset, name)
             if sample is None:  # no timestamps at all: nothing can match a bound
                 return ds.scalar(False), False
-            low, high = text_scan(since, until, self.columns.timezone, text_offsets(sample, self._where()))
+            low, high = text_scan(since, until, self.columns.timezone, text_offsets(sample, self._where()) or self._mixed)
             if low is not None:
                 where = _and(where, field >= pa.scalar(low, type=kind))
             if high is not None:
@@ -244,6 +251,18 @@ class ParquetSource:
             f"time column {self.columns.time_column!r} in {self._where()} has type {kind}; forecastd needs "
             "timestamps, dates or ISO-8601 text there; set [source] time_column to such a column"
         )
+
+    def _newly_mixed(self, dataset: ds.Dataset, times: pa.ChunkedArray) -> bool:
+        """Whether these time texts show the column to mix text with offsets and text without, for the
+        first time (logged once); from then on every read scans as wide as both need."""
+        if self._mixed or not len(times) or not (pa.types.is_string(times.type) or pa.types.is_large_string(times.type)):
+            return False
+        pair = mixed_shapes(self._sample(dataset, self.columns.time_column), times)
+        if pair is None:
+            return False
+        self._mixed = True
+        log.warning("%s", mixed_warning(self._where(), self.columns.time_column, pair))
+        return True
 
     def _sample(self, dataset: ds.Dataset, name: str) -> str | None:
         try:

@@ -45,6 +45,8 @@ from forecastd.sources.mapping import (
     iso_sample,
     local_naive,
     melt,
+    mixed_shapes,
+    mixed_warning,
     text_offsets,
     text_scan,
     text_within,
@@ -156,6 +158,7 @@ class SqlSource:
         self._sample: Any = None  # a stored time value, for text timestamps
         self._text_zone: str | None = None  # SQLite: the zone of normalised time text
         self._text_offset = True  # SQLite: whether time text carries offsets (the stored sample's shape)
+        self._mixed = False  # whether time text was seen both with offsets and without (`mixed_shapes`)
         self._series_leads_index: bool | None = None  # whether an index starts with the series column
 
     def __repr__(self) -> str:
@@ -172,7 +175,15 @@ class SqlSource:
         series: Sequence[str] | None = None,
     ) -> pd.DataFrame:
         since, until = utc_bound(since, "since"), utc_bound(until, "until")
+        frame = self._read(since, until, series)
+        # None: the read found the column's time text to mix shapes; again, scanning as wide as both need.
+        return frame if frame is not None else self._read(since, until, series)
+
+    def _read(
+        self, since: pd.Timestamp | None, until: pd.Timestamp | None, series: Sequence[str] | None
+    ) -> pd.DataFrame | None:
         cm = self.columns
+        bounded = since is not None or until is not None
         with self._connect() as conn:
             table = self._reflect(conn)
             time_col = table.c[cm.time_column]
@@ -183,6 +194,8 @@ class SqlSource:
                     return empty_raw()
                 stmt = sa.select(self._time_select(time_col), *(table.c[c] for c in value_columns)).where(*where)
                 rows = self._execute(conn, stmt)
+                if self._newly_mixed(conn, time_col, rows, 0) and bounded:
+                    return None
                 if text:
                     rows = self._within(rows, 0, since, until)
                 # By position: the time column first, then the series columns, whatever their names.
@@ -201,6 +214,8 @@ class SqlSource:
                 rows = []
                 for start in range(0, len(ids), SERIES_CHUNK):
                     rows += self._execute(conn, stmt.where(key.in_(ids[start:start + SERIES_CHUNK])))
+            if self._newly_mixed(conn, time_col, rows, 1) and bounded:
+                return None
             if text:
                 rows = self._within(rows, 1, since, until)
         frame = pd.DataFrame.from_records(rows, columns=list(COLUMNS)) if rows else empty_raw()
@@ -320,6 +335,19 @@ class SqlSource:
         keep = text_within(pa.array([r[index] for r in rows], type=pa.string()), since, until, self.columns.timezone)
         return [r for r, k in zip(rows, keep) if k]
 
+    def _newly_mixed(self, conn: sa.Connection, column: sa.Column, rows: list[tuple], index: int) -> bool:
+        """Whether these rows' time text shows the column to mix text with offsets and text without, for
+        the first time (logged once); from then on every read scans as wide as both need."""
+        if self._mixed or not rows or not (self.dialect == "sqlite" or isinstance(column.type, sa.String)):
+            return False
+        texts = pa.array([r[index] if isinstance(r[index], str) else None for r in rows], type=pa.string())
+        pair = mixed_shapes(self._stored_sample(conn, column), texts)
+        if pair is None:
+            return False
+        self._mixed = True
+        log.warning("%s", mixed_warning(self._where(), column.name, pair))
+        return True
+
     def _stored_sample(self, conn: sa.Connection, column: sa.Column) -> Any:
         if self._sample is None:
             stmt = sa.select(sa.type_coerce(column, sa.String)).where(column.is_not(None)).limit(SAMPLES)
@@ -335,7 +363,9 @@ class SqlSource:
             return [], False
         zone = self.columns.timezone
         if self.dialect == "sqlite":
-            return self._sqlite_text_filter(conn, column, since, until), False
+            # A column mixing shapes has no one clock to compare normalised text on: the rows the coarse
+            # test lets through are filtered exactly once read, as other databases' text is.
+            return self._sqlite_text_filter(conn, column, since, until), self._mixed
         kind = column.type
         if isinstance(kind, sa.DateTime):
             def value(b: pd.Timestamp) -> Any:
@@ -348,7 +378,7 @@ class SqlSource:
             sample = self._stored_sample(conn, column)
             if sample is None:
                 return [sa.false()], False
-            low, high = text_scan(since, until, zone, text_offsets(str(sample), self._where()))
+            low, high = text_scan(since, until, zone, text_offsets(str(sample), self._where()) or self._mixed)
             out = []
             if low is not None:
                 out.append(column >= sa.bindparam("since_hour", low, type_=kind))
@@ -376,7 +406,10 @@ class SqlSource:
             return [sa.false()]
         raw = sa.type_coerce(column, sa.String)
         normal = sa.func.strftime(sa.bindparam("normal_format", _SQLITE_NORMAL, type_=sa.String), column)
-        low, high = text_scan(since, until, self.columns.timezone, self._text_offset)
+        low, high = text_scan(since, until, self.columns.timezone, self._text_offset or self._mixed)
+        if self._mixed:
+            return ([raw >= sa.bindparam("since_hour", low, type_=sa.String)] if since is not None else []) + \
+                ([raw < sa.bindparam("until_day", high, type_=sa.String)] if until is not None else [])
         out = []
         if since is not None:
             out += [
