@@ -124,7 +124,12 @@ def plan_tick(
     waiting = rows.ids[short].tolist()
 
     keep = planned[rows.group] & (known[rows.group] | (rows.steps >= anchor[rows.group] - warmup))
-    plan = _plan(rows, keep, cstep, ~known, anchor, anchor, carried_scale, pos, model_scales, warmup, max_gap)
+    # A resumed series silent for more than max_gap steps since its prior watermark restarts, as it would
+    # have in the stream it left: it warms up again, where one credited with a warm-up wrote outputs from
+    # its first point back whenever a model had been promoted during its silence.
+    restarting = resumed & (anchor - prior_step - 1 > max_gap)
+    plan = _plan(rows, keep, cstep, ~known & ~restarting, anchor, anchor, carried_scale, pos, model_scales, warmup,
+                 max_gap)
     plan.waiting = waiting
     plan.first_steps = dict(zip(waiting, first_step[short].tolist()))
     return plan

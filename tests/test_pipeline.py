@@ -205,6 +205,28 @@ def test_series_resume_without_a_gap_after_more_promotions_than_kept_versions(tr
     assert len(a) == 3 * 60 and a.groupby("series_id")["ts"].min().eq(_ts(500)).all()
 
 
+@pytest.mark.parametrize("promoted", [False, True])
+def test_a_series_back_from_a_long_silence_warms_up_whether_or_not_a_model_was_promoted(promoted, trained, tmp_path):
+    """A silence of more than [data] max_gap steps restarts a series, which warms up over [data] warmup
+    steps before its outputs. After a promotion during the silence it came back through the older
+    stream's watermark, was credited with a warm-up, and wrote outputs (and alarms) from its first point."""
+    _, data = trained
+    config = load_config(_workspace(trained, tmp_path))
+    store = state_store(config)
+    data[data["ts"] < _ts(480)].to_parquet(tmp_path / "data.parquet")
+    run_once(config, _ts(480))
+    if promoted:
+        mv = store.load_live()
+        store.set_live(store.save_model(mv.model, store.manifest(mv.version), keep=2))
+    back = 480 + 40  # "walk" is silent for 40 steps: longer than max_gap (12) and the warm-up (24)
+    silent = (data["series_id"] == "walk") & (data["ts"] >= _ts(480)) & (data["ts"] < _ts(back))
+    data[~silent & (data["ts"] < _ts(600))].to_parquet(tmp_path / "data.parquet")
+    a = run_once(config, _ts(600), keep_outputs=True).outputs.anomalies
+    first = a.groupby("series_id")["ts"].min()
+    assert first["walk"] == _ts(back + 24)  # its warm-up (24 steps) after its first point back
+    assert first["sine"] == first["drift"] == _ts(480)  # the others continue
+
+
 def test_restart_from_disk_equals_ticking_straight_through(trained, tmp_path):
     _, data = trained
     straight = _tick_through(_workspace(trained, tmp_path / "a"), data, list(range(500, 560, 3)))
