@@ -179,7 +179,8 @@ def _series_table(rows: list[dict[str, Any]]) -> Table:
         table.add_column(col, justify="left" if col in ("series", "watermark") else "right")
     for r in rows:
         table.add_row(escape(r["series_id"]), _ts(r["watermark"], short=True), _duration(r["lag_seconds"]),
-                      "-" if r["lag_steps"] is None else f"{r['lag_steps']:.0f}", f"v{r['model_version']}")
+                      "-" if r["lag_steps"] is None else f"{r['lag_steps']:.0f}",
+                      "handover" if r["model_version"] is None else f"v{r['model_version']}")
     return table
 
 

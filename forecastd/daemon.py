@@ -321,7 +321,8 @@ class Daemon:
         if state is not None:
             what = f"model v{mv.version}, {len(state)} series from checkpoint {info.get('seq')}"
         else:
-            what = f"model v{mv.version}, no checkpoint yet (series warm up on the first tick)"
+            what = (f"model v{mv.version}, no checkpoint of its own yet (series continue from earlier versions' "
+                    "watermarks where they hold them, and warm up on the first tick)")
         if removed:
             what += f", {removed} leftover temp file(s) removed"
         return what

@@ -114,20 +114,24 @@ def _watermarks(store: StateStore, now: pd.Timestamp) -> list[dict[str, Any]]:
         grid = manifest_grid(store.manifest(live))
     except (ForecastdError, KeyError):
         return []
-    # The live model's stream; right after a switch it has none yet and the freshest other one holds the
-    # watermarks the new model will continue from.
+    # Each series from the live model's stream, else from the newest other stream that holds it, else from
+    # the handover record of pruned streams: where the next tick continues it (`pipeline._prior`). Right
+    # after a switch the live model has no stream yet; after more switches than [state] keep_versions with
+    # no data between, only the handover record holds the watermarks (model_version None).
     versions = [live] + sorted((v for v in store.versions() if v != live), reverse=True)
+    found: dict[str, tuple[int, int | None, bool]] = {}
     for v in versions:
         state, _ = store.load_stream(v)
-        if state is not None:
-            break
-    else:
-        return []
+        for sid, st, age in zip(state.series_ids, state.step, state.age, strict=True) if state is not None else ():
+            found.setdefault(sid, (int(st), v, bool(age > 0)))
+    ids, fields = store.load_handover()
+    for sid, st in zip(ids, fields.get("step", ()), strict=True):
+        found.setdefault(sid, (int(st), None, False))
     step = pd.tseries.frequencies.to_offset(grid.freq)
     out = []
-    for sid, st, age in zip(state.series_ids, state.step, state.age, strict=True):
+    for sid, (st, v, warm) in found.items():
         row: dict[str, Any] = {"series_id": sid, "watermark": None, "lag_seconds": None, "lag_steps": None,
-                               "model_version": v, "warm": bool(age > 0)}
+                               "model_version": v, "warm": warm}
         if st >= 0:
             wm = grid.ts(np.array([st]))[0]
             lag = (now - wm).total_seconds()

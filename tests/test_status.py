@@ -47,6 +47,24 @@ def test_status_reports_versions_watermarks_daemon_and_anomalies(tmp_path):
     json.dumps(s)  # plain data, for --json
 
 
+def test_status_lists_series_that_only_the_handover_record_holds(tmp_path):
+    """After more promotions than [state] keep_versions with no data between, every stream was pruned and
+    `status` listed no series, though ticks continue them from the handover record."""
+    config = load_config(clone(tmp_path))
+    append_rows(tmp_path / "src.db", T0, T0 + pd.Timedelta(hours=6))
+    run_once(config, NOW)
+    store = state_store(config)
+    for _ in range(3):  # retrains promoted in a quiet hour
+        mv = store.load_live()
+        store.set_live(store.save_model(mv.model, store.manifest(mv.version), keep=2))
+    assert not [v for v in store.versions() if store.load_stream(v)[0] is not None]
+    s = status(config, NOW)
+    assert {r["series_id"] for r in s["series"]} == {"price-1", "sensor-temp-1", "sine"}
+    assert all(pd.Timestamp(r["watermark"]) == T0 + pd.Timedelta(hours=6) and r["model_version"] is None
+               for r in s["series"])
+    json.dumps(s)
+
+
 def test_running_pid_comes_from_the_lock(tmp_path):
     assert running_pid(state_store(load_config(clone(tmp_path)))) is None
     store = state_store(load_config(tmp_path / "forecastd.toml"))
