@@ -72,6 +72,13 @@ log = logging.getLogger(__name__)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class _NoTickLine(logging.Filter):
+    """Drops the pipeline's per-tick summary, which the daemon's own tick line covers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and str(record.msg).startswith("tick: "))
+
+
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -250,8 +257,12 @@ class Daemon:
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
             # One line per tick: APScheduler says "Running job"/"executed" for each, and the pipeline's own
             # tick line repeats figures the daemon's line has (with rows read, repairs and duration).
+            # Only that line: the pipeline's other INFO lines (series waiting to start, a cold start after a
+            # retrain) say what the daemon's line does not.
             logging.getLogger("apscheduler").setLevel(logging.WARNING)
-            logging.getLogger("forecastd.pipeline").setLevel(logging.WARNING)
+            pipeline_log = logging.getLogger("forecastd.pipeline")
+            if not any(isinstance(f, _NoTickLine) for f in pipeline_log.filters):
+                pipeline_log.addFilter(_NoTickLine())
         # Handlers first: a SIGTERM during recovery then stops the daemon right after it, cleanly.
         wake_r, wake_w = socket.socketpair()
         wake_w.setblocking(False)

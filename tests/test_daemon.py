@@ -77,7 +77,13 @@ def test_ready_lock_http_and_sigterm(tmp_path, notify):
         assert f"in use by forecastd pid {serve.pid}" in second.log()
 
         append_rows(tmp_path / "src.db", T0, DAY)
+        with sqlite3.connect(tmp_path / "src.db") as con:  # a series too new to start: it waits, logged
+            con.executemany("INSERT INTO readings VALUES ('newcomer', ?, 1.0)",
+                            [(f"{T0 + pd.Timedelta(hours=h):%Y-%m-%d %H:%M:%S}",) for h in (1, 2, 3)])
         wait_until(lambda: watermark(config) == DAY, 30, "the new rows to be ticked")
+        # The daemon's own line per tick, not the pipeline's as well; the pipeline's other INFO lines stay.
+        wait_until(lambda: "1 new series wait for" in serve.log(), 30, "the waiting series to be logged")
+        assert "tick: model v" not in serve.log() and "tick ok" in serve.log()
         status, body = _get(f"http://127.0.0.1:{port}/healthz")
         assert status == 200 and json.loads(body)["status"] == "ok"
         status, body = _get(f"http://127.0.0.1:{port}/metrics")
