@@ -18,14 +18,16 @@ from forecastd.windowing import robust_scale, series_steps
 GRID = Grid("1h")
 
 
-def _reference_warm(sid, steps, values, anchor, warmup, max_gap) -> list[Segment]:
+def _reference_warm(sid, steps, values, anchor, warmup, max_gap, restarting=False) -> list[Segment]:
+    """A series without state from `anchor`, warmed on the rows within `warmup` steps before it and credited
+    with that warm-up, unless it is `restarting` (back from a silence longer than max_gap)."""
     keep = steps >= anchor - warmup
     steps, values = steps[keep], values[keep]
     if steps.size == 0:
         return []
     segs = plan(sid, steps, values, None, max_gap)
     first = segs[0]
-    credited = max(0, warmup - (anchor - first.start)) if first.start <= anchor else 0
+    credited = max(0, warmup - (anchor - first.start)) if first.start <= anchor and not restarting else 0
     segs[0] = Segment(sid, True, first.start, first.values, age=credited)
     return segs
 
@@ -55,11 +57,13 @@ def reference_tick(frame, carried_ids, carried_step, carried_scale, model_scales
             if any(g.fresh for g in segs):
                 fresh_scale[sid] = _reference_scale(model_scales, sid, values, carried_ids, carried_scale)
         else:
+            restarting = False
             if sid in prior:
                 after = steps[steps > prior[sid]]
                 if after.size == 0:
                     continue
                 anchor = int(after[0])
+                restarting = anchor - prior[sid] - 1 > max_gap  # it would have restarted in its old stream
             else:
                 start = _reference_start(sid, steps, values, model_scales)
                 if start is None:
@@ -67,7 +71,7 @@ def reference_tick(frame, carried_ids, carried_step, carried_scale, model_scales
                 # startable only after the stream's newest step: from its start point
                 newest = max([int(w) for w in carried_step] + [-1])
                 anchor = start if newest >= 0 and start > newest else int(steps[-1])
-            segs = _reference_warm(sid, steps, values, anchor, warmup, max_gap)
+            segs = _reference_warm(sid, steps, values, anchor, warmup, max_gap, restarting)
             kept = (steps >= anchor - warmup) & (steps <= anchor)
             fresh_scale[sid] = _reference_scale(model_scales, sid, values[kept], [], [])
         segments.extend(segs)
