@@ -729,3 +729,12 @@ def test_files_that_disagree_on_integer_or_float_values_are_read_alike(layout, t
     got = source.read().sort_values("ts")
     assert got["value"].tolist() == [10.0, 11.0, 10.5, 11.5]
     assert sorted(source.read(since=ts[1])["value"]) == [10.5, 11.5]
+
+
+def test_a_corrupt_file_is_named_with_the_fix(tmp_path):
+    """A half-written file stops the read: the message names the file and what the writer should do."""
+    pd.DataFrame({"series_id": ["a"], "ts": pd.to_datetime(["2024-01-01"], utc=True), "value": [1.0]}).to_parquet(
+        tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 half written")
+    with pytest.raises(SourceError, match=r"b\.parquet.*write a temporary name .* and rename it"):
+        ParquetSource(tmp_path).read()

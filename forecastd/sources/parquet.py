@@ -183,7 +183,7 @@ class ParquetSource:
         try:
             return dataset.to_table(columns=columns, filter=where)
         except (pa.ArrowException, OSError) as exc:
-            raise SourceError(f"cannot read parquet source {self.path!r}: {exc}") from exc
+            raise SourceError(f"cannot read parquet source {self.path!r}: {exc}; {_READ_FIX}") from exc
 
     def _numeric(self, dataset: ds.Dataset) -> list[str]:
         # Partition keys such as year=2024 are numeric too, but they are not series: only columns
@@ -268,8 +268,13 @@ class ParquetSource:
         try:
             values = dataset.head(SAMPLES, columns=[name], filter=ds.field(name).is_valid()).column(0).to_pylist()
         except (pa.ArrowException, OSError) as exc:
-            raise SourceError(f"cannot read parquet source {self.path!r}: {exc}") from exc
+            raise SourceError(f"cannot read parquet source {self.path!r}: {exc}; {_READ_FIX}") from exc
         return iso_sample(values)
+
+
+_READ_FIX = ("a file written in place may be read half-written: writers should write a temporary name outside "
+             "the pattern and rename it; move a corrupt file, or one whose columns disagree with the others', out "
+             "of [source] path")
 
 
 def _and(a: ds.Expression | None, b: ds.Expression) -> ds.Expression:
