@@ -204,7 +204,8 @@ def warm_weights(init: Forecaster, init_config: ModelConfig, config: ModelConfig
     return weights
 
 
-def _prior(store: StateStore, live: int, wanted: list[str]) -> tuple[dict[str, int], dict[str, Carried]]:
+def _prior(store: StateStore, live: int, wanted: list[str]
+           ) -> tuple[dict[str, int], dict[str, Carried], set[str]]:
     """For each `wanted` series, from the newest other version's stream that holds it, else from the
     handover record of pruned streams: its watermark (grid step), so a new model picks up where the old
     one stopped, and what its anomaly track carries over (`Carried`): its value range, so novelty does
@@ -213,14 +214,17 @@ def _prior(store: StateStore, live: int, wanted: list[str]) -> tuple[dict[str, i
 
     Newest holder, not newest stream: a series quiet through two switches is in neither the live stream
     nor the one before it. Streams stop loading once every wanted series is found: a tick calls this
-    while any series it reads is new to the live stream."""
+    while any series it reads is new to the live stream. Also the wanted series that an older stream kept
+    waiting for START_POINTS points (its checkpoint's "waiting"): new series, not a backlog."""
     missing = set(wanted)
     steps: dict[str, int] = {}
     carried: dict[str, Carried] = {}
+    waited: set[str] = set()
     for v in sorted((v for v in store.versions() if v != live), reverse=True):
         if not missing:
             break
-        state, _ = store.load_stream(v)
+        state, info = store.load_stream(v)
+        waited |= missing & set(info.get("waiting", ()))
         if state is None:
             continue
         fields = state.handover_fields()
@@ -232,7 +236,7 @@ def _prior(store: StateStore, live: int, wanted: list[str]) -> tuple[dict[str, i
     for i, sid in enumerate(ids):
         if sid in missing:
             steps[sid], carried[sid] = int(fields["step"][i]), Carried.of_fields(fields, i)
-    return steps, carried
+    return steps, carried, waited - set(steps)
 
 
 def _read_start(state: StreamState, grid: Grid, max_gap: int) -> tuple[pd.Timestamp | None, dict[str, int]]:
@@ -301,7 +305,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     fresh = [s for s in new_ids if s not in waited]
     # Series the live model has no state for continue from the newest other version's watermark, so
     # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
-    prior, carried = _prior(store, mv.version, fresh) if fresh else ({}, {})
+    prior, carried, waited_before = _prior(store, mv.version, fresh) if fresh else ({}, {}, set())
     if new_ids:
         warm_from = [prior[s] - config.data.warmup for s in fresh if s in prior] + \
             [waited[s] for s in new_ids if s in waited]
@@ -337,7 +341,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     clock.lap("validate")
 
     planned = plan_tick(frame, grid, state.series_ids, state.step, state.scale, mv.scales, prior,
-                        config.data.warmup, config.data.max_gap)
+                        config.data.warmup, config.data.max_gap, waited=waited.keys() | waited_before)
     # A waiting series' rows are read again at every tick until it starts, and counted then.
     waiting = set(planned.waiting)
     for key in [k for k in frame_report.counts if k[0] in waiting]:

@@ -13,7 +13,7 @@ Segment values are views into one buffer that holds every segment's dense values
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,12 +82,15 @@ def plan_tick(
     prior: Mapping[str, int],
     warmup: int,
     max_gap: int,
+    waited: Collection[str] = (),
 ) -> Plan:
     """Segments for a tick over `frame` (validated: no row at or before a carried watermark).
 
     carried_*: the stream state's series, their watermarks (grid steps, -1 for none) and units.
     prior: watermarks from another model version's stream for series this one carries no state for;
     such a series resumes after its prior watermark, any other new series at its latest point.
+    waited: new series that earlier ticks kept waiting for START_POINTS points; they start at their start
+    point once they can, even where that lies before the newest step processed (a retrain learnt one).
     """
     rows = _rows(frame, grid)
     G = len(rows.ids)
@@ -119,6 +122,10 @@ def plan_tick(
     carried_step = np.asarray(carried_step, dtype=np.int64)
     if carried_step.size and carried_step.max() >= 0:
         anchor = np.where(fresh & enough & (start > carried_step.max()), start, anchor)
+    if len(waited):
+        # A series that waited was new when it came, not a backlog: it starts where a backfill starts it.
+        # After a retrain learnt it, that is its first row, before the steps processed while it waited.
+        anchor = np.where(fresh & enough & np.isin(rows.ids, list(waited)), start, anchor)
     short = np.flatnonzero(fresh & ~enough)  # a new series without a unit from the model waits until it can
     planned[short] = False                   # be measured
     waiting = rows.ids[short].tolist()

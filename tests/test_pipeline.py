@@ -436,6 +436,26 @@ def test_a_waiting_series_is_read_from_its_first_row_and_looked_up_once(trained,
     assert started.index(True) == START_POINTS - 1  # at its START_POINTS-th point, as before
 
 
+def test_a_waiting_series_that_a_retrain_learns_starts_at_its_first_row_as_a_backfill_starts_it(trained, tmp_path):
+    """A learnt series starts at its first point. One that waited for its 24th point when a retrain learnt
+    it started at its latest point instead, after the promotion, as if it were a backlog: the points it
+    sent while it waited were never scored, though a backfill scores them."""
+    config, data = _ticked_to_500(trained, tmp_path, "1e7")
+    newcomer = pd.DataFrame({"series_id": "new", "ts": _ts(500) + pd.to_timedelta(np.arange(40), unit="h"),
+                             "value": 20 + 3 * np.sin(np.arange(40) / 3.0)})
+    for k in range(1, 11):  # it waits
+        pd.concat([data[data["ts"] < _ts(500 + k)], newcomer.iloc[:k]]).to_parquet(tmp_path / "data.parquet")
+        assert "new" not in set(run_once(config, _ts(500 + k), keep_outputs=True).outputs.anomalies["series_id"])
+    train(config, _ts(510))  # a retrain that learns it, made live
+    assert "new" in state_store(config).load_live().scales
+    pd.concat([data[data["ts"] < _ts(512)], newcomer.iloc[:12]]).to_parquet(tmp_path / "data.parquet")
+    ticked = run_once(config, _ts(512), keep_outputs=True).outputs.anomalies
+    filled = backfill(config, _ts(500), _ts(511), keep_outputs=True, write=False).outputs.anomalies
+    mine = ticked[ticked["series_id"] == "new"]
+    assert mine["ts"].min() == _ts(500) == filled.loc[filled["series_id"] == "new", "ts"].min()
+    assert len(mine) == 12
+
+
 def test_a_first_stream_of_waiting_series_only_keeps_them_and_starts_them(trained, tmp_path):
     """Ticks whose every series waits (a source that has just begun collecting) checkpoint an empty
     stream that remembers them; the series start at their START_POINTS-th point all the same."""
