@@ -664,7 +664,7 @@ validation_fraction = 0.15
 burn_in = 16                     # steps at each segment's start whose loss is ignored (the state starts cold)
 seed = 0                         # start weights and shuffling: same seed and data, same model on a CPU
 device = "auto"                  # "auto" (CUDA when present), "cpu" or "cuda"
-max_seconds = 0.0                # stop training after this many seconds (0 = no limit)
+max_seconds = 0.0                # stop at the first epoch end past this many seconds (0 = no limit)
 
 [anomaly]
 threshold = 0.5                  # score in [0, 1] at or above which a point is flagged
