@@ -45,6 +45,7 @@ dozens (`test_anomaly` holds the two to the bit).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -415,20 +416,32 @@ def _score_inputs(track: AnomalyTrack, short_window: int, long_window: int, use_
     """`score`'s settings as `_score_steps` takes them after (raw, values), and the new track's arrays
     (AnomalyTrack's fields), which the pass updates in place. A caller that runs `_score_steps` inside a
     compiled pass of its own (the streaming step) gets the same copies and arguments."""
-    novelty = novelty_tolerance is not None
+    copied, arrays, settings = _score_layout(short_window, long_window, use_likelihood, raw_cap, gate, scale,
+                                             novelty_tolerance, cooldown_steps, empirical_tail, slow_window, slow_cap)
     # Copies of what the pass updates in place: the caller's track is left as it was. A step that is off
     # gets the caller's arrays, which it neither reads nor writes (the slow channel: the main one's).
+    new = dict(track.__dict__)
+    for name, dtype in copied:
+        new[name] = new[name].astype(dtype)
+    return new, (*[new[name] for name in arrays], *settings)
+
+
+@functools.lru_cache(maxsize=32)
+def _score_layout(short_window: int, long_window: int, use_likelihood: bool, raw_cap: float, gate: bool, scale: str,
+                  novelty_tolerance: float | None, cooldown_steps: int, empirical_tail: bool, slow_window: int,
+                  slow_cap: float) -> tuple[tuple[tuple[str, np.dtype], ...], tuple[str, ...], tuple]:
+    """For `_score_inputs`, once per setting (a tick for one series paid 6 us rebuilding them): the fields
+    to copy with their dtypes, the track fields `_score_steps` takes in order, and its settings after them."""
+    novelty = novelty_tolerance is not None
     names = _CHANNEL_FIELDS[False] + (_CHANNEL_FIELDS[True] if slow_window > 0 else ())
     names += ("lo", "hi") * novelty + ("peak", "since") * (cooldown_steps > 0)
-    d = track.__dict__
-    new = {**d, **{name: d[name].astype(_INT64 if name in _COUNTS else _FLOAT64) for name in names}}
-    main = [new[name] for name in _CHANNEL_FIELDS[False]]
-    slow = [new[name] for name in _CHANNEL_FIELDS[True]] if slow_window > 0 else main
-    args = (*main, *slow, new["lo"], new["hi"], new["peak"], new["since"], EXCEED_EDGES, float(long_window),
-            2.0 / (short_window + 1.0), float(raw_cap), 2.0 / (slow_window + 1.0) if slow_window > 0 else 0.0,
-            float(slow_cap), novelty, float(novelty_tolerance or 0.0), bool(use_likelihood), bool(gate),
-            scale == "soft", bool(empirical_tail), int(cooldown_steps))
-    return new, args
+    copied = tuple((name, _INT64 if name in _COUNTS else _FLOAT64) for name in names)
+    arrays = (*_CHANNEL_FIELDS[False], *_CHANNEL_FIELDS[slow_window > 0], "lo", "hi", "peak", "since")
+    settings = (EXCEED_EDGES, float(long_window), 2.0 / (short_window + 1.0), float(raw_cap),
+                2.0 / (slow_window + 1.0) if slow_window > 0 else 0.0, float(slow_cap), novelty,
+                float(novelty_tolerance or 0.0), bool(use_likelihood), bool(gate), scale == "soft",
+                bool(empirical_tail), int(cooldown_steps))
+    return copied, arrays, settings
 
 
 @njit(cache=True, nogil=True)

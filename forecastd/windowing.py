@@ -17,6 +17,7 @@ clipping keeps a backfill one batched pass, and identical to ticking.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -196,9 +197,16 @@ def encode(
     x = np.empty((B, T, n_features(A)), dtype=np.float32)
     origin = np.empty((B, T), dtype=np.float64)
     _encode_steps(np.ascontiguousarray(values, dtype=np.float64), last, levels,
-                  np.asarray(scale, dtype=np.float64), np.asarray(alphas, dtype=np.float64), float(clip), x, origin)
+                  np.asarray(scale, dtype=np.float64), _alpha_array(tuple(alphas)), float(clip), x, origin)
     calendar(ts_ns, out=x[:, :, 2 + A :])
     return x, origin, Track(last, levels)
+
+
+@functools.lru_cache(maxsize=16)
+def _alpha_array(alphas: tuple[float, ...]) -> np.ndarray:
+    """The level rates as the compiled loop takes them (which only reads them), made once per model config,
+    not once a tick."""
+    return np.asarray(alphas, dtype=np.float64)
 
 
 @njit(cache=True, nogil=True)
