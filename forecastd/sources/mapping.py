@@ -121,6 +121,7 @@ _ISO = re.compile(
 
 
 SAMPLES = 100  # stored time texts looked at for one that stands for the column's shape
+SHAPE_CHECKS = 20_000  # the most rows of one read whose time text `mixed_shapes` looks at
 
 
 def iso_sample(values: Sequence) -> object:
@@ -209,6 +210,8 @@ def mixed_shapes(sample: object, values: pa.Array | pa.ChunkedArray) -> tuple[st
     (`text_scan`), so a column that mixes the two must be scanned as if all of it had offsets."""
     if not isinstance(sample, str) or not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
         return None
+    if len(values) > SHAPE_CHECKS:  # a whole-table read: evenly spaced rows stand for it
+        values = values.take(pa.array(np.linspace(0, len(values) - 1, SHAPE_CHECKS).astype(np.int64)))
     texts = pa.chunked_array([pa.array([sample], type=values.type), *getattr(values, "chunks", [values])])
     texts = pc.drop_null(texts)
     iso = pc.match_substring_regex(texts, _ISO.pattern).to_numpy(zero_copy_only=False)

@@ -40,6 +40,7 @@ from forecastd.sources.mapping import (
     COLUMNS,
     ColumnMap,
     SAMPLES,
+    SHAPE_CHECKS,
     empty_raw,
     has_offset,
     iso_sample,
@@ -340,7 +341,8 @@ class SqlSource:
         the first time (logged once); from then on every read scans as wide as both need."""
         if self._mixed or not rows or not (self.dialect == "sqlite" or isinstance(column.type, sa.String)):
             return False
-        texts = pa.array([r[index] if isinstance(r[index], str) else None for r in rows], type=pa.string())
+        every = max(1, len(rows) // SHAPE_CHECKS)  # a whole-table read: evenly spaced rows stand for it
+        texts = pa.array([r[index] if isinstance(r[index], str) else None for r in rows[::every]], type=pa.string())
         pair = mixed_shapes(self._stored_sample(conn, column), texts)
         if pair is None:
             return False
