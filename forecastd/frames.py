@@ -413,8 +413,8 @@ def validate(
         report.add(ids[nul], "rejected: NUL character in series_id")
     if long.any():
         report.add(ids[long], f"rejected: series_id longer than {MAX_ID_BYTES} bytes")
-    if nul.any() or long.any():
-        drop = nul | long
+    drop = nul | long
+    if drop.any():
         ids = ids[~drop]
         keep[keep] = ~drop
     frame = pd.DataFrame(

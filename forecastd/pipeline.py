@@ -204,7 +204,7 @@ def warm_weights(init: Forecaster, init_config: ModelConfig, config: ModelConfig
     return weights
 
 
-def _prior(store: StateStore, live: int, wanted: list[str]
+def _prior(store: StateStore, live: int, wanted: list[str], versions: list[int]
            ) -> tuple[dict[str, int], dict[str, Carried], set[str]]:
     """For each `wanted` series, from the newest other version's stream that holds it, else from the
     handover record of pruned streams: its watermark (grid step), so a new model picks up where the old
@@ -215,12 +215,13 @@ def _prior(store: StateStore, live: int, wanted: list[str]
     Newest holder, not newest stream: a series quiet through two switches is in neither the live stream
     nor the one before it. Streams stop loading once every wanted series is found: a tick calls this
     while any series it reads is new to the live stream. Also the wanted series that an older stream kept
-    waiting for START_POINTS points (its checkpoint's "waiting"): new series, not a backlog."""
+    waiting for START_POINTS points (its checkpoint's "waiting"): new series, not a backlog. `versions`:
+    the store's, as the tick listed them."""
     missing = set(wanted)
     steps: dict[str, int] = {}
     carried: dict[str, Carried] = {}
     waited: set[str] = set()
-    for v in sorted((v for v in store.versions() if v != live), reverse=True):
+    for v in sorted((v for v in versions if v != live), reverse=True):
         if not missing:
             break
         state, info = store.load_stream(v)
@@ -305,7 +306,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     fresh = [s for s in new_ids if s not in waited]
     # Series the live model has no state for continue from the newest other version's watermark, so
     # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
-    prior, carried, waited_before = _prior(store, mv.version, fresh) if fresh else ({}, {}, set())
+    prior, carried, waited_before = _prior(store, mv.version, fresh, versions) if fresh else ({}, {}, set())
     if new_ids:
         warm_from = [prior[s] - config.data.warmup for s in fresh if s in prior] + \
             [waited[s] for s in new_ids if s in waited]

@@ -416,8 +416,8 @@ def test_a_waiting_series_is_read_from_its_first_row_and_looked_up_once(trained,
     monkeypatch.setattr(ParquetSource, "read", lambda self, since=None, until=None, series=None: (
         reads.append((since, series)), read(self, since, until, series))[1])
     prior = pipeline._prior
-    monkeypatch.setattr(pipeline, "_prior", lambda store, live, wanted: (lookups.append(list(wanted)),
-                                                                         prior(store, live, wanted))[1])
+    monkeypatch.setattr(pipeline, "_prior", lambda store, live, wanted, versions: (
+        lookups.append(list(wanted)), prior(store, live, wanted, versions))[1])
     versions = StateStore.versions
     started = []
     for k in range(1, 31):

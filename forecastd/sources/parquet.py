@@ -72,13 +72,17 @@ class ParquetSource:
         dataset = self._dataset()
         cm = self.columns
         cm.check(dataset.schema.names, self._where())
-        where, text = self._time_filter(dataset, since, until)
+        kind = dataset.schema.field(cm.time_column).type
+        # One stored time text per read, for the text bounds and the mixed-shape check alike.
+        sample = self._sample(dataset, cm.time_column) if pa.types.is_string(kind) or pa.types.is_large_string(kind) \
+            else None
+        where, text = self._time_filter(dataset, since, until, sample)
         if cm.layout == "wide":
             value_columns = cm.wide_columns(self._numeric(dataset), series)
             if not value_columns:
                 return empty_raw()
             table = self._scan(dataset, [cm.time_column, *value_columns], where)
-            if self._newly_mixed(dataset, table.column(0)) and text:
+            if self._newly_mixed(sample, table.column(0)) and text:
                 return self.read(since, until, series)  # again, scanning as wide as both shapes need
             if text:
                 table = table.filter(text_within(table.column(0), since, until, cm.timezone))
@@ -86,7 +90,7 @@ class ParquetSource:
         if series is not None:
             where = _and(where, self._series_filter(dataset, series))
         table = self._scan(dataset, [cm.series_column, cm.time_column, cm.value_column], where)
-        if self._newly_mixed(dataset, table.column(1)) and text:
+        if self._newly_mixed(sample, table.column(1)) and text:
             return self.read(since, until, series)  # again, scanning as wide as both shapes need
         if text:
             table = table.filter(text_within(table.column(1), since, until, cm.timezone))
@@ -209,10 +213,10 @@ class ParquetSource:
         return field.cast(pa.string()).isin(pa.array([str(s) for s in series], type=pa.string()))
 
     def _time_filter(
-        self, dataset: ds.Dataset, since: pd.Timestamp | None, until: pd.Timestamp | None
+        self, dataset: ds.Dataset, since: pd.Timestamp | None, until: pd.Timestamp | None, sample: object
     ) -> tuple[ds.Expression | None, bool]:
         """The filter to push down, and whether it is the coarse one of text times (`text_within` then
-        filters the rows read exactly)."""
+        filters the rows read exactly). `sample`: a stored time text (`_sample`) where the column is text."""
         if since is None and until is None:
             return None, False
         name = self.columns.time_column
@@ -220,7 +224,6 @@ class ParquetSource:
         field = ds.field(name)
         where = None
         if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-            sample = self._sample(dataset, name)
             if sample is None:  # no timestamps at all: nothing can match a bound
                 return ds.scalar(False), False
             low, high = text_scan(since, until, self.columns.timezone, text_offsets(sample, self._where()) or self._mixed)
@@ -252,12 +255,12 @@ class ParquetSource:
             "timestamps, dates or ISO-8601 text there; set [source] time_column to such a column"
         )
 
-    def _newly_mixed(self, dataset: ds.Dataset, times: pa.ChunkedArray) -> bool:
+    def _newly_mixed(self, sample: object, times: pa.ChunkedArray) -> bool:
         """Whether these time texts show the column to mix text with offsets and text without, for the
         first time (logged once); from then on every read scans as wide as both need."""
-        if self._mixed or not len(times) or not (pa.types.is_string(times.type) or pa.types.is_large_string(times.type)):
+        if self._mixed or not len(times):
             return False
-        pair = mixed_shapes(self._sample(dataset, self.columns.time_column), times)
+        pair = mixed_shapes(sample, times)
         if pair is None:
             return False
         self._mixed = True

@@ -409,20 +409,18 @@ class SqlSource:
         raw = sa.type_coerce(column, sa.String)
         normal = sa.func.strftime(sa.bindparam("normal_format", _SQLITE_NORMAL, type_=sa.String), column)
         low, high = text_scan(since, until, self.columns.timezone, self._text_offset or self._mixed)
-        if self._mixed:
-            return ([raw >= sa.bindparam("since_hour", low, type_=sa.String)] if since is not None else []) + \
-                ([raw < sa.bindparam("until_day", high, type_=sa.String)] if until is not None else [])
+        # The exact test compares normalised text on one clock, which a column mixing shapes does not have:
+        # its rows are filtered exactly once read (`_time_filter`).
+        exact = not self._mixed
         out = []
         if since is not None:
-            out += [
-                raw >= sa.bindparam("since_hour", low, type_=sa.String),
-                normal > sa.bindparam("since", _sqlite_normal(local_naive(since, zone)), type_=sa.String),
-            ]
+            out.append(raw >= sa.bindparam("since_hour", low, type_=sa.String))
+            if exact:
+                out.append(normal > sa.bindparam("since", _sqlite_normal(local_naive(since, zone)), type_=sa.String))
         if until is not None:
-            out += [
-                raw < sa.bindparam("until_day", high, type_=sa.String),
-                normal <= sa.bindparam("until", _sqlite_normal(local_naive(until, zone)), type_=sa.String),
-            ]
+            out.append(raw < sa.bindparam("until_day", high, type_=sa.String))
+            if exact:
+                out.append(normal <= sa.bindparam("until", _sqlite_normal(local_naive(until, zone)), type_=sa.String))
         return out
 
     def _sqlite_zone(self, conn: sa.Connection, column: sa.Column) -> str | None:
