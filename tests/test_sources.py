@@ -738,3 +738,24 @@ def test_a_corrupt_file_is_named_with_the_fix(tmp_path):
     (tmp_path / "b.parquet").write_bytes(b"PAR1 half written")
     with pytest.raises(SourceError, match=r"b\.parquet.*write a temporary name .* and rename it"):
         ParquetSource(tmp_path).read()
+
+
+def test_a_file_without_the_value_column_is_named_once(tmp_path, caplog):
+    """A directory's schema is its first file's: a later file that calls its values "val" read as all
+    missing, counted as NaNs with no word of why. Each such file is named once, with the fix; the files
+    that have the column read as before."""
+    d = tmp_path / "data"
+    d.mkdir()
+    ts = pd.date_range("2024-01-01", periods=3, freq="h", tz="UTC")
+    pd.DataFrame({"series_id": "a", "ts": ts, "value": [1.0, np.nan, 3.0]}).to_parquet(d / "0.parquet")
+    pd.DataFrame({"series_id": "b", "ts": ts, "val": [4.0, 5.0, 6.0]}).to_parquet(d / "1.parquet")
+    source = ParquetSource(d)
+    with caplog.at_level("WARNING"):
+        got = source.read()
+        source.read(since=ts[0])
+    values = got.groupby("series_id")["value"].apply(lambda v: v.isna().sum()).to_dict()
+    assert values == {"a": 1, "b": 3}
+    named = [r.getMessage() for r in caplog.records if "has no column" in r.getMessage()]
+    assert len(named) == 1
+    assert "1.parquet has no column 'value'" in named[0] and "set [source] value_column" in named[0]
+    assert "0.parquet" not in named[0]

@@ -58,6 +58,7 @@ class ParquetSource:
         self.path = str(path)
         self.columns = ColumnMap(layout, series_column, time_column, value_column, tuple(value_columns), timezone)
         self._mixed = False  # whether time text was seen both with offsets and without (`mixed_shapes`)
+        self._schemas_checked: set[str] = set()  # files whose columns `_name_missing` has looked at
 
     def __repr__(self) -> str:
         return f"ParquetSource({self.path!r}, layout={self.columns.layout!r})"
@@ -90,6 +91,8 @@ class ParquetSource:
         if series is not None:
             where = _and(where, self._series_filter(dataset, series))
         table = self._scan(dataset, [cm.series_column, cm.time_column, cm.value_column], where)
+        if any(c.null_count for c in table.columns):
+            self._name_missing(dataset)
         if self._newly_mixed(sample, table.column(1)) and text:
             return self.read(since, until, series)  # again, scanning as wide as both shapes need
         if text:
@@ -199,6 +202,31 @@ class ParquetSource:
             if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_decimal(f.type))
             and f.name in stored
         ]
+
+    def _name_missing(self, dataset: ds.Dataset) -> None:
+        """Warn, once per file, of files that lack a configured column. The dataset's schema is one file's,
+        and a file without the value column (written as "val", say) reads as missing values: counted by
+        validation, but without this its cause would be named nowhere. Only looked at when a read found
+        nulls, and each file once, as it costs a footer read."""
+        cm = self.columns
+        wanted = (cm.series_column, cm.time_column, cm.value_column)
+        keys = {"series_column": cm.series_column, "time_column": cm.time_column, "value_column": cm.value_column}
+        for fragment in dataset.get_fragments():
+            if fragment.path in self._schemas_checked:
+                continue
+            self._schemas_checked.add(fragment.path)
+            try:
+                has = set(fragment.physical_schema.names) | set(ds.get_partition_keys(fragment.partition_expression))
+            except (pa.ArrowException, OSError):
+                continue  # unreadable: the scan's own error names it
+            missing = [name for name in wanted if name not in has]
+            if missing:
+                log.warning(
+                    "%s: file %s has no column %s (its columns: %s); its rows read with that column missing and are "
+                    "counted as repairs. Rename the column in that file, or set [source] %s if every file uses "
+                    "another name", self._where(), fragment.path, ", ".join(repr(m) for m in missing),
+                    ", ".join(sorted(fragment.physical_schema.names)),
+                    " / ".join(k for k, v in keys.items() if v in missing))
 
     # -- filters -----------------------------------------------------------------------------------
 
