@@ -25,6 +25,7 @@ import json
 import logging
 import platform
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 # Anomaly-track arrays added after FORMAT 2 checkpoints were first written, in AnomalyTrack's field order.
 _LATER_TRACK_KEYS = ("a_lo", "a_hi", "a_peak", "a_since", "a_exceed", "a_slow_short", "a_slow_mean",
                      "a_slow_var", "a_slow_count", "a_slow_exceed")
+# A version directory with no manifest this long after it was made is a save that a crash cut short:
+# a save writes both files within seconds, and a younger one may be another process's save in progress.
+ABANDONED_SAVE_SECONDS = 24 * 3600
 FORMAT = 2  # bump when the layout of a checkpoint or manifest changes; loaders refuse what they don't know
 
 
@@ -308,6 +312,17 @@ class StateStore:
         for v in doomed:
             shutil.rmtree(self._model_dir(v), ignore_errors=True)
             shutil.rmtree(self.root / "streams" / f"v{v:06d}", ignore_errors=True)
+        self._remove_abandoned_saves()
+
+    def _remove_abandoned_saves(self) -> None:
+        """Remove version directories that never got a manifest (`versions` skips them, so pruning never
+        reached them: each crash during a save left its weights on disk for good)."""
+        cutoff = time.time() - ABANDONED_SAVE_SECONDS
+        for d in (self.root / "models").iterdir():
+            if (d.name.startswith("v") and d.name[1:].isdigit() and d.is_dir()
+                    and not (d / "manifest.json").exists() and d.stat().st_mtime < cutoff):
+                shutil.rmtree(d, ignore_errors=True)
+                log.warning("removed %s: a model save that never finished (no manifest.json)", d)
 
     def _hand_over(self, doomed: list[int]) -> None:
         """Keep, in the handover record, the watermark and anomaly history of every series whose newest

@@ -215,3 +215,27 @@ def test_the_slow_channel_survives_a_checkpoint_and_older_checkpoints_start_it_e
     assert (old.anomaly.slow_short == 0).all() and (old.anomaly.slow_exceed == 0).all()
     assert old.anomaly.slow_exceed.shape == s.anomaly.slow_exceed.shape
     np.testing.assert_array_equal(old.anomaly.exceed, s.anomaly.exceed)
+
+
+def test_pruning_removes_saves_that_never_finished(tmp_path, caplog):
+    """A directory whose save a crash cut short has no manifest, so `versions` never lists it and pruning
+    never reached it. Once it is old enough not to be another process's save in progress, it goes."""
+    import os
+    import time
+
+    from forecastd.state import ABANDONED_SAVE_SECONDS
+
+    store = StateStore(tmp_path)
+    m = Forecaster(11, ModelConfig())
+    store.save_model(m, _manifest(), keep=2)
+    old, young = tmp_path / "models" / "v000002", tmp_path / "models" / "v000003"
+    for d in (old, young):
+        d.mkdir()
+        (d / "weights.safetensors").write_bytes(b"partial")
+    past = time.time() - ABANDONED_SAVE_SECONDS - 60
+    os.utime(old, (past, past))
+    with caplog.at_level("WARNING"):
+        assert store.save_model(m, _manifest(), keep=2) == 4
+    assert not old.exists() and young.exists()
+    assert "v000002: a model save that never finished" in caplog.text
+    assert store.versions() == [1, 4]
