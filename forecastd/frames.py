@@ -382,8 +382,13 @@ def validate(
     watermarks: Mapping[str, pd.Timestamp] | pd.Series | None = None,
     now: dt.datetime | pd.Timestamp | None = None,
     report: FrameReport | None = None,
+    counted_until: pd.Timestamp | None = None,
 ) -> tuple[pd.DataFrame, FrameReport]:
-    """Turn a raw mapped frame into the long-frame contract on `grid`, counting every repair."""
+    """Turn a raw mapped frame into the long-frame contract on `grid`, counting every repair.
+
+    counted_until: a row whose series id is rejected (null, NUL, too long) at or before this time was met
+    by an earlier read (a tick's, up to the newest watermark) and is dropped without a count: it has no
+    series, so no watermark to drop it by, and each tick counted it again."""
     report = report if report is not None else FrameReport()
     missing = [c for c in COLUMNS if c not in raw.columns]
     if missing:
@@ -394,10 +399,8 @@ def validate(
         return empty_frame(), report
 
     sid = raw["series_id"]
-    keep = ~sid.isna().to_numpy()
-    if not keep.all():
-        report.add("<null>", "rejected: null series_id", int((~keep).sum()))
-    ids = sid[keep].astype(str)
+    null = sid.isna().to_numpy()
+    ids = sid[~null].astype(str)
     # PostgreSQL text cannot hold NUL, and one such id failed the sink's write of every series in the
     # batch; stripping it instead could merge the series into another.
     nul = ids.str.contains("\x00", regex=False).to_numpy(dtype=bool)
@@ -409,10 +412,22 @@ def validate(
         maybe = chars > MAX_ID_BYTES // 4
         long[maybe] = [len(i.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES for i in ids[maybe]]
         long &= ~nul
-    if nul.any():
-        report.add(ids[nul], "rejected: NUL character in series_id")
-    if long.any():
-        report.add(ids[long], f"rejected: series_id longer than {MAX_ID_BYTES} bytes")
+    if counted_until is not None and (null.any() or nul.any() or long.any()):
+        rejected = null.copy()
+        rejected[~null] = nul | long
+        ts = _to_utc(raw["ts"][rejected], timezone)
+        again = np.zeros_like(null)
+        again[rejected] = (ts.notna() & (ts <= counted_until)).to_numpy(dtype=bool)
+        null_new, nul_new, long_new = null & ~again, nul & ~again[~null], long & ~again[~null]
+    else:
+        null_new, nul_new, long_new = null, nul, long
+    if null_new.any():
+        report.add("<null>", "rejected: null series_id", int(null_new.sum()))
+    if nul_new.any():
+        report.add(ids[nul_new], "rejected: NUL character in series_id")
+    if long_new.any():
+        report.add(ids[long_new], f"rejected: series_id longer than {MAX_ID_BYTES} bytes")
+    keep = ~null
     drop = nul | long
     if drop.any():
         ids = ids[~drop]

@@ -328,8 +328,13 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     raw = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["series_id", "ts", "value"])
     report.rows_read = len(raw)
     clock.lap("read")
+    # Rows of no valid series up to the newest watermark were within an earlier tick's read (and counted
+    # there): with no series they have no watermark of their own to be dropped by.
+    done = state.step >= 0
+    counted_until = grid.last_instant(np.array([state.step[done].max()]))[0] if done.any() else None
     frame, frame_report = validate(raw, grid=grid, timezone=config.source.timezone,
-                                   duplicates=config.data.duplicates, watermarks=watermarks, now=now)
+                                   duplicates=config.data.duplicates, watermarks=watermarks, now=now,
+                                   counted_until=counted_until)
     # Every read starts at the oldest watermark among the series it covers, so it brings back rows that
     # the series ahead of it have processed. A row at or before its series' watermark is dropped, but it
     # is not counted or logged as late: one written after the series passed it cannot be told from one

@@ -320,6 +320,21 @@ def test_a_series_a_few_steps_behind_does_not_turn_the_others_rows_into_late_one
     assert r.rows_read > r.points  # the other series' last 3 steps were read again
 
 
+def test_a_row_without_a_series_is_counted_once_not_at_every_tick(trained, tmp_path):
+    """A null id has no watermark to drop its row by once it was read: each tick whose read reached it
+    counted it again (with the series a few steps behind, three ticks counted one row three times)."""
+    config, data = _ticked_to_500(trained, tmp_path, "1e7")
+    walk = data["series_id"] == "walk"
+    orphan = pd.DataFrame({"series_id": [None, "x" * 1001], "ts": [_ts(501), _ts(501)], "value": [1.0, 2.0]})
+    counts = []
+    for stop in (503, 506, 509, 509):  # the last tick brings nothing new
+        rows = data[(data["ts"] < _ts(stop)) & ~(walk & (data["ts"] >= _ts(stop - 3)))]
+        pd.concat([rows, orphan], ignore_index=True).to_parquet(tmp_path / "data.parquet")
+        counts.append(run_once(config, _ts(stop)).repairs)
+    assert counts[0] == {"rejected: null series_id": 1, "rejected: series_id longer than 1000 bytes": 1}
+    assert counts[1:] == [{}, {}, {}]
+
+
 class _CountingSource:
     """The real Parquet source, counting how often every series id is listed (a scan of every file)."""
 
