@@ -52,6 +52,10 @@ class SourceConfig:
     value_column: str = "value"
     # Wide layout only: the columns that are series. Empty means every numeric column but the time.
     value_columns: tuple[str, ...] = ()
+    # SQL: a column that grows with every write (a serial id, an insert time). Rows are read in time order
+    # and, among rows sharing a time, in this column's order, so duplicates = "last" keeps the latest
+    # written. A table has no order of its own: without it, which of them is "last" is the database's say.
+    order_column: str | None = None
     # Zone given to naive timestamps; aware ones are converted to UTC as they are. Steps of whole days
     # fall on midnight in this zone (a model keeps the zone it was trained with).
     timezone: str = "UTC"
@@ -503,6 +507,9 @@ def _validate(c: Config) -> None:
         _require(bool(s.url), '[source] kind = "sql" needs url = "sqlite:///file.db" (an SQLAlchemy URL)')
         _require(bool(s.table), '[source] kind = "sql" needs table = "name of the table to read"')
         _check_url("source", s.url)
+    _require(s.order_column is None or s.kind == "sql",
+             "[source] order_column applies to sql sources only (Parquet rows keep the order they were "
+             "written in); remove the key")
     try:
         from zoneinfo import ZoneInfo
 
@@ -627,6 +634,8 @@ series_column = "series_id"      # long layout: the column naming the series
 time_column = "ts"
 value_column = "value"           # long layout: the value column
 # value_columns = ["OT", "HUFL"] # wide layout: the series columns (default: every numeric column)
+# order_column = "id"            # sql: a column growing with each write; of rows sharing a time, the
+#                                #   latest written is "last" (without it the database's order decides)
 timezone = "UTC"                 # zone for naive timestamps
 
 [data]

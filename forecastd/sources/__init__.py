@@ -53,5 +53,6 @@ def open_source(config: Config) -> Source:
         assert s.path is not None  # config validation requires it
         return ParquetSource(config.resolve(s.path), **columns)
     assert s.url is not None and s.table is not None  # config validation requires them
-    return SqlSource(resolve_url(s.url, config), s.table, db_schema=s.db_schema, **columns)
+    return SqlSource(resolve_url(s.url, config), s.table, db_schema=s.db_schema, order_column=s.order_column,
+                     **columns)
 

@@ -147,11 +147,13 @@ class SqlSource:
         value_column: str = "value",
         value_columns: Sequence[str] = (),
         timezone: str = "UTC",
+        order_column: str | None = None,
         engine: sa.Engine | None = None,
     ) -> None:
         self.url = url
         self.table_name = table
         self.db_schema = db_schema
+        self.order_column = order_column
         self.columns = ColumnMap(layout, series_column, time_column, value_column, tuple(value_columns), timezone)
         self.engine = engine if engine is not None else make_engine(url)
         # Reflected on first use, not here: a daemon may start before its database does.
@@ -189,11 +191,16 @@ class SqlSource:
             table = self._reflect(conn)
             time_col = table.c[cm.time_column]
             where, text = self._time_filter(conn, time_col, since, until)
+            # In time order: a table has none of its own (a parallel scan interleaves its workers' rows, a
+            # row written into space a VACUUM freed comes back before older ones), and `duplicates`
+            # needs one among rows sharing a time.
+            order = self._time_order(time_col) + ([table.c[self.order_column]] if self.order_column else [])
             if cm.layout == "wide":
                 value_columns = cm.wide_columns(self._numeric(table), series)
                 if not value_columns:
                     return empty_raw()
                 stmt = sa.select(self._time_select(time_col), *(table.c[c] for c in value_columns)).where(*where)
+                stmt = stmt.order_by(*order)
                 rows = self._execute(conn, stmt)
                 if self._newly_mixed(conn, time_col, rows, 0) and bounded:
                     return None
@@ -206,7 +213,7 @@ class SqlSource:
                 series_col.label("series_id"),
                 self._time_select(time_col).label("ts"),
                 table.c[cm.value_column].label("value"),
-            ).where(*where)
+            ).where(*where).order_by(*order)
             if series is None:
                 rows = self._execute(conn, stmt)
             else:
@@ -284,6 +291,11 @@ class SqlSource:
         except sa.exc.SQLAlchemyError as exc:
             raise SourceError(f"cannot inspect {self._where()}: {db_reason(exc)}") from exc
         self.columns.check(list(table.c.keys()), self._where())
+        if self.order_column is not None and self.order_column not in table.c:
+            listing = ", ".join(repr(c) for c in table.c.keys())
+            raise SourceError(f"column {self.order_column!r} (mapped by [source] order_column) not found in "
+                              f"{self._where()}; its columns are: {listing}; set [source] order_column to one of "
+                              "them or remove the key")
         self._table = table
         return table
 
@@ -321,6 +333,14 @@ class SqlSource:
         if self._infinite(column):
             return sa.case((sa.func.isfinite(column, type_=sa.Boolean), column), else_=sa.null())
         return column
+
+    def _time_order(self, column: sa.Column) -> list[sa.ColumnElement]:
+        """ORDER BY terms for time order. SQLite stores text, whose order is not time's where offsets
+        differ ('04:00+01:00' is after '04:00+02:00'): its julianday() reads the offset (NULL for text it
+        cannot read, which validate rejects), and the text breaks ties below its resolution."""
+        if self.dialect == "sqlite":
+            return [sa.func.julianday(column), column]
+        return [column]
 
     def _infinite(self, column: sa.Column) -> bool:
         """Whether the column may hold PostgreSQL's 'infinity' and '-infinity' (timestamps and dates)."""
