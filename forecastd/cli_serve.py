@@ -137,7 +137,7 @@ def models_promote(
 
 @models_app.command("rollback", epilog="Example: forecastd models rollback --config forecastd.toml")
 def models_rollback(config: ConfigOption = DEFAULT_CONFIG) -> None:
-    """Make the previously live version live again."""
+    """Make the newest version older than the live one that has served before live again."""
     from forecastd.cli import load, now_or
     from forecastd.pipeline import state_store
     from forecastd.retrain import rollback_target, switch_live

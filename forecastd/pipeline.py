@@ -177,7 +177,10 @@ def train(
     }
     version = store.save_model(result.model.cpu(), manifest, keep=config.state.keep_versions)
     if make_live:
+        previous = store.live_version()
         store.set_live(version)
+        # Recorded as the daemon's switches are: a rollback looks for the versions that have served here.
+        store.record_switch(version, previous, "forecastd train", pd.Timestamp(now).isoformat())
     log.info("trained model v%d on %d series, %d points: val mse %.4f (persistence %.4f)", version,
              len(series), len(frame), result.metrics["val_mse"], result.metrics["val_persistence_mse"])
     return TrainSummary(version, len(series), int(len(frame)), grid.freq, result.metrics, result.history,

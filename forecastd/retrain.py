@@ -37,7 +37,7 @@ import pandas as pd
 
 from forecastd.config import Config, DataConfig, ModelConfig, config_from_dict, config_to_dict
 from forecastd.errors import CheckpointError, ForecastdError, ModelError
-from forecastd.files import atomic_write_bytes, exclusive_lock
+from forecastd.files import exclusive_lock
 from forecastd.frames import Grid, validate
 from forecastd.pipeline import read_history, state_store, train
 from forecastd.sources import open_source
@@ -46,12 +46,10 @@ from forecastd.models import Forecaster
 from forecastd.training import evaluate, prepare, resolve_device
 from forecastd.windowing import robust_scale, series_steps
 
-__all__ = ["RetrainResult", "retrain", "growth_wait", "tail_losses", "decide", "tail_loss", "switch_live", "rollback_target", "live_history"]
+__all__ = ["RetrainResult", "retrain", "growth_wait", "tail_losses", "decide", "tail_loss", "switch_live", "rollback_target"]
 
 log = logging.getLogger(__name__)
 
-HISTORY = "history.json"
-_HISTORY_KEEP = 200  # switches remembered; a daily retrain fills this in half a year
 
 
 @dataclass
@@ -269,30 +267,20 @@ def switch_live(store: StateStore, version: int, *, reason: str, now: dt.datetim
                 if v != keep:
                     shutil.rmtree(d, ignore_errors=True)
         store.set_live(version)
-        history = live_history(store)
-        history.append({"version": version, "previous": previous, "at": pd.Timestamp(now).isoformat(),
-                        "reason": reason})
-        atomic_write_bytes(store.root / HISTORY, json.dumps(history[-_HISTORY_KEEP:], indent=1).encode())
+        store.record_switch(version, previous, reason, pd.Timestamp(now).isoformat())
         log.info("model v%d is live (was %s): %s", version, f"v{previous}" if previous else "none", reason)
         return previous
 
 
-def live_history(store: StateStore) -> list[dict[str, Any]]:
-    """Switches made by the daemon and `forecastd models`, oldest first ([] when none or unreadable)."""
-    try:
-        history = json.loads((store.root / HISTORY).read_text())
-        return history if isinstance(history, list) else []
-    except (OSError, ValueError):
-        return []
-
-
 def rollback_target(store: StateStore) -> int:
-    """The newest existing version below the live one that has served before; else the newest below it."""
+    """The newest existing version below the live one that has served before; else the newest below it.
+    Served: named by the switch history, or holding a stream checkpoint (only a live model ticks)."""
     live = store.live_version()
     if live is None:
         raise ModelError("there is no live model to roll back from; train one with `forecastd train`")
     existing = set(store.versions())
-    served = {v for e in live_history(store) for v in (e.get("version"), e.get("previous")) if isinstance(v, int)}
+    served = {v for e in store.live_history() for v in (e.get("version"), e.get("previous")) if isinstance(v, int)}
+    served |= {v for v in existing if store.has_stream(v)}
     older = sorted((v for v in existing if v < live), reverse=True)
     candidates = [v for v in older if v in served] or older
     if candidates:

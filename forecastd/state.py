@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 # Anomaly-track arrays added after FORMAT 2 checkpoints were first written, in AnomalyTrack's field order.
 _LATER_TRACK_KEYS = ("a_lo", "a_hi", "a_peak", "a_since", "a_exceed", "a_slow_short", "a_slow_mean",
                      "a_slow_var", "a_slow_count", "a_slow_exceed")
+HISTORY = "history.json"
+HISTORY_KEEP = 200  # switches remembered; a daily retrain fills this in half a year
 # A version directory with no manifest this long after it was made is a save that a crash cut short:
 # a save writes both files within seconds, and a younger one may be another process's save in progress.
 ABANDONED_SAVE_SECONDS = 24 * 3600
@@ -401,7 +403,7 @@ class StateStore:
         except (CheckpointError, KeyError, ValueError):
             # The newest version that has served (it has a stream), not the newest: a challenger a retrain
             # kept, or one trained without --live, would otherwise serve without ever being promoted.
-            served = [v for v in self.versions() if self._checkpoints(v)]
+            served = [v for v in self.versions() if self.has_stream(v)]
             version = max(served or self.versions(), default=None)
             log.warning("live.json is unreadable; serving v%s, the newest model version that has served "
                         "(`forecastd models promote V` sets another)", version)
@@ -411,6 +413,21 @@ class StateStore:
         if version not in self.versions():
             raise ModelError(f"model version {version} does not exist; `forecastd models list` shows the versions")
         atomic_write_bytes(self.root / "live.json", json.dumps({"version": version}).encode())
+
+    def live_history(self) -> list[dict[str, Any]]:
+        """Switches of the live model (retrains, `forecastd models`, `forecastd train`), oldest first ([]
+        when none or unreadable); `retrain.rollback_target` reads it."""
+        try:
+            history = json.loads((self.root / HISTORY).read_text())
+            return history if isinstance(history, list) else []
+        except (OSError, ValueError):
+            return []
+
+    def record_switch(self, version: int, previous: int | None, reason: str, at: str) -> None:
+        """Append a switch to the history, a record only (the live pointer is `set_live`'s)."""
+        history = self.live_history()
+        history.append({"version": version, "previous": previous, "at": at, "reason": reason})
+        atomic_write_bytes(self.root / HISTORY, json.dumps(history[-HISTORY_KEEP:], indent=1).encode())
 
     def _fallbacks(self, live: int) -> list[int]:
         """The versions `load_live` tries, in order: the live one, then older ones, newest first."""
@@ -448,6 +465,10 @@ class StateStore:
     # -- streams --------------------------------------------------------------------------------
     def _stream_dir(self, version: int) -> Path:
         return self.root / "streams" / f"v{version:06d}"
+
+    def has_stream(self, version: int) -> bool:
+        """Whether `version` has a stream checkpoint: it has served (only the live model ticks)."""
+        return bool(self._checkpoints(version))
 
     def _checkpoints(self, version: int) -> list[int]:
         d = self._stream_dir(version)

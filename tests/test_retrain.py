@@ -6,6 +6,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ from forecastd import retrain as retrain_module
 from forecastd.config import cron_fields, load_config
 from forecastd.errors import ModelError
 from forecastd.pipeline import TrainSummary, run_once, state_store
-from forecastd.retrain import decide, live_history, retrain, rollback_target, switch_live, tail_losses
+from forecastd.retrain import decide, retrain, rollback_target, switch_live, tail_losses
 
 from serve_support import T0, append_rows, clone, outputs
 
@@ -76,7 +77,7 @@ def test_retrain_promotes_and_the_switch_leaves_no_gap(tmp_path):
     assert math.isfinite(result.live_loss) and math.isfinite(result.challenger_loss)
     assert store.live_version() == 1  # retrain judges; the caller switches
     assert switch_live(store, 2, reason="test", now=NOW) == 1
-    assert live_history(store)[-1]["version"] == 2
+    assert store.live_history()[-1]["version"] == 2
 
     # The old stream once saw values far outside anything in the days the new one warms up on, and
     # reported an incident 26 points before its watermark (more than the warm-up of 24) that the 72 new
@@ -165,7 +166,26 @@ def test_switches_keep_only_the_freshest_stream_and_rollback_returns(tmp_path):
     switch_live(store, rollback_target(store), reason="rollback", now=NOW)
     assert store.live_version() == 1
     assert sorted(p.name for p in (store.root / "streams").iterdir()) == ["v000003"]
-    assert [e["version"] for e in json.loads((store.root / "history.json").read_text())] == [3, 1]
+    # v1 by `forecastd train` (the fixture's), then the two switches.
+    assert [e["version"] for e in json.loads((store.root / "history.json").read_text())] == [1, 3, 1]
+
+
+def test_rollback_returns_to_the_model_that_served_not_a_challenger_kept_aside(tmp_path):
+    """v1 serves, a retrain keeps its challenger v2 aside, `forecastd train` makes v3 live. Rollback went to
+    v2, which never served: train's switch was not recorded, and nothing else told v1 had served."""
+    from forecastd.pipeline import train
+
+    config = load_config(clone(tmp_path))
+    store = state_store(config)
+    _add_version(store, 2)
+    summary = train(config, NOW)
+    assert store.live_version() == summary.version == 3
+    assert store.live_history()[-1] == {"version": 3, "previous": 1, "at": NOW.isoformat(), "reason": "forecastd train"}
+    assert rollback_target(store) == 1
+    # Named by the history alone: v1's stream gone (a switch keeps one), it still counts as having served.
+    for d in (store.root / "streams").iterdir():
+        shutil.rmtree(d)
+    assert rollback_target(store) == 1
 
 
 def test_a_corrupt_version_is_never_made_live(tmp_path):
