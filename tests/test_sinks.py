@@ -538,6 +538,26 @@ def test_postgresql_table_of_other_compatible_types_is_written_through_a_cast(pg
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("flag_type", ["INTEGER", "SMALLINT"])
+def test_postgresql_integer_flag_column_takes_the_flags(pg_url, make_forecasts, make_anomalies, flag_type):
+    """The table check accepts an integer is_anomaly column (SQLite stores flags so), but PostgreSQL
+    assigns no boolean to it without a cast: every write failed, new rows and upserts alike."""
+    sink = SqlSink(pg_url)
+    with sink.engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE anomalies (series_id TEXT, ts TIMESTAMPTZ, value FLOAT8, expected FLOAT8, "
+                             f"lower FLOAT8, upper FLOAT8, score FLOAT8, is_anomaly {flag_type}, model_version BIGINT, "
+                             "PRIMARY KEY (ts, series_id))"))
+    an = make_anomalies()
+    an["is_anomaly"] = np.arange(len(an)) % 2 == 0
+    sink.write(make_forecasts(), an)
+    sink.write(make_forecasts(), an)  # again: the upsert path
+    with sink.engine.connect() as conn:
+        flags = conn.execute(sa.text("SELECT is_anomaly FROM anomalies ORDER BY ts, series_id")).scalars().all()
+    assert sorted(flags) == sorted(an["is_anomaly"].astype(int).tolist()) and len(flags) == len(an)
+    sink.engine.dispose()
+
+
+@pytest.mark.postgres
 def test_postgresql_schema_and_quoted_names(pg_server, pg_schema, make_forecasts, make_anomalies):
     sink = SqlSink(pg_server, db_schema=pg_schema, forecasts_table='fc"; DROP TABLE x;--', anomalies_table="Anomalies")
     sink.write(make_forecasts(), make_anomalies())

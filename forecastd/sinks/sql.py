@@ -103,6 +103,7 @@ class SqlSink:
         self._tables: dict[str, sa.Table] = {}  # checked or created, by output name
         self._compiled: dict[tuple[str, int], str] = {}  # SQLite upserts, by output name and rows
         self._time_led: dict[str, bool] = {}  # whether an index starts with the time column, by output name
+        self._integer_flags: dict[str, list[str]] = {}  # flag columns an existing table stores as integers
         self._exact: dict[str, bool] = {}  # whether every column has the very type forecastd creates, by output name
 
     def __repr__(self) -> str:
@@ -240,6 +241,8 @@ class SqlSink:
             )
         leads = uniques + [i["column_names"] for i in indexes]
         self._exact[spec.name] = all(_exact(found[c]["type"], d) for c, d in spec.columns.items())
+        self._integer_flags[spec.name] = [c for c, d in spec.columns.items()
+                                          if d == "bool" and not isinstance(found[c]["type"], sa.Boolean)]
         return any(cols and cols[0] == spec.time for cols in leads)
 
     # -- statements --------------------------------------------------------------------------------
@@ -313,7 +316,10 @@ class SqlSink:
         )
         stage.create(conn)
         self._copy(conn, spec, frame, sql.Identifier(stage.name))
-        source = sa.select(*(stage.c[c] for c in spec.columns))
+        # PostgreSQL assigns across numeric types and text lengths, but a boolean to an integer flag column
+        # (which the table check accepts, as SQLite stores them) only by an explicit cast.
+        cast = self._integer_flags.get(spec.name, ())
+        source = sa.select(*(sa.cast(stage.c[c], sa.Integer) if c in cast else stage.c[c] for c in spec.columns))
         conn.execute(self._on_conflict(spec, table, self._insert(table).from_select(list(spec.columns), source)))
 
     def _copy(self, conn: sa.Connection, spec: TableSpec, frame: pd.DataFrame, target: Any) -> None:
