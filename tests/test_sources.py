@@ -621,7 +621,8 @@ def test_a_null_id_leaves_integer_ids_as_listed(kind, tmp_path, request):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-@pytest.mark.parametrize("index", [None, "(sensor)", "(sensor, stamp)", "(stamp, sensor)"])
+@pytest.mark.parametrize("index", [None, "(sensor)", "(sensor, stamp)", "(stamp, sensor)", "(sensor) WHERE reading > 0",
+                                   "USING hash (sensor)"])
 @pytest.mark.parametrize("id_type", ["TEXT", "INTEGER"])
 def test_series_listing_skips_through_an_index_that_starts_with_the_series(backend, index, id_type, tmp_path, request):
     """With an index led by the series column, ids are found one index seek each (a recursive CTE);
@@ -634,7 +635,7 @@ def test_series_listing_skips_through_an_index_that_starts_with_the_series(backe
         with sqlite3.connect(tmp_path / "t.db") as conn:
             conn.execute("DROP TABLE readings")
             conn.execute(create)
-            if index:
+            if index and "hash" not in index:  # SQLite has b-trees only
                 conn.execute(f"CREATE INDEX readings_ix ON readings {index}")
             conn.executemany("INSERT INTO readings VALUES (?, ?, ?)", rows)
     else:
@@ -653,7 +654,8 @@ def test_series_listing_skips_through_an_index_that_starts_with_the_series(backe
     sa.event.listen(source.engine, "before_cursor_execute",
                     lambda conn, cursor, statement, params, context, many: statements.append(statement))
     assert source.series_ids() == sorted({str(i) for i in ids if i is not None})
-    skipped = index is not None and index.startswith("(sensor")
+    # A partial or hash index has no ordered seek over every row: each step of the skip scan scanned the table.
+    skipped = index is not None and index.startswith("(sensor") and "WHERE" not in index
     assert ("RECURSIVE" in statements[-1]) == skipped and ("DISTINCT" in statements[-1]) != skipped
     if engine is None:
         source.engine.dispose()

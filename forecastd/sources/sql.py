@@ -132,6 +132,13 @@ def connect(engine: sa.Engine, error: type[ForecastdError], section: str) -> Ite
         yield conn
 
 
+def _ordered_whole(index: dict[str, Any]) -> bool:
+    """Whether a reflected index is ordered (b-tree) and covers every row (no WHERE)."""
+    options = index.get("dialect_options") or {}
+    return (options.get("postgresql_using", "btree") == "btree" and options.get("postgresql_where") is None
+            and options.get("sqlite_where") is None)
+
+
 class SqlSource:
     """Reads the long frame from one SQL table or view; see forecastd.sources.Source for the contract."""
 
@@ -248,13 +255,15 @@ class SqlSource:
         return sorted({str(row[0]) for row in rows})
 
     def _series_indexed(self, conn: sa.Connection, table: sa.Table) -> bool:
-        """Whether an index (or the primary key) starts with the series column, checked once."""
+        """Whether a b-tree index over all rows (or the primary key) starts with the series column, checked
+        once. Each step of the skip scan is an ordered seek: through a hash index (no order) or a partial
+        one (not every row) it became a scan of the table per series, 15 s for 300 series in 432k rows."""
         if self._series_leads_index is None:
             try:
                 inspector = sa.inspect(conn)
                 where = {"table_name": table.name, "schema": self.db_schema}
                 leads = [inspector.get_pk_constraint(**where).get("constrained_columns") or []]
-                leads += [i.get("column_names") or [] for i in inspector.get_indexes(**where)]
+                leads += [i.get("column_names") or [] for i in inspector.get_indexes(**where) if _ordered_whole(i)]
             except (sa.exc.SQLAlchemyError, NotImplementedError):  # a view has no indexes of its own
                 leads = []
             self._series_leads_index = any(c and c[0] == self.columns.series_column for c in leads)
