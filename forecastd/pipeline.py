@@ -243,6 +243,34 @@ def _prior(store: StateStore, live: int, wanted: list[str], versions: list[int]
     return steps, carried, waited - set(steps)
 
 
+def _sink_watermarks(sink: Sink, grid: Grid, wanted: list[str], now: dt.datetime, span: int) -> dict[str, int]:
+    """For series that no stream or handover places, the step of their latest anomaly row in the sink:
+    outputs are durable before a checkpoint moves, so where checkpoints were lost (deleted, every one
+    corrupt) the sink says how far each series got, and it goes on from there after a warm-up instead of
+    starting again at its latest point, leaving every point in between without outputs. Read backwards
+    in windows of `span` steps growing fourfold, up to 4^5 of them: a recovery reads about what it needs."""
+    at = pd.Timestamp(now)
+    end = grid.index(pd.DatetimeIndex([at.tz_localize("UTC") if at.tzinfo is None else at.tz_convert("UTC")]))[0]
+    found: dict[str, int] = {}
+    missing = list(wanted)
+    hi = end
+    for _ in range(6):
+        lo = hi - span
+        rows = sink.read("anomalies", series=missing, since=grid.ts(np.array([lo]))[0],
+                         until=grid.ts(np.array([hi]))[0])
+        if len(rows):
+            latest = rows.groupby("series_id")["ts"].max()
+            found.update(zip(latest.index, grid.index(pd.DatetimeIndex(latest.to_numpy())).tolist()))
+            missing = [s for s in missing if s not in found]
+        if not missing:
+            break
+        hi, span = lo, span * 4
+    if found:
+        log.warning("model has no stream checkpoint: %d series continue after their latest outputs in the sink "
+                    "(watermarks recovered; a warm-up runs first), %d start afresh", len(found), len(missing))
+    return {s: int(v) for s, v in found.items()}
+
+
 def _read_start(state: StreamState, grid: Grid, max_gap: int) -> tuple[pd.Timestamp | None, dict[str, int]]:
     """Where a tick's read starts, the oldest watermark of the series within `max_gap` steps of the newest
     one, and the series further behind (silent longer than a gap that restarts a series) with their
@@ -272,6 +300,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     mv = store.load_live(resolve_device(config.serve.device, "[serve] device"))
     grid = mv.grid
     state, info = store.load_stream(mv.version)
+    streamless = state is None  # a first tick, or checkpoints lost: watermarks may be in the sink
     if state is None:
         state = StreamState.empty(mv.model_config, config.anomaly.forecasts)
     state = _fit_judges(state, config.anomaly.forecasts)
@@ -310,6 +339,11 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     # Series the live model has no state for continue from the newest other version's watermark, so
     # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
     prior, carried, waited_before = _prior(store, mv.version, fresh, versions) if fresh else ({}, {}, set())
+    if streamless and len(prior) < len(fresh):
+        sink = sink or open_sink(config)
+        prior.update(_sink_watermarks(sink, grid, [s for s in fresh if s not in prior], now,
+                                      max(config.data.max_gap, config.data.warmup)))
+        clock.lap("read")
     if new_ids:
         warm_from = [prior[s] - config.data.warmup for s in fresh if s in prior] + \
             [waited[s] for s in new_ids if s in waited]

@@ -513,8 +513,8 @@ class StateStore:
                 log.warning("stream checkpoint %d of model v%d is unusable (%s); falling back to the previous one",
                             seq, version, exc)
         if self._checkpoints(version):
-            log.error("every stream checkpoint of model v%d is unusable: its series continue from an older "
-                      "version's stream or the handover record where one holds them, and otherwise start again "
-                      "at their latest point, with no outputs for the points before it; `forecastd backfill` "
-                      "over that time writes them", version)
+            log.error("every stream checkpoint of model v%d is unusable: a tick continues its series from an "
+                      "older version's stream, the handover record or their latest outputs in the sink, whichever "
+                      "holds them, after a warm-up; a series none holds starts again at its latest point, with no "
+                      "outputs for the points before it (`forecastd backfill` over that time writes them)", version)
         return None, {}

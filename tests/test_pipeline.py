@@ -335,6 +335,32 @@ def test_a_row_without_a_series_is_counted_once_not_at_every_tick(trained, tmp_p
     assert counts[1:] == [{}, {}, {}]
 
 
+@pytest.mark.parametrize("loss", ["deleted", "corrupt"])
+def test_lost_stream_checkpoints_resume_from_the_sinks_latest_outputs(trained, tmp_path, loss):
+    """Every checkpoint of the live stream gone: the series started again at their latest point and the
+    points since the last checkpoint got no outputs, a hole the next checkpoint hid. The sink holds
+    outputs up to where each series got (they are durable before a checkpoint moves): ticks go on from
+    there, after a warm-up, and write what a tick with its checkpoints would have."""
+    config, data = _ticked_to_500(trained, tmp_path, "1e7")
+    data[data["ts"] < _ts(520)].to_parquet(tmp_path / "data.parquet")
+    kept = tmp_path / "kept"
+    shutil.copytree(tmp_path / "state", kept / "state")
+    shutil.copytree(tmp_path / "out", kept / "out")
+    streams = tmp_path / "state" / "streams"
+    for f in streams.rglob("ckpt-*.safetensors"):
+        if loss == "deleted":
+            f.unlink()
+            f.with_suffix(".json").unlink()
+        else:
+            f.write_bytes(f.read_bytes()[:50])
+    r = run_once(config, _ts(520), keep_outputs=True)
+    reference = run_once(load_config(_write_config(kept, tmp_path / "data.parquet")), _ts(520), keep_outputs=True)
+    a, ref = r.outputs.anomalies, reference.outputs.anomalies
+    assert len(ref) == 3 * 20 and len(a) == len(ref)  # every point since the last tick, for every series
+    pd.testing.assert_series_equal(a.sort_values(["series_id", "ts"])["ts"].reset_index(drop=True),
+                                   ref.sort_values(["series_id", "ts"])["ts"].reset_index(drop=True))
+
+
 class _CountingSource:
     """The real Parquet source, counting how often every series id is listed (a scan of every file)."""
 
