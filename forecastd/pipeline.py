@@ -431,9 +431,13 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
     store = state_store(config)
     mv = store.load_live(resolve_device(config.serve.device, "[serve] device"))
     grid = mv.grid
-    lo, hi = (int(v) for v in grid.index(pd.DatetimeIndex([_utc(start), _utc(end)])))
+    bounds = pd.DatetimeIndex([_utc(start), _utc(end)])
+    lo, hi = (int(v) for v in grid.index(bounds))
+    # The grid points within the range: the nearest step to a bound may lie outside it.
+    at = grid.ts(np.array([lo, hi]))
+    lo, hi = lo + int(at[0] < bounds[0]), hi - int(at[1] > bounds[1])
     if hi < lo:
-        raise DataError(f"backfill range is empty: --end {end} is before --start {start}")
+        raise DataError(f"backfill range is empty: no point of the model's {grid.freq!r} grid lies in [--start {start}, --end {end}]")
     warmup = config.data.warmup
     report = TickReport(mv.version)
     # From the step before the warm-up (a series that has no START_POINTS points in it would wait) through

@@ -186,6 +186,18 @@ def test_backfill_reads_the_last_step_stamped_after_its_time(trained, tmp_path):
     assert (r.outputs.anomalies.groupby("series_id")["ts"].max() == _ts(500)).all()
 
 
+def test_backfill_writes_only_grid_points_inside_its_range(trained, tmp_path):
+    """--start 00:00:01 and --end 02:31 rounded to the nearest step each, and wrote 00:00 and 03:00."""
+    _, data = trained
+    cfg = _workspace(trained, tmp_path)
+    data.to_parquet(tmp_path / "data.parquet")
+    second, half = pd.Timedelta(seconds=1), pd.Timedelta(minutes=31)
+    r = backfill(load_config(cfg), _ts(450) + second, _ts(452) + half, keep_outputs=True, write=False)
+    assert sorted(set(r.outputs.anomalies["ts"])) == [_ts(451), _ts(452)]
+    with pytest.raises(DataError, match="no point of the model.s .h. grid lies in"):
+        backfill(load_config(cfg), _ts(450) + second, _ts(450) + half, write=False)
+
+
 def test_series_resume_without_a_gap_after_more_promotions_than_kept_versions(trained, tmp_path):
     """A new live version has no stream until it runs a point, so its series continue from the stream
     before it; that stream was pruned with its version once [state] keep_versions newer versions existed
