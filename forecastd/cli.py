@@ -215,7 +215,16 @@ def parse_time(text: str, flag: str) -> dt.datetime:
     except ValueError:
         raise ConfigError(f"{flag} {text!r} is not an ISO-8601 time; use e.g. 2024-03-01T00:00 "
                           "or 2024-03-01T00:00+01:00 (naive times are UTC)") from None
-    return t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
+    t = t.replace(tzinfo=dt.timezone.utc) if t.tzinfo is None else t.astimezone(dt.timezone.utc)
+    # What nanosecond timestamps hold, as every stored time: past it every command failed unexpectedly.
+    if not _FIRST <= t <= _LAST:
+        raise ConfigError(f"{flag} {text!r} is outside the times forecastd can hold, {_FIRST:%Y-%m-%d} to "
+                          f"{_LAST:%Y-%m-%d}; give a time in that range")
+    return t
+
+
+_FIRST = dt.datetime(1677, 9, 22, tzinfo=dt.timezone.utc)
+_LAST = dt.datetime(2262, 4, 11, tzinfo=dt.timezone.utc)
 
 
 def now_or(text: str | None) -> dt.datetime:

@@ -493,10 +493,20 @@ def _check_url(section: str, url: str) -> None:
     import sqlalchemy as sa  # only for SQL configs, so `import forecastd` stays light
 
     try:
-        sa.make_url(url)
+        parsed = sa.make_url(url)
     except (sa.exc.ArgumentError, ValueError) as exc:
         raise ConfigError(f"[{section}] url = {mask_password(url)!r} is not a valid SQLAlchemy URL ({exc}); use the form "
                           '"postgresql+psycopg://user@host:5432/db" or "sqlite:///file.db"') from None
+    if parsed.get_backend_name() == "sqlite":
+        # "sqlite://out.db" names a host, not a file: SQLAlchemy opens an in-memory database, which keeps
+        # nothing (a sink's rows would vanish while watermarks moved past them) and holds no table.
+        if parsed.host:
+            raise ConfigError(f"[{section}] url = {url!r} names a host, not a file; a SQLite file takes three "
+                              f'slashes: "sqlite:///{parsed.host}{"/" + parsed.database if parsed.database else ""}" '
+                              "(four for an absolute path)")
+        if not parsed.database or parsed.database == ":memory:" or "mode=memory" in url:
+            raise ConfigError(f"[{section}] url = {url!r} is an in-memory SQLite database, which keeps nothing "
+                              'between connections; name a file, e.g. "sqlite:///forecastd.db"')
 
 
 def _validate(c: Config) -> None:

@@ -342,6 +342,13 @@ def test_bad_time_is_one_line(tmp_path: Path) -> None:
     assert "ISO-8601" in one_error_line(result.stderr)
 
 
+@pytest.mark.parametrize("flag, value", [("--now", "9999-12-31"), ("--now", "1600-01-01T00:00")])
+def test_a_time_nanoseconds_cannot_hold_is_a_config_error_not_a_crash(tmp_path: Path, flag: str, value: str) -> None:
+    result = cli("run-once", "--config", tmp_path / "x.toml", flag, value)
+    assert result.exit_code == 2
+    assert "outside the times forecastd can hold, 1677-09-22 to 2262-04-11" in one_error_line(result.stderr)
+
+
 def test_debug_lets_the_traceback_through(tmp_path: Path) -> None:
     result = cli("--debug", "run-once", "--config", tmp_path / "nope.toml")
     assert isinstance(result.exception, ConfigError)
@@ -459,6 +466,23 @@ def test_an_unparseable_url_is_a_config_error(tmp_path: Path, section: str, url:
     line = one_error_line(proc.stderr)
     assert f"[{section}] url = {shown!r} is not a valid SQLAlchemy URL" in line and "postgresql+psycopg://user@host" in line
     assert "secret" not in line
+
+
+@pytest.mark.parametrize("url, says", [
+    ("sqlite://", "in-memory SQLite database"),
+    ("sqlite:///:memory:", "in-memory SQLite database"),
+    ("sqlite://out.db", 'names a host, not a file; a SQLite file takes three slashes: "sqlite:///out.db"'),
+])
+def test_a_sqlite_url_that_keeps_no_file_is_a_config_error(url: str, says: str) -> None:
+    """An in-memory sink kept nothing while the watermarks moved past its rows; "sqlite://out.db" (two
+    slashes) is one, and failed only at the first write, as a sink outage the daemon retried for ever."""
+    from forecastd.config import config_from_dict
+
+    for section in ("source", "sink"):
+        other = "sink" if section == "source" else "source"
+        with pytest.raises(ConfigError, match=re.escape(f"[{section}] url = {url!r}") + ".*" + re.escape(says)):
+            config_from_dict({section: {"kind": "sql", "url": url, **({"table": "t"} if section == "source" else {})},
+                              other: {"path": "x"}})
 
 
 def _commands(group: Any = None, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
