@@ -396,18 +396,27 @@ class StateStore:
 
     def live_version(self) -> int | None:
         p = self.root / "live.json"
-        if not p.exists():
-            return None
-        try:
-            return int(_read_json(p)["version"])
-        except (CheckpointError, KeyError, ValueError):
-            # The newest version that has served (it has a stream), not the newest: a challenger a retrain
-            # kept, or one trained without --live, would otherwise serve without ever being promoted.
-            served = [v for v in self.versions() if self.has_stream(v)]
-            version = max(served or self.versions(), default=None)
-            log.warning("live.json is unreadable; serving v%s, the newest model version that has served "
-                        "(`forecastd models promote V` sets another)", version)
-            return version
+        if p.exists():
+            try:
+                return int(_read_json(p)["version"])
+            except (CheckpointError, KeyError, ValueError):
+                pass
+        versions = self.versions()
+        # Recovered, in order of trust: the last switch recorded, the newest version that has served (it has
+        # a stream; not simply the newest: a challenger a retrain kept aside would serve unpromoted), and,
+        # for a live.json that exists but cannot be read, the newest version. A missing live.json with none
+        # of these is a state directory no model was made live in.
+        recorded = [e.get("version") for e in self.live_history() if e.get("version") in versions]
+        served = [v for v in versions if self.has_stream(v)]
+        version = recorded[-1] if recorded else max(served, default=None)
+        if version is None and p.exists():
+            version = max(versions, default=None)
+        if version is not None:
+            log.warning("live.json is %s; serving v%d, the %s (`forecastd models promote V` sets another)",
+                        "unreadable" if p.exists() else "missing", version,
+                        "last version made live (history.json)" if recorded else "newest model version that has served"
+                        if served else "newest model version")
+        return version
 
     def set_live(self, version: int) -> None:
         if version not in self.versions():
@@ -449,6 +458,11 @@ class StateStore:
         """The live model; if its files are corrupt, the newest older version that loads, with a warning."""
         live = self.live_version()
         if live is None:
+            versions = self.versions()
+            if versions:
+                raise ModelError(f"no model is live in state directory {str(self.root)!r} (no live.json), though "
+                                 f"versions {', '.join(f'v{v}' for v in versions)} exist; make one live with "
+                                 f"`forecastd models promote {versions[-1]}`")
             raise ModelError(f"no trained model in state directory {str(self.root)!r}; run "
                              "`forecastd train --config FILE` first")
         for v in self._fallbacks(live):

@@ -93,6 +93,25 @@ def test_an_unreadable_live_pointer_serves_the_newest_version_that_has_served(tm
     assert store.live_version() == 1 and "serving v1" in caplog.text
 
 
+def test_a_missing_live_pointer_is_recovered_from_the_switch_history_or_named(tmp_path, caplog):
+    """A deleted live.json made every tick say "no trained model; run forecastd train", with the models
+    and their streams intact. The last recorded switch names the live version; with no record and
+    nothing that served, the error names the versions and the command that makes one live."""
+    store = StateStore(tmp_path)
+    m = Forecaster(11, ModelConfig())
+    store.save_model(m, _manifest(), keep=5)
+    (tmp_path / "live.json").unlink(missing_ok=True)
+    with pytest.raises(ModelError, match=r"no model is live .* versions v1 exist.*forecastd models promote 1"):
+        store.load_live()
+    store.save_model(m, _manifest(), keep=5)
+    store.set_live(1)
+    store.record_switch(1, None, "forecastd train", "2024-01-01T00:00:00+00:00")
+    (tmp_path / "live.json").unlink()
+    with caplog.at_level("WARNING"):
+        assert store.live_version() == 1 and store.load_live().version == 1
+    assert "live.json is missing; serving v1, the last version made live (history.json)" in caplog.text
+
+
 def test_model_versions_checksum_and_fallback(tmp_path):
     store = StateStore(tmp_path)
     m = Forecaster(11, ModelConfig())
