@@ -243,6 +243,25 @@ def _prior(store: StateStore, live: int, wanted: list[str], versions: list[int]
     return steps, carried, waited - set(steps)
 
 
+_DIFFERS_TOLD: set[tuple[str, int, str]] = set()
+
+
+def _tell_if_config_differs(config: Config, mv: ModelVersion, store: StateStore) -> None:
+    """Ticks and backfills run the live model as it was trained; a [model] key or [data] freq edited since
+    changes nothing until a training. Said once per process and model, as a warning: an edited horizon
+    that silently kept writing the old one looked like a bug in the new config."""
+    trained = mv.manifest.get("config", {}).get("model", {})
+    differs = [f"[model] {k} = {v!r} (v{mv.version}: {trained.get(k)!r})"
+               for k, v in config_to_dict(config)["model"].items() if k in trained and trained[k] != v]
+    if config.data.freq is not None and Grid(config.data.freq, mv.grid.zone).step_ns != mv.grid.step_ns:
+        differs.append(f"[data] freq = {config.data.freq!r} (v{mv.version}: {mv.grid.freq!r})")
+    told = (str(store.root), mv.version, "; ".join(differs))
+    if differs and told not in _DIFFERS_TOLD:
+        _DIFFERS_TOLD.add(told)
+        log.warning("the config differs from live model v%d, which serves as trained until a training: %s; "
+                    "`forecastd train` makes a model of the config", mv.version, told[2])
+
+
 def _sink_watermarks(sink: Sink, grid: Grid, wanted: list[str], now: dt.datetime, span: int) -> dict[str, int]:
     """For series that no stream or handover places, the step of their latest anomaly row in the sink:
     outputs are durable before a checkpoint moves, so where checkpoints were lost (deleted, every one
@@ -298,6 +317,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     # No sweep of temp files here: another writer (a retrain, `models promote`) may be mid-write. The
     # daemon sweeps once at start; leftovers are ignored by every loader until then.
     mv = store.load_live(resolve_device(config.serve.device, "[serve] device"))
+    _tell_if_config_differs(config, mv, store)
     grid = mv.grid
     state, info = store.load_stream(mv.version)
     streamless = state is None  # a first tick, or checkpoints lost: watermarks may be in the sink
@@ -430,6 +450,7 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
     clock = _Clock()
     store = state_store(config)
     mv = store.load_live(resolve_device(config.serve.device, "[serve] device"))
+    _tell_if_config_differs(config, mv, store)
     grid = mv.grid
     bounds = pd.DatetimeIndex([_utc(start), _utc(end)])
     lo, hi = (int(v) for v in grid.index(bounds))

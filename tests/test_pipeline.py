@@ -198,6 +198,22 @@ def test_backfill_writes_only_grid_points_inside_its_range(trained, tmp_path):
         backfill(load_config(cfg), _ts(450) + second, _ts(450) + half, write=False)
 
 
+def test_a_config_edited_since_training_is_said_once(trained, tmp_path, caplog):
+    """A new horizon, cell or grid in the config changes nothing until a training: ticks and backfills kept
+    writing the trained model's, without a word."""
+    _, data = trained
+    _workspace(trained, tmp_path)
+    data[data["ts"] < _ts(500)].to_parquet(tmp_path / "data.parquet")
+    config = load_config(tmp_path / "forecastd.toml", {"model.horizon": 12, "data.freq": "30min"})
+    with caplog.at_level("WARNING"):
+        r = run_once(config, _ts(500), keep_outputs=True)
+        backfill(config, _ts(480), _ts(490), write=False)
+    assert set(r.outputs.forecasts["step"]) == set(range(1, H + 1))  # served as trained
+    told = [m for m in caplog.messages if "the config differs from live model v1" in m]
+    assert len(told) == 1, told
+    assert "[model] horizon = 12 (v1: 6)" in told[0] and "[data] freq = '30min' (v1: 'h')" in told[0]
+
+
 def test_series_resume_without_a_gap_after_more_promotions_than_kept_versions(trained, tmp_path):
     """A new live version has no stream until it runs a point, so its series continue from the stream
     before it; that stream was pruned with its version once [state] keep_versions newer versions existed
