@@ -321,7 +321,11 @@ def init(
         raise ConfigError(f"{str(path)!r} already exists; pass --force to overwrite it or choose another path")
     if not path.parent.exists():
         raise ConfigError(f"directory {str(path.parent)!r} does not exist; create it first")
-    atomic_write_bytes(path, EXAMPLE_TOML.encode())
+    try:
+        atomic_write_bytes(path, EXAMPLE_TOML.encode())
+    except OSError as exc:
+        raise ConfigError(f"cannot write {str(path)!r} ({exc.strerror or exc}); give a path in a directory you can "
+                          "write to") from None
     out().print(f"wrote {escape(str(path))}; point {escape('[source]')} at your data, then run "
                 f"`forecastd train --config {escape(str(path))}`")
 
@@ -418,13 +422,16 @@ def plot(
     """Draw one series: history, one-step band, flagged points and the latest forecast, as a PNG."""
     from forecastd.demo import plot_stored
 
+    if out_path is not None and out_path.suffix.lower() != ".png":
+        raise ConfigError(f"--out {str(out_path)!r}: the plot is a PNG; give a path ending in .png")
     cfg = load(config)
     written = plot_stored(cfg, series, out_path or Path(f"{_safe_name(series)}.png"), last=last)
     out().print(f"wrote {escape(str(written))}")
 
 
 def _safe_name(series_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in series_id) or "series"
+    # No leading dot: "../x" would be the hidden file ".._x".
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in series_id).lstrip(".") or "series"
 
 
 @app.command(epilog="Example: forecastd demo --dir ./forecastd-demo --epochs 8")

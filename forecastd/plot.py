@@ -129,7 +129,11 @@ def plot_series(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as exc:
+        raise ConfigError(f"cannot write the plot to {str(path)!r} ({exc.strerror or exc}); give --out a path in a "
+                          "directory you can write to") from None
     return path
 
 

@@ -342,6 +342,15 @@ def test_bad_time_is_one_line(tmp_path: Path) -> None:
     assert "ISO-8601" in one_error_line(result.stderr)
 
 
+def test_an_unwritable_output_path_is_a_config_error_not_a_crash(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("a file, not a directory")
+    result = cli("init", plain / "forecastd.toml")
+    assert result.exit_code == 2 and "cannot write" in one_error_line(result.stderr)
+    result = cli("plot", "--config", tmp_path / "x.toml", "--series", "a", "--out", tmp_path / "a.svg")
+    assert result.exit_code == 2 and "the plot is a PNG" in one_error_line(result.stderr)
+
+
 @pytest.mark.parametrize("flag, value", [("--now", "9999-12-31"), ("--now", "1600-01-01T00:00")])
 def test_a_time_nanoseconds_cannot_hold_is_a_config_error_not_a_crash(tmp_path: Path, flag: str, value: str) -> None:
     result = cli("run-once", "--config", tmp_path / "x.toml", flag, value)
