@@ -77,11 +77,6 @@ def test_creates_missing_directories_and_accepts_str_path(tmp_path: Path) -> Non
     assert not [p for p in (tmp_path / "x").iterdir() if p.name != "a.png"]  # no temp file left behind
 
 
-@pytest.mark.parametrize(
-    ("forecasts_kind", "anomalies_kind"),
-    [("typed-empty", "typed-empty"), ("bare-empty", "bare-empty"), ("other-series", "typed-empty"),
-     ("bare-empty", "other-series")],
-)
 def test_a_path_that_cannot_be_written_is_named(tmp_path: Path) -> None:
     history = _history()
     (tmp_path / "plain").write_text("a file, not a directory")
@@ -89,6 +84,11 @@ def test_a_path_that_cannot_be_written_is_named(tmp_path: Path) -> None:
         plot_series(history, _forecasts(history), _anomalies(history), "sensor-a", tmp_path / "plain" / "a.png")
 
 
+@pytest.mark.parametrize(
+    ("forecasts_kind", "anomalies_kind"),
+    [("typed-empty", "typed-empty"), ("bare-empty", "bare-empty"), ("other-series", "typed-empty"),
+     ("bare-empty", "other-series")],
+)
 def test_draws_what_exists_when_forecasts_or_anomalies_are_missing(
     tmp_path: Path, forecasts_kind: str, anomalies_kind: str
 ) -> None:
