@@ -61,6 +61,8 @@ def status(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = False, n
         typer.echo(json.dumps(report, indent=2, default=str))
         return
     console = out()
+    for problem in report["problems"]:
+        console.print(f"[bold red]problem[/bold red]: {escape(problem)}")
     d = report["daemon"]
     if d["running"]:
         console.print(f"[bold]daemon[/bold]: running, pid {d['pid']}" + (f" on {escape(d['host'])}" if d.get("host") else "")

@@ -98,12 +98,38 @@ def status(config: Config, now: dt.datetime) -> dict[str, Any]:
     return {
         "now": now_ts.isoformat(),
         "state_dir": str(store.root),
+        "problems": _problems(store, daemon),
         "daemon": {"running": pid is not None, "pid": pid, **{k: v for k, v in daemon.items() if k != "pid"}},
         "live_version": store.live_version(),
         "models": model_versions(store),
         "series": _watermarks(store, now_ts),
         "anomalies": _anomalies(config, now_ts),
     }
+
+
+def _problems(store: StateStore, daemon: dict[str, Any]) -> list[str]:
+    """What keeps the state from serving as it should, each with the fix: without these lines a missing
+    state directory, no live model, live weights that fail their checksum or lost stream checkpoints
+    all showed as empty or healthy tables."""
+    if not store.root.exists():
+        return [f"state directory {str(store.root)!r} does not exist: nothing was trained with this config's "
+                "[state] dir (forecastd train)"]
+    versions = store.versions()
+    live = store.live_version()
+    if not versions:
+        return ["no model version in the state directory: forecastd train"]
+    if live is None:
+        return [f"no model is live (no live.json): forecastd models promote {versions[-1]}"]
+    out = []
+    try:
+        store.load_model(live)
+    except ForecastdError as exc:
+        out.append(f"live model v{live} does not load ({exc}): ticks serve the newest older version that loads; "
+                   "forecastd train, or forecastd models promote V")
+    if daemon.get("last_tick") and not any(store.has_stream(v) for v in versions):
+        out.append("no stream checkpoint, though a daemon has ticked: the next tick continues each series after "
+                   "its latest outputs in the sink, or at its latest point where the sink has none")
+    return out
 
 
 def _watermarks(store: StateStore, now: pd.Timestamp) -> list[dict[str, Any]]:

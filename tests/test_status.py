@@ -44,6 +44,7 @@ def test_status_reports_versions_watermarks_daemon_and_anomalies(tmp_path):
     # hours after it.
     assert a["scored"] == 3 * (1 + 6)
     assert a["flagged"] == sum(a["by_series"].values()) and len(a["top"]) == min(a["flagged"], 10)
+    assert s["problems"] == []
     json.dumps(s)  # plain data, for --json
 
 
@@ -63,6 +64,29 @@ def test_status_lists_series_that_only_the_handover_record_holds(tmp_path):
     assert all(pd.Timestamp(r["watermark"]) == T0 + pd.Timedelta(hours=6) and r["model_version"] is None
                for r in s["series"])
     json.dumps(s)
+
+
+def test_status_names_broken_state_instead_of_empty_or_healthy_tables(tmp_path):
+    """Lost checkpoints, live weights that fail their checksum, a deleted live pointer and a state
+    directory that does not exist each showed as empty tables or a healthy model, exit 0, no word."""
+    config = load_config(clone(tmp_path))
+    store = state_store(config)
+    write_daemon_info(store, {"pid": 1, "last_tick": {"at": NOW.isoformat(), "outcome": "ok"}})
+    weights = store.root / "models" / "v000001" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"garbage!")
+    for f in (store.root / "streams").rglob("ckpt-*"):
+        f.unlink()
+    problems = status(config, NOW)["problems"]
+    assert len(problems) == 2
+    assert "live model v1 does not load" in problems[0] and "fail their checksum" in problems[0]
+    assert "no stream checkpoint, though a daemon has ticked" in problems[1]
+    (store.root / "live.json").unlink()
+    (store.root / "history.json").unlink(missing_ok=True)
+    assert status(config, NOW)["problems"] == ["no model is live (no live.json): forecastd models promote 1"]
+    result = runner.invoke(app, ["status", "--config", str(tmp_path / "forecastd.toml")])
+    assert result.exit_code == 0 and "problem: no model is live" in result.output
+    gone = load_config(tmp_path / "forecastd.toml", {"state.dir": str(tmp_path / "nowhere")})
+    assert "does not exist" in status(gone, NOW)["problems"][0]
 
 
 def test_running_pid_comes_from_the_lock(tmp_path):
