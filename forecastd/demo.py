@@ -155,8 +155,9 @@ def plot_stored(config: Config, series_id: str, path: str | Path, *, last: int =
         raise DataError(f"series {series_id!r} is not in the source; "
                         + (f"series present: {shown}" if ids else "the source has no rows"))
     window = history.sort_values("ts")["ts"].tail(last)
-    # One step before the window, so the anomaly row of its first point is included (since is exclusive).
-    since = window.iloc[0] - (window.iloc[-1] - window.iloc[0]) / max(len(window) - 1, 1)
+    # Just before the window's first point, so its anomaly row is included (since is exclusive). Not a
+    # step computed from the window: a window of one point has none, and the cut fell on the point.
+    since = window.iloc[0] - pd.Timedelta(1, unit="ns")
     forecasts, anomalies = read_outputs(config, [series_id], since)
     return plot_series(history, forecasts, anomalies, series_id, path, last=last)
 

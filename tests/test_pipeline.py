@@ -214,6 +214,21 @@ def test_a_config_edited_since_training_is_said_once(trained, tmp_path, caplog):
     assert "[model] horizon = 12 (v1: 6)" in told[0] and "[data] freq = '30min' (v1: 'h')" in told[0]
 
 
+def test_plot_of_the_last_point_gets_its_stored_rows(trained, tmp_path, monkeypatch):
+    """--last 1 read the sink from the window's one point, exclusive: the plot said "no anomaly scores in
+    this window; no forecast" though the sink held both."""
+    import forecastd.plot
+    from forecastd.demo import plot_stored
+
+    config, _ = _ticked_to_500(trained, tmp_path, "1e7")
+    seen = {}
+    monkeypatch.setattr(forecastd.plot, "plot_series", lambda history, forecasts, anomalies, *a, **k: seen.update(
+        forecasts=forecasts, anomalies=anomalies))
+    plot_stored(config, "sine", tmp_path / "x.png", last=1)
+    assert seen["anomalies"]["ts"].tolist() == [_ts(499)]
+    assert set(seen["forecasts"]["issued_at"]) == {_ts(499)}
+
+
 def test_series_resume_without_a_gap_after_more_promotions_than_kept_versions(trained, tmp_path):
     """A new live version has no stream until it runs a point, so its series continue from the stream
     before it; that stream was pruned with its version once [state] keep_versions newer versions existed
