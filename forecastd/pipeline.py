@@ -475,7 +475,7 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
     planned = plan_backfill(frame, grid, lo, mv.scales, warmup, config.data.max_gap)
     report.series = planned.series
     report.points = planned.points
-    _log_waiting(planned.waiting)
+    _log_waiting(planned.waiting, logging.WARNING)
     empty = StreamState.empty(mv.model_config, config.anomaly.forecasts)
     outputs, _ = run_segments(mv.model, empty, planned.segments, planned.fresh_scale, grid, mv.model_config,
                               config.anomaly, mv.version, Emit(warmup, lo, hi))
@@ -491,11 +491,13 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
     return report
 
 
-def _log_waiting(waiting: list[str]) -> None:
+def _log_waiting(waiting: list[str], level: int = logging.INFO) -> None:
+    """Series not started for want of START_POINTS observed points: INFO for a tick (they start at a later
+    one), WARNING for a backfill, which writes nothing for them at all."""
     if waiting:
-        log.info("%d new series wait for %d observed points before they start, so that their unit of change "
-                 "is measured (%s)", len(waiting), START_POINTS,
-                 ", ".join(repr(s) for s in waiting[:5]) + (" ..." if len(waiting) > 5 else ""))
+        log.log(level, "%d new series wait for %d observed points before they start, so that their unit of "
+                "change is measured (%s)", len(waiting), START_POINTS,
+                ", ".join(repr(s) for s in waiting[:5]) + (" ..." if len(waiting) > 5 else ""))
 
 
 def _utc(t: dt.datetime | pd.Timestamp) -> pd.Timestamp:

@@ -92,6 +92,9 @@ def prepare(
     val_step = None if val_start is None else int(grid.index(pd.DatetimeIndex([val_start]))[0])
     for sid, (steps, values) in series.items():
         scale = float(scales[sid])
+        if not np.isfinite(values).any():  # else it passed as a series "shorter than its horizon"
+            left_out[sid] = "every value is missing (NaN or not a number)"
+            continue
         if not (math.isfinite(scale) and scale > 0):
             left_out[sid] = f"its unit of change is {scale!r}, not a positive finite number"
             continue

@@ -245,6 +245,11 @@ def test_a_series_without_a_usable_unit_is_left_out_named_and_the_others_kept(ca
     assert "'bad' is left out of training: its unit of change is inf" in caplog.text
     with pytest.raises(DataError, match="no series can be trained on: 1 left out \\('bad'\\)"):
         prepare(frame[frame["series_id"] == "bad"], Grid("1h"), {"bad": float("nan")}, mc, DataConfig(), 0.25)
+    # Every value missing, with a unit that looks usable: it failed later as "every series is shorter than
+    # its horizon".
+    blank = frame.assign(value=np.where(frame["series_id"] == "bad", np.nan, frame["value"]))
+    prepared = prepare(blank, Grid("1h"), {"ok": 1.0, "bad": 1.0}, mc, DataConfig(), 0.25)
+    assert prepared.left_out == {"bad": "every value is missing (NaN or not a number)"}
 
 
 def test_weight_average_is_what_gets_validated_and_kept():

@@ -229,6 +229,20 @@ def test_plot_of_the_last_point_gets_its_stored_rows(trained, tmp_path, monkeypa
     assert set(seen["forecasts"]["issued_at"]) == {_ts(499)}
 
 
+def test_a_backfill_warns_of_new_series_too_short_to_start(trained, tmp_path, caplog):
+    """A backfill writes nothing at all for a new series with fewer points than START_POINTS in its range;
+    the line that says so was at INFO, under the default log level."""
+    _, data = trained
+    cfg = _workspace(trained, tmp_path)
+    short = pd.DataFrame({"series_id": "newbie", "ts": [_ts(i) for i in range(480, 490)], "value": np.arange(10.0)})
+    pd.concat([data, short], ignore_index=True).to_parquet(tmp_path / "data.parquet")
+    with caplog.at_level("WARNING"):
+        r = backfill(load_config(cfg), _ts(470), _ts(495), keep_outputs=True, write=False)
+    assert "newbie" not in set(r.outputs.anomalies["series_id"])
+    assert any(rec.levelname == "WARNING" and "1 new series wait" in rec.getMessage() and "'newbie'" in rec.getMessage()
+               for rec in caplog.records)
+
+
 def test_series_resume_without_a_gap_after_more_promotions_than_kept_versions(trained, tmp_path):
     """A new live version has no stream until it runs a point, so its series continue from the stream
     before it; that stream was pruned with its version once [state] keep_versions newer versions existed
