@@ -359,10 +359,10 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     # Series the live model has no state for continue from the newest other version's watermark, so
     # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
     prior, carried, waited_before = _prior(store, mv.version, fresh, versions) if fresh else ({}, {}, set())
-    if streamless and len(prior) < len(fresh):
+    unplaced = [s for s in fresh if s not in prior and s not in waited_before] if streamless else []
+    if unplaced:  # (a series an older stream kept waiting has written nothing yet)
         sink = sink or open_sink(config)
-        prior.update(_sink_watermarks(sink, grid, [s for s in fresh if s not in prior], now,
-                                      max(config.data.max_gap, config.data.warmup)))
+        prior.update(_sink_watermarks(sink, grid, unplaced, now, max(config.data.max_gap, config.data.warmup)))
         clock.lap("read")
     if new_ids:
         warm_from = [prior[s] - config.data.warmup for s in fresh if s in prior] + \
