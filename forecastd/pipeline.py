@@ -251,8 +251,10 @@ def _tell_if_config_differs(config: Config, mv: ModelVersion, store: StateStore)
     changes nothing until a training. Said once per process and model, as a warning: an edited horizon
     that silently kept writing the old one looked like a bug in the new config."""
     trained = mv.manifest.get("config", {}).get("model", {})
+    # A manifest keeps the number of steps "auto" came to for its data: any number agrees with "auto".
     differs = [f"[model] {k} = {v!r} (v{mv.version}: {trained.get(k)!r})"
-               for k, v in config_to_dict(config)["model"].items() if k in trained and trained[k] != v]
+               for k, v in config_to_dict(config)["model"].items()
+               if k in trained and trained[k] != v and not (k == "lookback" and v == "auto")]
     if config.data.freq is not None and Grid(config.data.freq, mv.grid.zone).step_ns != mv.grid.step_ns:
         differs.append(f"[data] freq = {config.data.freq!r} (v{mv.version}: {mv.grid.freq!r})")
     told = (str(store.root), mv.version, "; ".join(differs))

@@ -212,6 +212,11 @@ def test_a_config_edited_since_training_is_said_once(trained, tmp_path, caplog):
     told = [m for m in caplog.messages if "the config differs from live model v1" in m]
     assert len(told) == 1, told
     assert "[model] horizon = 12 (v1: 6)" in told[0] and "[data] freq = '30min' (v1: 'h')" in told[0]
+    # "auto" agrees with the number of steps the manifest keeps for it (24 here); the unchanged config is quiet.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run_once(load_config(tmp_path / "forecastd.toml", {"model.lookback": "auto"}), _ts(500))
+    assert not [m for m in caplog.messages if "differs from live model" in m]
 
 
 def test_plot_of_the_last_point_gets_its_stored_rows(trained, tmp_path, monkeypatch):
