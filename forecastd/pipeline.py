@@ -361,10 +361,15 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     # Series the live model has no state for continue from the newest other version's watermark, so
     # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
     prior, carried, waited_before = _prior(store, mv.version, fresh, versions) if fresh else ({}, {}, set())
+    # Watermarks recovered from the sink (`_sink_watermarks`) are checkpointed until their series run, so
+    # the sink is searched once, by the tick that finds no checkpoint at all.
+    recovered = {s: v for s, v in info.get("recovered", {}).items() if s in fresh and s not in prior}
+    prior.update(recovered)
     unplaced = [s for s in fresh if s not in prior and s not in waited_before] if streamless else []
     if unplaced:  # (a series an older stream kept waiting has written nothing yet)
         sink = sink or open_sink(config)
-        prior.update(_sink_watermarks(sink, grid, unplaced, now, max(config.data.max_gap, config.data.warmup)))
+        recovered.update(_sink_watermarks(sink, grid, unplaced, now, max(config.data.max_gap, config.data.warmup)))
+        prior.update(recovered)
         clock.lap("read")
     if new_ids:
         warm_from = [prior[s] - config.data.warmup for s in fresh if s in prior] + \
@@ -427,9 +432,14 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     # A tick with nothing to process checkpoints too when it listed, so idle ticks (a daemon ticking every
     # minute on hourly data) do not each list again.
     # So do waiting series when they change, or each later tick would read them from the beginning again.
-    if planned.segments or (len(state) and listed_at != info.get("listed_at")) or planned.first_steps != waited:
+    # And so do watermarks recovered from the sink, while their series have not run.
+    running = set(state.series_ids)
+    recovered = {s: v for s, v in recovered.items() if s not in running}
+    if planned.segments or (len(state) and listed_at != info.get("listed_at")) or planned.first_steps != waited \
+            or recovered != info.get("recovered", {}):
         store.save_stream(mv.version, state, {"ticked_at": pd.Timestamp(now).isoformat(), "listed_at": listed_at,
-                                              "waiting": planned.first_steps, "waiting_versions": versions},
+                                              "waiting": planned.first_steps, "waiting_versions": versions,
+                                              "recovered": recovered},
                           keep=config.state.keep_checkpoints)
     clock.lap("checkpoint")
     report.forecasts_written = len(outputs.forecasts)

@@ -147,9 +147,12 @@ def _watermarks(store: StateStore, now: pd.Timestamp) -> list[dict[str, Any]]:
     versions = [live] + sorted((v for v in store.versions() if v != live), reverse=True)
     found: dict[str, tuple[int, int | None, bool]] = {}
     for v in versions:
-        state, _ = store.load_stream(v)
+        state, info = store.load_stream(v)
         for sid, st, age in zip(state.series_ids, state.step, state.age, strict=True) if state is not None else ():
             found.setdefault(sid, (int(st), v, bool(age > 0)))
+        # Watermarks a tick recovered from the sink's outputs, for series that have not run since.
+        for sid, st in info.get("recovered", {}).items():
+            found.setdefault(sid, (int(st), v, False))
     ids, fields = store.load_handover()
     for sid, st in zip(ids, fields.get("step", ()), strict=True):
         found.setdefault(sid, (int(st), None, False))

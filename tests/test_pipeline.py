@@ -423,6 +423,30 @@ def test_lost_stream_checkpoints_resume_from_the_sinks_latest_outputs(trained, t
                                    ref.sort_values(["series_id", "ts"])["ts"].reset_index(drop=True))
 
 
+def test_watermarks_recovered_from_the_sink_are_kept_while_no_point_comes(trained, tmp_path, monkeypatch, caplog):
+    """With no checkpoint and no new point, a tick checkpointed nothing: every tick searched the sink again
+    and warned again. The recovered watermarks are checkpointed until their series run."""
+    from forecastd.sinks.parquet import ParquetSink
+
+    config, data = _ticked_to_500(trained, tmp_path, "1e7")
+    shutil.rmtree(tmp_path / "state" / "streams")
+    reads = []
+    read = ParquetSink.read
+    monkeypatch.setattr(ParquetSink, "read", lambda self, table, *a, **k: (reads.append(table), read(self, table, *a, **k))[1])
+    with caplog.at_level("WARNING"):
+        for _ in range(3):  # no new point
+            assert run_once(config, _ts(500)).points == 0
+    assert len(reads) == 1 and sum("continue after their latest outputs" in m for m in caplog.messages) == 1
+    from forecastd.status import status
+
+    shown = {r["series_id"]: r["watermark"] for r in status(config, _ts(500))["series"]}
+    assert shown == {s: _ts(499).isoformat() for s in ("sine", "walk", "drift")}
+    data[data["ts"] < _ts(503)].to_parquet(tmp_path / "data.parquet")
+    r = run_once(config, _ts(503), keep_outputs=True)
+    assert sorted(set(r.outputs.anomalies["ts"])) == [_ts(500), _ts(501), _ts(502)] and r.outputs.anomalies.shape[0] == 9
+    assert state_store(config).load_stream(1)[1]["recovered"] == {}
+
+
 class _CountingSource:
     """The real Parquet source, counting how often every series id is listed (a scan of every file)."""
 
