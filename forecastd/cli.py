@@ -446,8 +446,8 @@ def demo(
 
     n_epochs = epochs or DEMO_EPOCHS
     console = out()
-    console.print(f"forecastd {__version__} demo in {escape(str(directory))}: training {n_epochs} epochs on the "
-                  "bundled sample data, then a backfill over its history")
+    console.print(f"forecastd {__version__} demo in {escape(str(directory))}: training up to {n_epochs} epochs at "
+                  "each learning rate on the bundled sample data, then a backfill over its history")
     with epoch_progress(console, n_epochs) as report:
         result = run_demo(directory, dt.datetime.now(dt.timezone.utc), epochs=n_epochs, progress=report)
     _print_demo(console, result)
@@ -457,7 +457,11 @@ def _print_demo(console: Console, r: Any) -> None:
     console.print(f"\n[bold]data[/bold]: {r.series} series, {r.points} points "
                   f"({_fmt_ts(r.start)} .. {_fmt_ts(r.end)}), config {escape(str(r.config_path))}")
     first, last = r.loss_curve[0], r.loss_curve[-1]
-    console.print(f"[bold]training[/bold]: model v{r.version}, {len(r.loss_curve)} epochs in {r.train_seconds:.1f} s; "
+    # The curve is the kept run's: with several learning rates the bar counted every run's epochs.
+    kept = "" if len(r.learning_rate_losses) < 2 else (
+        f" (the run at learning rate {r.learning_rate:g} of {', '.join(r.learning_rate_losses)}, its validation "
+        "loss the lowest)")
+    console.print(f"[bold]training[/bold]: model v{r.version}, {len(r.loss_curve)} epochs{kept} in {r.train_seconds:.1f} s; "
                   f"train loss {first['train_loss']:.4f} -> {last['train_loss']:.4f}, "
                   f"val loss {first['val_loss']:.4f} -> {last['val_loss']:.4f}; kept epoch {r.best_epoch} "
                   f"(val loss {r.loss_curve[r.best_epoch - 1]['val_loss']:.4f})")

@@ -663,7 +663,7 @@ dropout = 0.0
 horizon = 24                     # steps ahead forecast at every point
 level_alphas = [0.5, 0.1, 0.02, 0.005]  # smoothing of the running levels the model sees the value against
 input_clip = 6.0                 # scaled changes beyond this are clipped before the model sees them
-lookback = "auto"                # recent steps carried for the model to read: a week, 24..336, less on short history, none below a day (0 = none)
+lookback = "auto"                # recent steps carried for the model to read: a week (24..336), at most 1 per 50 of history, none below a day (0 = none)
 distribution = "gaussian"        # the forecast distribution (mean and scale)
 bidirectional = false            # true is refused: a bidirectional encoder reads the future
 

@@ -80,6 +80,8 @@ class DemoResult:
     version: int
     loss_curve: list[dict]  # per epoch: epoch, train_loss, val_loss
     best_epoch: int  # the epoch whose weights were kept (lowest validation loss)
+    learning_rate: float | None  # the rate of the run kept, and every rate's validation loss
+    learning_rate_losses: dict[str, float | None]
     train_seconds: float
     val_mse: float
     val_persistence_mse: float
@@ -293,6 +295,7 @@ def run_demo(
         start=history["ts"].min(), end=history["ts"].max(), version=summary.version,
         loss_curve=[{k: float(v) for k, v in h.items()} for h in summary.history],
         best_epoch=int(m.get("best_epoch") or len(summary.history)), train_seconds=train_seconds,
+        learning_rate=m.get("learning_rate"), learning_rate_losses=m.get("learning_rate_losses") or {},
         val_mse=float(m.get("val_mse", np.nan)), val_persistence_mse=float(m.get("val_persistence_mse", np.nan)),
         validation_fraction=config.training.validation_fraction,
         backfill_start=lo, backfill_end=hi, backfill_seconds=backfill_seconds,

@@ -55,7 +55,7 @@ class Metrics:
         self.rows_written = Counter("forecastd_rows_written", "Output rows upserted, by table.", ["table"], registry=r)
         self.input_rows = Counter(
             "forecastd_input_rows",
-            "Input rows repaired, rejected, late (at or before the watermark) or future-stamped (deferred), "
+            "Input rows repaired, rejected or future-stamped (deferred, counted at each read until due), "
             "by kind and reason.", ["kind", "reason"], registry=r)
         self.anomalies_flagged = Counter("forecastd_anomalies_flagged", "Points flagged as anomalous.", registry=r)
         self.tick_seconds = Histogram("forecastd_tick_duration_seconds", "Wall time of a tick, failed ones included.",
