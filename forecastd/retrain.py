@@ -9,10 +9,10 @@ despite that, which is the safe direction. It is promoted if its loss is lower b
 promote_margin` of the live loss (or always, with `always_promote`).
 
 Switching the live model is `switch_live`: the new live model never continues another model's hidden
-states. Every stream but one is removed (the one covering the most series, the freshest among those),
-so the new model, lacking its own, warms up from that stream's watermarks (pipeline's rule: the newest
-other version's stream), and a model switched back to while its own stream is that one simply continues
-it. Switches are recorded in `history.json`, which `rollback` reads.
+states. Every stream but one is removed (the old live model's; the series only the others hold go to the
+handover record first), so the new model, lacking its own, warms up from that stream's watermarks
+(pipeline's rule: the newest other version's stream, then the handover record), and a model switched
+back to while its own stream is that one simply continues it. Switches are recorded in `history.json`, which `rollback` reads.
 
 The daemon runs `retrain` in a child process (`python -m forecastd.retrain`, request as JSON on stdin,
 log records and the result as JSON lines on stdout); see daemon.py for why.
@@ -259,13 +259,18 @@ def switch_live(store: StateStore, version: int, *, reason: str, now: dt.datetim
             raise ModelError(f"model v{version} cannot be made live: {exc}") from None
         streams = _stream_dirs(store)
         if streams:
-            # The one stream kept is the one the new model takes its watermarks from. Any stream's watermark
-            # for a series is at or behind the truth, so it can only cause a replay (upserts: harmless),
-            # while a series missing from it would lose its points: the most series first, then the freshest.
-            keep = max(streams, key=lambda v: (*_coverage(store, v), v == previous))
-            for v, d in streams.items():
-                if v != keep:
-                    shutil.rmtree(d, ignore_errors=True)
+            # The one stream kept is the one the new model takes its watermarks from: the old live model's,
+            # which has been ticking (else the one that holds the most). A series only the others hold (one
+            # silent since an earlier model ran) moves to the handover record first, so no watermark is
+            # lost. Keeping the stream with the most series instead kept an older model's whenever a
+            # silent series was missing from the live one, and the new model replayed, and rewrote,
+            # every point the old live model had written since.
+            keep = previous if previous in streams and store.has_stream(previous) else \
+                max(streams, key=lambda v: _coverage(store, v))
+            doomed = [v for v in streams if v != keep]
+            store.hand_over(doomed)
+            for v in doomed:
+                shutil.rmtree(streams[v], ignore_errors=True)
         store.set_live(version)
         store.record_switch(version, previous, reason, pd.Timestamp(now).isoformat())
         log.info("model v%d is live (was %s): %s", version, f"v{previous}" if previous else "none", reason)

@@ -310,7 +310,7 @@ class StateStore:
         kept = {live, self._serving(live)}
         doomed = [v for v in self.versions()[:-keep] if v not in kept]
         if doomed:
-            self._hand_over(doomed)
+            self.hand_over(doomed)
         for v in doomed:
             shutil.rmtree(self._model_dir(v), ignore_errors=True)
             shutil.rmtree(self.root / "streams" / f"v{v:06d}", ignore_errors=True)
@@ -326,7 +326,7 @@ class StateStore:
                 shutil.rmtree(d, ignore_errors=True)
                 log.warning("removed %s: a model save that never finished (no manifest.json)", d)
 
-    def _hand_over(self, doomed: list[int]) -> None:
+    def hand_over(self, doomed: list[int]) -> None:
         """Keep, in the handover record, the watermark and anomaly history of every series whose newest
         stream is among the `doomed` versions' (no kept version's stream holds it). A series quiet through
         `keep_versions` promotions (a source quiet while retrains ran) otherwise lost its watermark, and on

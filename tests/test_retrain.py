@@ -170,6 +170,28 @@ def test_switches_keep_only_the_freshest_stream_and_rollback_returns(tmp_path):
     assert [e["version"] for e in json.loads((store.root / "history.json").read_text())] == [1, 3, 1]
 
 
+def test_a_switch_keeps_the_live_stream_and_hands_over_series_only_older_streams_hold(tmp_path):
+    """An older model's stream held more series (one silent since) than the live one, so a switch kept it
+    and deleted the live stream: the new model replayed, and rewrote, everything the live model had
+    written since. The live stream stays; the silent series' watermark moves to the handover record."""
+    config = load_config(clone(tmp_path))
+    store = state_store(config)
+    live, _ = store.load_stream(1)
+    v2 = _add_version(store, 2)
+    older = live.take(range(len(live)))
+    older.step -= 5  # behind the live stream
+    silent = older.take([0])
+    silent.series_ids = ["silent-sensor"]
+    store.save_stream(v2, older.merge(silent), {}, keep=3)  # four series to the live stream's three
+    v3 = _add_version(store, 3)
+    switch_live(store, v3, reason="test", now=NOW)
+    assert sorted(p.name for p in (store.root / "streams").iterdir()) == ["v000001"]
+    ids, fields = store.load_handover()
+    assert ids == ["silent-sensor"] and int(fields["step"][0]) == int(silent.step[0])
+    append_rows(tmp_path / "src.db", T0, T0 + pd.Timedelta(hours=2))
+    assert run_once(config, NOW).anomalies_written == 2 * 3  # only the new points: nothing replayed
+
+
 def test_rollback_returns_to_the_model_that_served_not_a_challenger_kept_aside(tmp_path):
     """v1 serves, a retrain keeps its challenger v2 aside, `forecastd train` makes v3 live. Rollback went to
     v2, which never served: train's switch was not recorded, and nothing else told v1 had served."""
