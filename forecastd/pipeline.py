@@ -208,7 +208,7 @@ def warm_weights(init: Forecaster, init_config: ModelConfig, config: ModelConfig
 
 
 def _prior(store: StateStore, live: int, wanted: list[str], versions: list[int]
-           ) -> tuple[dict[str, int], dict[str, Carried], set[str]]:
+           ) -> tuple[dict[str, int], dict[str, Carried], dict[str, int]]:
     """For each `wanted` series, from the newest other version's stream that holds it, else from the
     handover record of pruned streams: its watermark (grid step), so a new model picks up where the old
     one stopped, and what its anomaly track carries over (`Carried`): its value range, so novelty does
@@ -223,12 +223,14 @@ def _prior(store: StateStore, live: int, wanted: list[str], versions: list[int]
     missing = set(wanted)
     steps: dict[str, int] = {}
     carried: dict[str, Carried] = {}
-    waited: set[str] = set()
+    waited: dict[str, int] = {}
     for v in sorted((v for v in versions if v != live), reverse=True):
         if not missing:
             break
         state, info = store.load_stream(v)
-        waited |= missing & set(info.get("waiting", ()))
+        for sid, first in info.get("waiting", {}).items():
+            if sid in missing:
+                waited.setdefault(sid, int(first))
         if state is None:
             continue
         fields = state.handover_fields()
@@ -240,7 +242,7 @@ def _prior(store: StateStore, live: int, wanted: list[str], versions: list[int]
     for i, sid in enumerate(ids):
         if sid in missing:
             steps[sid], carried[sid] = int(fields["step"][i]), Carried.of_fields(fields, i)
-    return steps, carried, waited - set(steps)
+    return steps, carried, {s: v for s, v in waited.items() if s not in steps}
 
 
 _DIFFERS_TOLD: set[tuple[str, int, str]] = set()
@@ -360,7 +362,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     fresh = [s for s in new_ids if s not in waited]
     # Series the live model has no state for continue from the newest other version's watermark, so
     # a model switch leaves no gap even for a series that was quiet in the new model's first ticks.
-    prior, carried, waited_before = _prior(store, mv.version, fresh, versions) if fresh else ({}, {}, set())
+    prior, carried, waited_before = _prior(store, mv.version, fresh, versions) if fresh else ({}, {}, {})
     # Watermarks recovered from the sink (`_sink_watermarks`) are checkpointed until their series run, so
     # the sink is searched once, by the tick that finds no checkpoint at all.
     recovered = {s: v for s, v in info.get("recovered", {}).items() if s in fresh and s not in prior}
@@ -372,12 +374,17 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
         prior.update(recovered)
         clock.lap("read")
     if new_ids:
-        warm_from = [prior[s] - config.data.warmup for s in fresh if s in prior] + \
-            [waited[s] for s in new_ids if s in waited]
-        start = grid.ts(np.array([min(warm_from) - 1]))[0] if len(warm_from) == len(new_ids) else None
+        # Where each new series' rows are needed from: a warm-up before its prior watermark, or the first
+        # row it waited from; a series none of these places, from its beginning.
+        warm_from = {s: prior[s] - config.data.warmup for s in fresh if s in prior}
+        warm_from.update({s: v for s, v in {**waited_before, **waited}.items() if s in new_ids})
+        from_start = [s for s in new_ids if s not in warm_from]
+        start = grid.ts(np.array([min(warm_from.values()) - 1]))[0] if warm_from else None
         # Only the rows before the first read's: reading them twice counted every one as a duplicate.
         if not known:
             frames.append(source.read(since=start))
+            if from_start and start is not None:  # their older rows, not every series' (a whole-table read)
+                frames.insert(0, source.read(until=start, series=from_start))
         elif since is not None and (start is None or start < since):
             frames.insert(0, source.read(since=start, until=since, series=new_ids))  # older rows first
     # Series silent for more than [data] max_gap steps behind the others do not hold every tick's read
@@ -411,7 +418,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     clock.lap("validate")
 
     planned = plan_tick(frame, grid, state.series_ids, state.step, state.scale, mv.scales, prior,
-                        config.data.warmup, config.data.max_gap, waited=waited.keys() | waited_before)
+                        config.data.warmup, config.data.max_gap, waited=waited.keys() | waited_before.keys())
     # A waiting series' rows are read again at every tick until it starts, and counted then.
     waiting = set(planned.waiting)
     for key in [k for k in frame_report.counts if k[0] in waiting]:

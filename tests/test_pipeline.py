@@ -563,6 +563,33 @@ def test_a_waiting_series_is_read_from_its_first_row_and_looked_up_once(trained,
     assert started.index(True) == START_POINTS - 1  # at its START_POINTS-th point, as before
 
 
+def test_a_promotions_first_tick_reads_a_waiting_series_from_its_first_row_not_the_whole_source(
+        trained, tmp_path, monkeypatch):
+    """The new model has no stream; the old one's checkpoint names a series waiting for START_POINTS
+    points. That series had no place to read from, and the tick read every series' whole history."""
+    from forecastd.retrain import switch_live
+
+    config, data = _ticked_to_500(trained, tmp_path, "1e7")
+    newcomer = pd.DataFrame({"series_id": "new", "ts": _ts(500) + pd.to_timedelta(np.arange(10), unit="h"),
+                             "value": np.random.default_rng(7).normal(20.0, 1.0, 10)})
+    for k in range(1, 6):  # it waits
+        pd.concat([data[data["ts"] < _ts(500 + k)], newcomer.iloc[:k]]).to_parquet(tmp_path / "data.parquet")
+        run_once(config, _ts(500 + k))
+    store = state_store(config)
+    mv = store.load_live()
+    switch_live(store, store.save_model(mv.model, store.manifest(mv.version), keep=5), reason="test", now=_ts(505))
+    pd.concat([data[data["ts"] < _ts(507)], newcomer.iloc[:7]]).to_parquet(tmp_path / "data.parquet")
+    reads = []
+    read = ParquetSource.read
+    monkeypatch.setattr(ParquetSource, "read", lambda self, since=None, until=None, series=None: (
+        reads.append((since, until, series)), read(self, since, until, series))[1])
+    r = run_once(config, _ts(507), keep_outputs=True)
+    assert all(since is not None for since, _, _ in reads), reads  # no read from the source's beginning
+    assert r.rows_read < 3 * 100
+    a = r.outputs.anomalies
+    assert set(a["ts"]) == {_ts(505), _ts(506)} and "new" not in set(a["series_id"])  # it still waits
+
+
 def test_a_waiting_series_that_a_retrain_learns_starts_at_its_first_row_as_a_backfill_starts_it(trained, tmp_path):
     """A learnt series starts at its first point. One that waited for its 24th point when a retrain learnt
     it started at its latest point instead, after the promotion, as if it were a backlog: the points it
