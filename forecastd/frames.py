@@ -383,12 +383,17 @@ def validate(
     now: dt.datetime | pd.Timestamp | None = None,
     report: FrameReport | None = None,
     counted_until: pd.Timestamp | None = None,
+    seen_through: Mapping[str, pd.Timestamp] | pd.Series | None = None,
 ) -> tuple[pd.DataFrame, FrameReport]:
     """Turn a raw mapped frame into the long-frame contract on `grid`, counting every repair.
 
     counted_until: a row whose series id is rejected (null, NUL, too long) at or before this time was met
     by an earlier read (a tick's, up to the newest watermark) and is dropped without a count: it has no
-    series, so no watermark to drop it by, and each tick counted it again."""
+    series, so no watermark to drop it by, and each tick counted it again.
+
+    seen_through: per series, a time up to which its rows were counted by the read that processed them
+    (another model's stream): kept and repaired, since a warm-up reads them again, but not counted again.
+    A promotion's first tick counted every repair of the warm-up's rows once more."""
     report = report if report is not None else FrameReport()
     missing = [c for c in COLUMNS if c not in raw.columns]
     if missing:
@@ -466,32 +471,37 @@ def validate(
             report.add(frame.loc[future, "series_id"], "future-stamped, deferred to a later read")
             frame, off = frame[~future], off[~future]
 
+    counted = np.ones(len(frame), dtype=bool)  # rows whose repairs count (`seen_through`)
+    if seen_through is not None and len(seen_through):
+        through = frame["series_id"].map(seen_through)
+        counted = ~(through.notna() & (frame["ts"] <= through)).to_numpy(dtype=bool)
+
+    def count(mask: np.ndarray | pd.Series, reason: str) -> None:
+        mask = np.asarray(mask, dtype=bool) & counted
+        if mask.any():
+            report.add(frame.loc[mask, "series_id"], reason)
+
     raw_values = raw.loc[frame.index, "value"]
     nonnum = frame["value"].isna() & raw_values.notna() & ~raw_values.apply(lambda v: isinstance(v, float))
-    if nonnum.any():
-        report.add(frame.loc[nonnum, "series_id"], "non-numeric value kept as missing")
-    nan = frame["value"].isna() & ~nonnum
-    if nan.any():
-        report.add(frame.loc[nan, "series_id"], "NaN kept as missing")
+    count(nonnum, "non-numeric value kept as missing")
+    count(frame["value"].isna() & ~nonnum, "NaN kept as missing")
     inf = np.isinf(frame["value"].to_numpy())
+    count(inf, "inf kept as missing")
     if inf.any():
-        report.add(frame.loc[inf, "series_id"], "inf kept as missing")
         frame.loc[inf, "value"] = np.nan
-
-    if off.any():
-        report.add(frame.loc[off, "series_id"], "snapped to grid")
+    count(off, "snapped to grid")
 
     # Out of order means a row earlier in the source than a row before it of the same series.
     keys = frame["ts"].astype("int64")
     prev_max = keys.groupby(frame["series_id"]).cummax().groupby(frame["series_id"]).shift()
-    unordered = keys < prev_max
-    if unordered.any():
-        report.add(frame.loc[unordered, "series_id"], "reordered")
-    frame = frame.sort_values(["series_id", "ts"], kind="stable")
+    count(keys < prev_max, "reordered")
+    frame = frame.assign(_counted=counted).sort_values(["series_id", "ts"], kind="stable")
+    counted = frame.pop("_counted").to_numpy()
 
-    dup = frame.duplicated(["series_id", "ts"], keep=False)
+    dup = frame.duplicated(["series_id", "ts"], keep=False).to_numpy()
     if dup.any():
-        ndup = frame[dup].groupby("series_id").size() - frame[dup].groupby("series_id")["ts"].nunique()
+        told = dup & counted
+        ndup = frame[told].groupby("series_id").size() - frame[told].groupby("series_id")["ts"].nunique()
         for s, n in ndup.items():
             report.add(str(s), f"duplicate timestamp resolved by {duplicates!r}", int(n))
         if duplicates == "mean":

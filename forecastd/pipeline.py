@@ -403,9 +403,14 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     # there): with no series they have no watermark of their own to be dropped by.
     done = state.step >= 0
     counted_until = grid.last_instant(np.array([state.step[done].max()]))[0] if done.any() else None
+    # A resumed series' rows up to its prior watermark are read again for its warm-up only: the stream
+    # that processed them counted their repairs.
+    resumed = [s for s in fresh if s in prior]
+    seen_through = pd.Series(grid.last_instant(np.array([prior[s] for s in resumed], dtype=np.int64)),
+                             index=pd.Index(resumed, dtype=object)) if resumed else None
     frame, frame_report = validate(raw, grid=grid, timezone=config.source.timezone,
                                    duplicates=config.data.duplicates, watermarks=watermarks, now=now,
-                                   counted_until=counted_until)
+                                   counted_until=counted_until, seen_through=seen_through)
     # Every read starts at the oldest watermark among the series it covers, so it brings back rows that
     # the series ahead of it have processed. A row at or before its series' watermark is dropped, but it
     # is not counted or logged as late: one written after the series passed it cannot be told from one

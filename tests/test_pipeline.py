@@ -590,6 +590,29 @@ def test_a_promotions_first_tick_reads_a_waiting_series_from_its_first_row_not_t
     assert set(a["ts"]) == {_ts(505), _ts(506)} and "new" not in set(a["series_id"])  # it still waits
 
 
+def test_a_promotions_warm_up_does_not_count_repairs_again(trained, tmp_path):
+    """The new model warms up over rows the old stream processed and counted; its first tick counted
+    their NaNs, snaps and duplicates once more, at every promotion."""
+    from forecastd.retrain import switch_live
+
+    _, data = trained
+    config = load_config(_workspace(trained, tmp_path))
+    data = data.copy()
+    data.loc[(data["series_id"] == "sine") & (data["ts"] == _ts(495)), "value"] = np.nan
+    dup = data[(data["series_id"] == "walk") & (data["ts"] == _ts(496))]
+    bad = pd.concat([data, dup], ignore_index=True)
+    bad[bad["ts"] < _ts(500)].to_parquet(tmp_path / "data.parquet")
+    first = run_once(config, _ts(500)).repairs
+    assert first["NaN kept as missing"] >= 1 and first["duplicate timestamp resolved by 'last'"] == 1
+    store = state_store(config)
+    mv = store.load_live()
+    switch_live(store, store.save_model(mv.model, store.manifest(mv.version), keep=5), reason="test", now=_ts(500))
+    bad[bad["ts"] < _ts(503)].to_parquet(tmp_path / "data.parquet")
+    r = run_once(config, _ts(503), keep_outputs=True)
+    assert r.repairs == {}, r.repairs
+    assert set(r.outputs.anomalies["ts"]) == {_ts(500), _ts(501), _ts(502)}
+
+
 def test_a_waiting_series_that_a_retrain_learns_starts_at_its_first_row_as_a_backfill_starts_it(trained, tmp_path):
     """A learnt series starts at its first point. One that waited for its 24th point when a retrain learnt
     it started at its latest point instead, after the promotion, as if it were a backlog: the points it
