@@ -47,6 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.debug import DebugExecutor
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.memory import MemoryJobStore
@@ -70,6 +71,15 @@ __all__ = ["Daemon", "StateLock", "serve"]
 log = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _NoOverrunLine(logging.Filter):
+    """Drops APScheduler's WARNING for an interval that found the tick still running: one per interval
+    through a long tick, though nothing is wrong that /healthz and `tick_timeout` do not report. The
+    daemon counts those as skipped ticks and says so once per tick (`Daemon._overrun`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "skipped: maximum number of running instances reached" not in str(record.msg)
 
 
 class _NoTickLine(logging.Filter):
@@ -243,6 +253,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.swap = threading.Lock()  # held by a tick and by a model switch
         self._next_attempt = 0.0  # monotonic time before which ticks are skipped (backoff)
+        self._overran = False  # whether the running tick has been said to overrun its interval
         self._signal: int | None = None  # set by the signal handler, nothing else
         self._hangups = 0  # SIGHUPs received, counted by their handler
         self._io: tuple[Source, Sink] | None = None  # the ticks' source and sink; only the tick thread uses it
@@ -378,6 +389,10 @@ class Daemon:
         )
         scheduler.add_job(self.tick, IntervalTrigger(seconds=serve.interval, timezone=dt.timezone.utc),
                           id="tick", name="tick", next_run_time=utc_now())
+        scheduler.add_listener(self._overrun, EVENT_JOB_MAX_INSTANCES)
+        scheduler_log = logging.getLogger("apscheduler.scheduler")
+        if not any(isinstance(f, _NoOverrunLine) for f in scheduler_log.filters):
+            scheduler_log.addFilter(_NoOverrunLine())
         if serve.retrain_cron.strip():
             scheduler.add_job(self.retrain, CronTrigger(**cron_fields(serve.retrain_cron), timezone=dt.timezone.utc),
                               id="retrain", name="retrain", executor="retrain")
@@ -386,6 +401,15 @@ class Daemon:
             scheduler.add_job(self.watchdog, IntervalTrigger(seconds=ping, timezone=dt.timezone.utc),
                               id="watchdog", name="watchdog", executor="loop", next_run_time=utc_now())
         return scheduler
+
+    def _overrun(self, event: JobSubmissionEvent) -> None:
+        """A tick due while the last one still runs is skipped: counted, and said once per long tick."""
+        if event.job_id != "tick":
+            return
+        self.metrics.ticks.labels("skipped").inc()
+        if not self._overran:
+            self._overran = True
+            log.info("the tick is still running at its next interval; ticks are skipped until it ends")
 
     # -- jobs -----------------------------------------------------------------------------------
     def tick(self) -> TickReport | None:
@@ -396,6 +420,7 @@ class Daemon:
             return None
         now = self.clock()
         self.health.tick_begins()
+        self._overran = False
         started = time.perf_counter()
         try:
             with self.swap:

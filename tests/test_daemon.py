@@ -475,3 +475,22 @@ def _copy_rows(db, since: pd.Timestamp | None, until: pd.Timestamp) -> None:
     with db.cursor().copy("COPY readings (series_id, ts, value) FROM STDIN") as copy:
         for sid, ts, value in rows:
             copy.write_row((sid, ts + "+00", value))
+
+
+def test_intervals_a_long_tick_overruns_are_counted_and_said_once(tmp_path, caplog):
+    """APScheduler warned at every interval a long tick overran ("maximum number of running instances
+    reached"), and those ticks were counted nowhere."""
+    from forecastd.config import load_config
+    from forecastd.daemon import Daemon
+
+    daemon = Daemon(load_config(clone(tmp_path, serve={"interval": 0.1})))
+    daemon.tick = lambda: time.sleep(1.0)  # one long tick
+    scheduler = daemon._scheduler()
+    with caplog.at_level("INFO"):
+        scheduler.start()
+        time.sleep(1.2)
+        scheduler.shutdown(wait=True)
+    skipped = daemon.metrics.ticks.labels("skipped")._value.get()
+    assert skipped >= 5
+    assert "maximum number of running instances" not in caplog.text
+    assert caplog.text.count("the tick is still running at its next interval") == 1
