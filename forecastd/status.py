@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DAEMON_FILE = "daemon.json"
 LOCK_FILE = "lock"
+SINK_SECONDS = 10.0  # how long `status` waits for the sink's last day of anomalies
 _METRICS = ("val_loss", "val_mse", "val_persistence_mse", "best_epoch", "epochs_run")
 
 
@@ -177,11 +179,25 @@ def _anomalies(config: Config, now: pd.Timestamp) -> dict[str, Any]:
 
     since = now - pd.Timedelta(days=1)
     result: dict[str, Any] = {"since": since.isoformat(), "until": now.isoformat()}
-    try:
-        rows = open_sink(config).read("anomalies", since=since, until=now)
-    except Exception as exc:  # a sink that is down must not hide the rest of the status
-        result["error"] = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ForecastdError) else str(exc)
+    # In a thread of its own, given SINK_SECONDS: a table locked by a writer held `status` until the lock
+    # went (23 s in a soak), and a status is wanted most when something is stuck.
+    answer: dict[str, Any] = {}
+
+    def read() -> None:
+        try:
+            answer["rows"] = open_sink(config).read("anomalies", since=since, until=now)
+        except Exception as exc:  # a sink that is down must not hide the rest of the status
+            answer["error"] = f"{type(exc).__name__}: {exc}" if not isinstance(exc, ForecastdError) else str(exc)
+
+    reader = threading.Thread(target=read, name="status-sink", daemon=True)
+    reader.start()
+    reader.join(SINK_SECONDS)
+    if reader.is_alive():
+        answer["error"] = f"the sink did not answer within {SINK_SECONDS:g} s (a table locked by a writer?)"
+    if "error" in answer:
+        result["error"] = answer["error"]
         return result
+    rows = answer["rows"]
     flagged = rows[rows["is_anomaly"].astype(bool)]
     result["scored"] = int(len(rows))
     result["flagged"] = int(len(flagged))

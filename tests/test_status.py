@@ -128,3 +128,19 @@ def test_serve_commands_share_the_cli_options():
         assert ours[0] == theirs[0], name
         assert vars(ours[1]) == vars(theirs[1]), name
     assert cli_serve.DEFAULT_CONFIG == cli.DEFAULT_CONFIG
+
+
+def test_status_does_not_wait_for_a_sink_that_does_not_answer(tmp_path, monkeypatch):
+    """A sink table locked by a writer held `status` until the lock went."""
+    import time
+
+    import forecastd.status as status_module
+    from forecastd.sinks.parquet import ParquetSink
+
+    config = load_config(clone(tmp_path))
+    monkeypatch.setattr(status_module, "SINK_SECONDS", 0.2)
+    monkeypatch.setattr(ParquetSink, "read", lambda self, *a, **k: time.sleep(3))
+    started = time.monotonic()
+    s = status(config, NOW)
+    assert time.monotonic() - started < 2.5
+    assert s["anomalies"]["error"].startswith("the sink did not answer within 0.2 s") and s["live_version"] == 1
