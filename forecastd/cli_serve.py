@@ -115,7 +115,8 @@ def models_list(config: ConfigOption = DEFAULT_CONFIG, as_json: JsonOption = Fal
     from forecastd.pipeline import state_store
     from forecastd.status import model_versions
 
-    rows = model_versions(state_store(load(config)))
+    store = state_store(load(config))
+    rows = model_versions(store, store.live_version())
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return

@@ -48,7 +48,8 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.ticks = Counter("forecastd_ticks", "Ticks run, by outcome (ok, error, skipped while backing off or while the last still runs).",
+        self.ticks = Counter("forecastd_ticks",
+                             "Ticks run, by outcome (ok, error, skipped while backing off or while the last still runs).",
                              ["outcome"], registry=r)
         self.rows_read = Counter("forecastd_rows_read", "Rows read from the source by ticks.", registry=r)
         self.points = Counter("forecastd_points", "Series points advanced through the model by ticks.", registry=r)

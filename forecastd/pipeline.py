@@ -272,8 +272,7 @@ def _sink_watermarks(sink: Sink, grid: Grid, wanted: list[str], now: dt.datetime
     corrupt) the sink says how far each series got, and it goes on from there after a warm-up instead of
     starting again at its latest point, leaving every point in between without outputs. Read backwards
     in windows of `span` steps growing fourfold, up to 4^5 of them: a recovery reads about what it needs."""
-    at = pd.Timestamp(now)
-    end = grid.index(pd.DatetimeIndex([at.tz_localize("UTC") if at.tzinfo is None else at.tz_convert("UTC")]))[0]
+    end = grid.index(pd.DatetimeIndex([_utc(now)]))[0]
     found: dict[str, int] = {}
     missing = list(wanted)
     hi = end

@@ -12,7 +12,8 @@ Switching the live model is `switch_live`: the new live model never continues an
 states. Every stream but one is removed (the old live model's; the series only the others hold go to the
 handover record first), so the new model, lacking its own, warms up from that stream's watermarks
 (pipeline's rule: the newest other version's stream, then the handover record), and a model switched
-back to while its own stream is that one simply continues it. Switches are recorded in `history.json`, which `rollback` reads.
+back to while its own stream is that one simply continues it. Switches are recorded in `history.json`,
+which `rollback` reads.
 
 The daemon runs `retrain` in a child process (`python -m forecastd.retrain`, request as JSON on stdin,
 log records and the result as JSON lines on stdout); see daemon.py for why.

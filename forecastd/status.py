@@ -66,9 +66,9 @@ def running_pid(store: StateStore) -> int | None:
         os.close(fd)
 
 
-def model_versions(store: StateStore) -> list[dict[str, Any]]:
-    """Every version on disk, oldest first: live flag, when trained, on what, validation metrics."""
-    live = store.live_version()
+def model_versions(store: StateStore, live: int | None) -> list[dict[str, Any]]:
+    """Every version on disk, oldest first: live flag (`live`, the store's live version), when trained, on
+    what, validation metrics."""
     out = []
     for v in store.versions():
         try:
@@ -97,19 +97,21 @@ def status(config: Config, now: dt.datetime) -> dict[str, Any]:
     now_ts = now_ts.tz_localize("UTC") if now_ts.tzinfo is None else now_ts.tz_convert("UTC")
     pid = running_pid(store)
     daemon = read_daemon_info(store)
+    # Once: without live.json each call recovers it (reading the history and every stream) and warns.
+    live = store.live_version()
     return {
         "now": now_ts.isoformat(),
         "state_dir": str(store.root),
-        "problems": _problems(store, daemon),
+        "problems": _problems(store, daemon, live),
         "daemon": {"running": pid is not None, "pid": pid, **{k: v for k, v in daemon.items() if k != "pid"}},
-        "live_version": store.live_version(),
-        "models": model_versions(store),
-        "series": _watermarks(store, now_ts),
+        "live_version": live,
+        "models": model_versions(store, live),
+        "series": _watermarks(store, now_ts, live),
         "anomalies": _anomalies(config, now_ts),
     }
 
 
-def _problems(store: StateStore, daemon: dict[str, Any]) -> list[str]:
+def _problems(store: StateStore, daemon: dict[str, Any], live: int | None) -> list[str]:
     """What keeps the state from serving as it should, each with the fix: without these lines a missing
     state directory, no live model, live weights that fail their checksum or lost stream checkpoints
     all showed as empty or healthy tables."""
@@ -117,7 +119,6 @@ def _problems(store: StateStore, daemon: dict[str, Any]) -> list[str]:
         return [f"state directory {str(store.root)!r} does not exist: nothing was trained with this config's "
                 "[state] dir (forecastd train)"]
     versions = store.versions()
-    live = store.live_version()
     if not versions:
         return ["no model version in the state directory: forecastd train"]
     if live is None:
@@ -134,8 +135,7 @@ def _problems(store: StateStore, daemon: dict[str, Any]) -> list[str]:
     return out
 
 
-def _watermarks(store: StateStore, now: pd.Timestamp) -> list[dict[str, Any]]:
-    live = store.live_version()
+def _watermarks(store: StateStore, now: pd.Timestamp, live: int | None) -> list[dict[str, Any]]:
     if live is None:
         return []
     try:

@@ -22,7 +22,7 @@ data answer the same `read(since, until, series)` with the same rows:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -77,10 +77,11 @@ class ColumnMap:
         out.update({c: "value_columns" for c in self.value_columns})
         return out
 
-    def check(self, available: Sequence[str], where: str) -> None:
-        """SourceError naming the first mapped column `where` lacks, the columns it has, and the key to fix."""
+    def check(self, available: Sequence[str], where: str, also: Mapping[str, str] | None = None) -> None:
+        """SourceError naming the first mapped column `where` lacks, the columns it has, and the key to fix.
+        `also`: further columns a source reads, by the key that maps them (SQL's order_column)."""
         have = set(available)
-        for column, key in self.required().items():
+        for column, key in {**self.required(), **(also or {})}.items():
             if column not in have:
                 listing = ", ".join(repr(c) for c in available) or "none"
                 raise SourceError(

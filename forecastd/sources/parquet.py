@@ -208,25 +208,23 @@ class ParquetSource:
         and a file without the value column (written as "val", say) reads as missing values: counted by
         validation, but without this its cause would be named nowhere. Only looked at when a read found
         nulls, and each file once, as it costs a footer read."""
-        cm = self.columns
-        wanted = (cm.series_column, cm.time_column, cm.value_column)
-        keys = {"series_column": cm.series_column, "time_column": cm.time_column, "value_column": cm.value_column}
+        required = self.columns.required()  # stored column -> the [source] key that maps it
         for fragment in dataset.get_fragments():
             if fragment.path in self._schemas_checked:
                 continue
             self._schemas_checked.add(fragment.path)
             try:
-                has = set(fragment.physical_schema.names) | set(ds.get_partition_keys(fragment.partition_expression))
+                stored = fragment.physical_schema.names
+                has = set(stored) | set(ds.get_partition_keys(fragment.partition_expression))
             except (pa.ArrowException, OSError):
                 continue  # unreadable: the scan's own error names it
-            missing = [name for name in wanted if name not in has]
+            missing = [name for name in required if name not in has]
             if missing:
                 log.warning(
                     "%s: file %s has no column %s (its columns: %s); its rows read with that column missing and are "
                     "counted as repairs. Rename the column in that file, or set [source] %s if every file uses "
                     "another name", self._where(), fragment.path, ", ".join(repr(m) for m in missing),
-                    ", ".join(sorted(fragment.physical_schema.names)),
-                    " / ".join(k for k, v in keys.items() if v in missing))
+                    ", ".join(sorted(stored)), " / ".join(required[m] for m in missing))
 
     # -- filters -----------------------------------------------------------------------------------
 

@@ -299,12 +299,8 @@ class SqlSource:
             table = sa.Table(self.table_name, sa.MetaData(), autoload_with=conn, schema=self.db_schema)
         except sa.exc.SQLAlchemyError as exc:
             raise SourceError(f"cannot inspect {self._where()}: {db_reason(exc)}") from exc
-        self.columns.check(list(table.c.keys()), self._where())
-        if self.order_column is not None and self.order_column not in table.c:
-            listing = ", ".join(repr(c) for c in table.c.keys())
-            raise SourceError(f"column {self.order_column!r} (mapped by [source] order_column) not found in "
-                              f"{self._where()}; its columns are: {listing}; set [source] order_column to one of "
-                              "them or remove the key")
+        self.columns.check(list(table.c.keys()), self._where(),
+                           {self.order_column: "order_column"} if self.order_column else None)
         self._table = table
         return table
 
