@@ -18,8 +18,9 @@ round-off; `test_models` holds them to the general path):
   machinery, the convolution over the window and the gather cost more than the step itself;
 - a few long rows (a backfill or rolling evaluation of one series) run the recurrence in a compiled loop,
   where torch would dispatch a dozen small ops per step; its tanh is a rational fit, as close to exact
-  as torch's own, because libm's exp kept the loop scalar. A tick of a few rows runs that loop and the
-  head on the stream state's numpy arrays (`tick_arrays`), no tensor made at all.
+  as torch's own, because libm's exp kept the loop scalar. A tick of up to a few hundred rows runs on
+  the stream state's numpy arrays (`tick_arrays`), no tensor made at all: that loop and a compiled head
+  for a few rows, numpy's BLAS and the same gates for more.
 
 Letters in shape comments: B series, T steps, F features, H hidden, K horizon, L layers.
 """
@@ -58,13 +59,19 @@ def detach_state(state: State) -> State:
 
 _CELLS = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 _CELL_CODE = {"gru": 0, "lstm": 1, "rnn": 2}  # for the compiled loop
-# Rows up to which the compiled loops serve: they beat torch's kernels by 2-4x for one row and still by
-# 2x at 16 (a tick on 2 cores, H = 24 and 96); their cost grows with rows x steps, torch's mostly with
-# steps (a dozen ops each, some microseconds apiece), and from about 64 rows torch is faster.
+# Rows up to which the compiled loops serve a block of steps: they beat torch's kernels by 2-4x for one
+# row and still by 2x at 16 (2 cores, H = 24 and 96); their cost grows with rows x steps, torch's mostly
+# with steps (a dozen ops each, some microseconds apiece), and from about 64 rows torch is faster.
 _LOOP_MAX_ROWS = 16
+# A tick runs on numpy arrays (`tick_arrays`) up to _TICK_MAX_ROWS rows: row by row in the loops up to
+# _TICK_LOOP_ROWS, past them with numpy's BLAS and compiled gates (`_tick_many`, from 8 rows as fast as
+# the loops, 1.7x faster than torch's `_tick` at 100); beyond, torch's, whose elementwise ops use both
+# cores (a whole update of 400 rows costs the same either way, 2 cores, H = 24 and 96).
+_TICK_LOOP_ROWS = 8
+_TICK_MAX_ROWS = 256
 # The lengths of a tick's rows, which `_recur` only reads (not flagged read-only: numba would compile
 # it once more for that type).
-_ONES = np.ones(_LOOP_MAX_ROWS, dtype=np.int64)
+_ONES = np.ones(_TICK_LOOP_ROWS, dtype=np.int64)
 
 
 class Forecaster(nn.Module):
@@ -111,9 +118,9 @@ class Forecaster(nn.Module):
         """
         B, T, _ = x.shape
         state = state or self.initial_state(B)
-        compiled = self._compiled_fits(x)
-        if T == 1 and compiled:
+        if T == 1 and self._compiled_fits(x, _TICK_MAX_ROWS):
             return self._tick_compiled(x, state)
+        compiled = self._compiled_fits(x)
         if T == 1 and not self.training:
             return self._tick(x[:, 0], state)
         if compiled:
@@ -243,14 +250,15 @@ class Forecaster(nn.Module):
         kernel = None if self.path is None else self._kernel().t().contiguous()
         return cells, (w[:K].t().contiguous(), b[:K], w[K:].t().contiguous(), b[K:], kernel)
 
-    def _compiled_fits(self, x: torch.Tensor) -> bool:
-        """The compiled loops serve inference on the CPU in float32 for a few rows."""
-        return (x.shape[0] <= _LOOP_MAX_ROWS and x.device.type == "cpu" and x.dtype == torch.float32
+    def _compiled_fits(self, x: torch.Tensor, rows: int = _LOOP_MAX_ROWS) -> bool:
+        """The compiled loops serve inference on the CPU in float32 for a few rows (a tick: `rows`)."""
+        return (x.shape[0] <= rows and x.device.type == "cpu" and x.dtype == torch.float32
                 and not self.training and not torch.is_grad_enabled())
 
     def _compiled_weights(self) -> tuple[list[tuple[np.ndarray, ...]], tuple[np.ndarray, ...]]:
         """For the compiled loops, as numpy: per layer W_ih and W_hh transposed with their biases; the
-        head's mean and raw-scale halves transposed, the path kernel [W, K] and the unit."""
+        head's mean and raw-scale halves transposed, the path kernel [W, K], the unit, and the whole head
+        transposed [H, 2K] (for `_tick_many`)."""
         K = self.horizon
         layers = [(w_ih.t().contiguous().numpy(), b_ih.numpy(), w_hh.t().contiguous().numpy(), b_hh.numpy())
                   for w_ih, w_hh, b_ih, b_hh in self.rnn.all_weights]
@@ -258,7 +266,7 @@ class Forecaster(nn.Module):
         kernel = (np.zeros((0, K), dtype=np.float32) if self.path is None
                   else self._kernel().t().contiguous().numpy())
         return layers, (w[:K].t().contiguous().numpy(), b[:K].numpy(), w[K:].t().contiguous().numpy(),
-                        b[K:].numpy(), kernel, self.unit.numpy())
+                        b[K:].numpy(), kernel, self.unit.numpy(), w.t().contiguous().numpy())
 
     def _loop(self, x: np.ndarray, hidden: Hidden, lengths: np.ndarray, layers) -> tuple[np.ndarray, Hidden]:
         """nn.RNN/GRU/LSTM's outputs [B, T, H] (zeros past each row's length) and last state, layer by
@@ -279,7 +287,7 @@ class Forecaster(nn.Module):
     def compiled_tick(self, rows: int) -> bool:
         """Whether `tick_arrays` serves a step of this many rows: inference on the CPU in float32."""
         w = self._modules["head"]._parameters["weight"]  # not self.head.weight: __getattr__ costs 3 us a name
-        return rows <= _LOOP_MAX_ROWS and w.device.type == "cpu" and w.dtype == torch.float32 and not self.training
+        return rows <= _TICK_MAX_ROWS and w.device.type == "cpu" and w.dtype == torch.float32 and not self.training
 
     def tick_arrays(self, x: np.ndarray, hidden: np.ndarray, window: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -293,6 +301,9 @@ class Forecaster(nn.Module):
         B, K, L, H = x.shape[0], self.horizon, len(layers), layers[0][2].shape[0]
         h = hidden.transpose(1, 0, 2).copy()  # L (LSTM 2L), B, H: a copy the loop updates in place
         c = h[L:] if self.cell == "lstm" else h  # GRU and Elman cells never touch c
+        if B > _TICK_LOOP_ROWS:
+            mean, scale, window = self._tick_many(x, h, c, window, layers, head)
+            return mean, scale, np.ascontiguousarray(h.transpose(1, 0, 2)), window
         ones = _ONES[:B] if B <= _ONES.size else np.ones(B, dtype=np.int64)
         out = x[:, None]
         for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(layers):
@@ -300,8 +311,31 @@ class Forecaster(nn.Module):
             _recur(inp, w_ih, b_ih, w_hh, b_hh, ones, h[layer], c[layer], out, _CELL_CODE[self.cell])
         mean, scale = np.empty((B, K), dtype=np.float32), np.empty((B, K), dtype=np.float32)
         new_window = np.empty((B, self.lookback), dtype=np.float32)
-        _head_rows(out[:, 0], x[:, 0], window, *head, mean, scale, new_window)
+        _head_rows(out[:, 0], x[:, 0], window, *head[:6], mean, scale, new_window)
         return mean, scale, np.ascontiguousarray(h.transpose(1, 0, 2)), new_window
+
+    def _tick_many(self, x: np.ndarray, h: np.ndarray, c: np.ndarray, window: np.ndarray, layers, head
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`tick_arrays` past the rows the row-by-row loops serve: numpy's BLAS for the matrix products,
+        compiled loops for the gates and the head's last stage; h and c [L, B, H] updated in place.
+        Torch's `_tick` does the same work in some twenty ops, several microseconds apiece, which at 100
+        rows cost more than the arithmetic."""
+        B, K, W = x.shape[0], self.horizon, window.shape[1]
+        inp = x
+        for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(layers):
+            _gates(np.dot(inp, w_ih), np.dot(h[layer], w_hh), b_ih, b_hh, h[layer], c[layer], _CELL_CODE[self.cell])
+            inp = h[layer]
+        _, b_mean, _, b_raw, kernel, unit, w_head = head
+        new_window = np.empty((B, W), dtype=np.float32)
+        if W:
+            new_window[:, :-1] = window[:, 1:]
+            new_window[:, -1] = x[:, 0]
+            recent = np.dot(new_window, kernel)  # the convolution's last position
+        else:
+            recent = np.zeros((B, K), dtype=np.float32)
+        mean, scale = np.empty((B, K), dtype=np.float32), np.empty((B, K), dtype=np.float32)
+        _head_finish(np.dot(inp, w_head), recent, b_mean, b_raw, unit, mean, scale)
+        return mean, scale, new_window
 
     def _tick_compiled(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
         """forward for one step of a few rows: `tick_arrays` on the tensors' numpy views."""
@@ -321,18 +355,16 @@ def _recur(x, w_ih, b_ih, w_hh, b_hh, lengths, h, c, out, cell):  # pragma: no c
     """The recurrence of one layer, row by row: x [B, T, F] the layer's input, w_ih [F, G*H] and w_hh
     [H, G*H] the weights transposed, b_ih, b_hh [G*H]; h, c [B, H] updated in place; out [B, T, H].
 
-    Gate order and formulas as torch's cells. Every inner loop runs over independent outputs and
-    vectorises: matrix-vector products accumulate along rows of the weights, and the gates go through
-    `_fast_tanh`, a branch-free rational function, where libm's exp, one gate at a time, was four fifths
-    of a step (error_model="numpy" drops the division's zero check, which alone kept it scalar). Sums
-    run in another order than a BLAS's: round-off differences only.
+    Every inner loop runs over independent outputs and vectorises: the matrix-vector products accumulate
+    along rows of the weights, and the gates are `_cell`'s (error_model="numpy" drops the division's zero
+    check, which alone kept them scalar). Sums run in another order than a BLAS's: round-off differences
+    only.
     """
     B, T, F = x.shape
     H = h.shape[1]
     G = b_hh.shape[0]
     gi = np.empty(G, dtype=np.float32)
     g = np.empty(G, dtype=np.float32)
-    half = 0.5
     for r in range(B):
         for t in range(lengths[r]):
             gi[:] = b_ih
@@ -345,28 +377,50 @@ def _recur(x, w_ih, b_ih, w_hh, b_hh, lengths, h, c, out, cell):  # pragma: no c
                 hj = h[r, j]
                 for i in range(G):
                     g[i] += w_hh[j, i] * hj
-            if cell == 0:  # GRU: reset, update, new; the reset gate scales the hidden part of "new"
-                for i in range(H):
-                    reset = half + half * _fast_tanh(half * (g[i] + gi[i]))
-                    update = half + half * _fast_tanh(half * (g[H + i] + gi[H + i]))
-                    new = _fast_tanh(gi[2 * H + i] + g[2 * H + i] * reset)
-                    h[r, i] = new + update * (h[r, i] - new)
-            elif cell == 1:  # LSTM: in, forget, cell, out
-                for i in range(H):
-                    ig = half + half * _fast_tanh(half * (g[i] + gi[i]))
-                    fg = half + half * _fast_tanh(half * (g[H + i] + gi[H + i]))
-                    cg = _fast_tanh(g[2 * H + i] + gi[2 * H + i])
-                    og = half + half * _fast_tanh(half * (g[3 * H + i] + gi[3 * H + i]))
-                    c[r, i] = fg * c[r, i] + ig * cg
-                    h[r, i] = og * _fast_tanh(c[r, i])
-            else:
-                for i in range(H):
-                    h[r, i] = _fast_tanh(g[i] + gi[i])
+            _cell(gi, g, h[r], c[r], cell)
             for i in range(H):
                 out[r, t, i] = h[r, i]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
+def _gates(gi, gh, b_ih, b_hh, h, c, cell):  # pragma: no cover - compiled
+    """One step of every row after its two matrix products, gi = x @ W_ih and gh = h @ W_hh [B, G*H]
+    without their biases (added here, in place); h, c [B, H] updated in place."""
+    for r in range(h.shape[0]):
+        for i in range(b_hh.shape[0]):  # written out: `gi[r] += b_ih` kept the whole loop scalar
+            gi[r, i] += b_ih[i]
+            gh[r, i] += b_hh[i]
+        _cell(gi[r], gh[r], h[r], c[r], cell)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _cell(gi, g, h, c, cell):  # pragma: no cover - compiled
+    """A cell's gates for one row from its input and hidden parts gi and g [G*H], biases included; h and
+    c [H] updated in place. Gate order and formulas as torch's cells. The loops run over independent
+    outputs and vectorise: the gates go through `_fast_tanh`, a branch-free rational function, where
+    libm's exp, one gate at a time, was four fifths of a step."""
+    H = h.shape[0]
+    half = 0.5
+    if cell == 0:  # GRU: reset, update, new; the reset gate scales the hidden part of "new"
+        for i in range(H):
+            reset = half + half * _fast_tanh(half * (g[i] + gi[i]))
+            update = half + half * _fast_tanh(half * (g[H + i] + gi[H + i]))
+            new = _fast_tanh(gi[2 * H + i] + g[2 * H + i] * reset)
+            h[i] = new + update * (h[i] - new)
+    elif cell == 1:  # LSTM: in, forget, cell, out
+        for i in range(H):
+            ig = half + half * _fast_tanh(half * (g[i] + gi[i]))
+            fg = half + half * _fast_tanh(half * (g[H + i] + gi[H + i]))
+            cg = _fast_tanh(g[2 * H + i] + gi[2 * H + i])
+            og = half + half * _fast_tanh(half * (g[3 * H + i] + gi[3 * H + i]))
+            c[i] = fg * c[i] + ig * cg
+            h[i] = og * _fast_tanh(c[i])
+    else:
+        for i in range(H):
+            h[i] = _fast_tanh(g[i] + gi[i])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _head_rows(h, change, window, w_mean, b_mean, w_raw, b_raw, kernel, unit, mean, scale,
                window_out):  # pragma: no cover - compiled
     """The head after one step: h [B, H], change [B] the step's scaled change, window [B, W] before it;
@@ -392,9 +446,44 @@ def _head_rows(h, change, window, w_mean, b_mean, w_raw, b_raw, kernel, unit, me
                 mu[k] += kernel[q, k] * v
         for k in range(K):
             mean[r, k] = mu[k] * unit[k]
-            sp = np.float64(raw[k])
-            sp = sp if sp > 20.0 else math.log1p(math.exp(sp))  # F.softplus, threshold 20
-            scale[r, k] = np.float32(np.float32(sp) + np.float32(1e-3)) * unit[k]
+            scale[r, k] = np.float32(np.float32(_softplus(np.float64(raw[k]))) + np.float32(1e-3)) * unit[k]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _head_finish(hw, recent, b_mean, b_raw, unit, mean, scale):  # pragma: no cover - compiled
+    """The head's last stage for `Forecaster._tick_many`, from hw = h @ [W_mean | W_raw] [B, 2K] and the
+    path's part of the mean, recent [B, K]: mean and scale [B, K] as `_head_rows` fills them."""
+    B, K = mean.shape
+    for r in range(B):
+        for k in range(K):
+            mean[r, k] = (hw[r, k] + b_mean[k] + recent[r, k]) * unit[k]
+            raw = np.float64(hw[r, K + k] + b_raw[k])
+            scale[r, k] = np.float32(np.float32(_softplus(raw)) + np.float32(1e-3)) * unit[k]
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _softplus(x):  # pragma: no cover - compiled
+    """F.softplus (threshold 20) in float64 arithmetic, branch-free so a loop of it vectorises, where
+    libm's log1p(exp(x)), one element at a time, was half of the head at H = 96. log1p(u), u = exp(-|x|),
+    is 2 atanh(s) with s = u / (2 + u) <= 1/3, whose series to s^19 is within 1e-11; exp(a) is
+    exp(a / 64)^64, six squarings after Taylor to a^13, within 1e-13 over [-40, 0] (below -40 the
+    softplus is under 5e-18, which the scale's + 1e-3 does not see). Rounded to float32, libm's value
+    (`test_models`)."""
+    a = -abs(x)
+    a = (-40.0 if a < -40.0 else a) * (1.0 / 64.0)
+    p = 1.0 / 6227020800.0
+    for d in (479001600.0, 39916800.0, 3628800.0, 362880.0, 40320.0, 5040.0, 720.0, 120.0, 24.0, 6.0, 2.0,
+              1.0, 1.0):
+        p = p * a + 1.0 / d
+    for _ in range(6):
+        p = p * p
+    s = p / (2.0 + p)
+    s2 = s * s
+    q = 1.0 / 19.0
+    for d in (17.0, 15.0, 13.0, 11.0, 9.0, 7.0, 5.0, 3.0, 1.0):
+        q = q * s2 + 1.0 / d
+    sp = (x if x > 0.0 else 0.0) + 2.0 * s * q
+    return x if x > 20.0 else sp
 
 
 @njit(cache=True, inline="always")

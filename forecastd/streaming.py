@@ -179,7 +179,7 @@ def advance(
     x, origin, track = encode(values, grid.wall_ns(steps.ravel()).reshape(B, T), state.track,
                               state.scale, mc.level_alphas, mc.input_clip)
 
-    if T == 1 and not ragged and model.compiled_tick(B):  # a tick of a few series: numpy in and out
+    if T == 1 and not ragged and model.compiled_tick(B):  # a tick of up to a few hundred series: numpy in and out
         mean, spread, hidden, window = model.tick_arrays(x[:, 0], state.hidden, state.window)
         mean, spread = mean[:, None], spread[:, None]  # B, 1, K
     else:

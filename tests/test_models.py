@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from forecastd.config import ModelConfig, TrainingConfig
-from forecastd.models import Forecaster, State, _fast_tanh, pack_hidden, unpack_hidden
+from forecastd.models import _TICK_LOOP_ROWS, _TICK_MAX_ROWS, Forecaster, State, _fast_tanh, _softplus, pack_hidden, unpack_hidden
 from forecastd.training import train_rows
 
 
@@ -383,9 +383,9 @@ def _assert_same(a, b, rows=slice(None), steps=slice(None)):
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("lookback", [0, 6])
 def test_inference_shortcuts_give_the_general_paths_numbers(cell, layers, lookback):
-    """The tick (T = 1, any B) and the compiled loop (a few rows, ragged) against nn.GRU/LSTM/RNN and the
-    window's convolution; then again after the weights change in place (the shortcuts keep derived
-    weights between calls)."""
+    """The tick (T = 1: row by row for a few rows, BLAS and compiled gates for more, torch's ops past those)
+    and the compiled loop (a few rows, ragged) against nn.GRU/LSTM/RNN and the window's convolution; then
+    again after the weights change in place (the shortcuts keep derived weights between calls)."""
     torch.manual_seed(0)
     m = Forecaster(11, ModelConfig(cell=cell, hidden_size=8, num_layers=layers, horizon=3, lookback=lookback)).eval()
     for _ in range(2):
@@ -394,7 +394,7 @@ def test_inference_shortcuts_give_the_general_paths_numbers(cell, layers, lookba
                 p.copy_(torch.randn_like(p) * 0.5)  # in place, as an optimiser step; the zero head would hide errors
         x = torch.randn(3, 9, 11)
         state = _random_state(m, 3)
-        for B in (1, 3, 40):
+        for B in (1, 3, _TICK_LOOP_ROWS + 1, 40, _TICK_MAX_ROWS + 1):
             xb, sb = torch.randn(B, 1, 11), _random_state(m, B)
             with torch.no_grad():
                 _assert_same(m(xb, sb), _general(m, xb, sb))
@@ -426,6 +426,20 @@ def test_the_compiled_loops_tanh_is_as_close_to_exact_as_torchs():
     assert np.abs(got - np.tanh(x)).max() < 5e-8
     np.testing.assert_array_equal(got[40_001:42_002], -got[42_002:])
     assert _fast_tanh(0.0) == 0.0
+
+
+def test_the_compiled_softplus_rounds_to_libms_value():
+    """The branch-free softplus of the compiled heads, rounded to float32 as they use it, equals libm's
+    log1p(exp(x)) (torch's F.softplus formula, threshold 20) over the range a raw scale lives in and far
+    past it; below -40 both are too small for the scale's + 1e-3 to see."""
+    x = np.concatenate([np.linspace(-40.0, 60.0, 100_001), np.random.default_rng(0).normal(0.0, 5.0, 100_000)])
+    x = x[x >= -40.0].astype(np.float32).astype(np.float64)
+    want = np.where(x > 20.0, x, np.log1p(np.exp(x))).astype(np.float32)
+    got = np.array([_softplus(v) for v in x]).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+    far = np.array([-40.0, -60.0, -1e4])
+    assert (np.float32(np.array([_softplus(v) for v in far]).astype(np.float32) + np.float32(1e-3))
+            == np.float32(1e-3)).all()
 
 
 def test_the_compiled_loop_serves_only_inference():
