@@ -432,7 +432,8 @@ def test_the_compiled_softplus_rounds_to_libms_value():
     """The branch-free softplus of the compiled heads, rounded to float32 as they use it, equals libm's
     log1p(exp(x)) (torch's F.softplus formula, threshold 20) over the range a raw scale lives in and far
     past it; below -40 both are too small for the scale's + 1e-3 to see."""
-    x = np.concatenate([np.linspace(-40.0, 60.0, 100_001), np.random.default_rng(0).normal(0.0, 5.0, 100_000)])
+    x = np.concatenate([np.linspace(-40.0, 60.0, 100_001), np.random.default_rng(0).normal(0.0, 5.0, 100_000),
+                        np.linspace(-0.25, 0.25, 200_001)])  # where u = exp(-|x|) is near 1 and the series slowest
     x = x[x >= -40.0].astype(np.float32).astype(np.float64)
     want = np.where(x > 20.0, x, np.log1p(np.exp(x))).astype(np.float32)
     got = np.array([_softplus(v) for v in x]).astype(np.float32)
