@@ -69,9 +69,6 @@ _LOOP_MAX_ROWS = 16
 # cores (a whole update of 400 rows costs the same either way, 2 cores, H = 24 and 96).
 _TICK_LOOP_ROWS = 8
 _TICK_MAX_ROWS = 256
-# The lengths of a tick's rows, which `_recur` only reads (not flagged read-only: numba would compile
-# it once more for that type).
-_ONES = np.ones(_TICK_LOOP_ROWS, dtype=np.int64)
 
 
 class Forecaster(nn.Module):
@@ -260,8 +257,8 @@ class Forecaster(nn.Module):
         head's mean and raw-scale halves transposed, the path kernel [W, K], the unit, and the whole head
         transposed [H, 2K] (for `_tick_many`)."""
         K = self.horizon
-        layers = [(w_ih.t().contiguous().numpy(), b_ih.numpy(), w_hh.t().contiguous().numpy(), b_hh.numpy())
-                  for w_ih, w_hh, b_ih, b_hh in self.rnn.all_weights]
+        layers = tuple((w_ih.t().contiguous().numpy(), b_ih.numpy(), w_hh.t().contiguous().numpy(), b_hh.numpy())
+                       for w_ih, w_hh, b_ih, b_hh in self.rnn.all_weights)
         w, b = self.head.weight, self.head.bias
         kernel = (np.zeros((0, K), dtype=np.float32) if self.path is None
                   else self._kernel().t().contiguous().numpy())
@@ -293,26 +290,23 @@ class Forecaster(nn.Module):
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """`forward` for one step of a few rows (`compiled_tick`) on numpy arrays, as the stream state keeps
         them: x [B, F] float32, hidden [B, L, H] (LSTM [B, 2L, H], h then c), window [B, W]. Returns mean
-        and scale [B, K], the hidden state and window after the step, all new arrays. The compiled loop,
-        then the head in one compiled call: for one series the torch calls of `_tick`, and even the
-        conversions around a compiled call, a few microseconds each, would be most of a tick."""
+        and scale [B, K], the hidden state and window after the step, all new arrays. A few rows take one
+        compiled call (`_tick_rows`): for one series the torch calls of `_tick`, and even the conversions
+        around a compiled call, a few microseconds each, would be most of a tick."""
         layers, head = self._derived("compiled", self._compiled_weights, detached=True)
-        # Sizes from the arrays, not self.rnn: Module.__getattr__ costs a microsecond a name.
-        B, K, L, H = x.shape[0], self.horizon, len(layers), layers[0][2].shape[0]
-        h = hidden.transpose(1, 0, 2).copy()  # L (LSTM 2L), B, H: a copy the loop updates in place
-        c = h[L:] if self.cell == "lstm" else h  # GRU and Elman cells never touch c
-        if B > _TICK_LOOP_ROWS:
-            mean, scale, window = self._tick_many(x, h, c, window, layers, head)
-            return mean, scale, np.ascontiguousarray(h.transpose(1, 0, 2)), window
-        ones = _ONES[:B] if B <= _ONES.size else np.ones(B, dtype=np.int64)
-        out = x[:, None]
-        for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(layers):
-            inp, out = out, np.empty((B, 1, H), dtype=np.float32)
-            _recur(inp, w_ih, b_ih, w_hh, b_hh, ones, h[layer], c[layer], out, _CELL_CODE[self.cell])
-        mean, scale = np.empty((B, K), dtype=np.float32), np.empty((B, K), dtype=np.float32)
-        new_window = np.empty((B, self.lookback), dtype=np.float32)
-        _head_rows(out[:, 0], x[:, 0], window, *head[:6], mean, scale, new_window)
-        return mean, scale, np.ascontiguousarray(h.transpose(1, 0, 2)), new_window
+        if x.shape[0] <= _TICK_LOOP_ROWS:
+            return _tick_rows(x, hidden, window, layers, _CELL_CODE[self.cell], *head[:6])
+        h = hidden.transpose(1, 0, 2).copy()  # L (LSTM 2L), B, H: a copy the step updates in place
+        c = h[len(layers):] if self.cell == "lstm" else h  # GRU and Elman cells never touch c
+        mean, scale, window = self._tick_many(x, h, c, window, layers, head)
+        return mean, scale, np.ascontiguousarray(h.transpose(1, 0, 2)), window
+
+    def compiled_tick_parts(self) -> tuple[tuple, int, tuple]:
+        """For a compiled caller that runs `_tick_rows` itself (a tick of a few series in one compiled call
+        with the rest of the streaming step): the weights per layer, the cell's code and the head's weights,
+        as `_tick_rows` takes them; kept between calls until a weight changes."""
+        layers, head = self._derived("compiled", self._compiled_weights, detached=True)
+        return layers, _CELL_CODE[self.cell], head[:6]
 
     def _tick_many(self, x: np.ndarray, h: np.ndarray, c: np.ndarray, window: np.ndarray, layers, head
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -380,6 +374,32 @@ def _recur(x, w_ih, b_ih, w_hh, b_hh, lengths, h, c, out, cell):  # pragma: no c
             _cell(gi, g, h[r], c[r], cell)
             for i in range(H):
                 out[r, t, i] = h[r, i]
+
+
+@njit(cache=True, nogil=True)
+def _tick_rows(x, hidden, window, layers, cell, w_mean, b_mean, w_raw, b_raw, kernel, unit):  # pragma: no cover
+    """`Forecaster.tick_arrays` for a few rows, row by row: x [B, F] float32, hidden [B, L, H] (LSTM
+    [B, 2L, H], h then c), window [B, W]; the weights per layer and the head's as `_compiled_weights` gives
+    them. Returns mean and scale [B, K], the hidden state and window after the step, all new arrays.
+    Compiled whole, so that the streaming step can call it inside its own compiled pass: for one series
+    the calls around a compiled call, a few microseconds each, are most of a tick."""
+    B, F = x.shape
+    L = len(layers)
+    K = w_mean.shape[1]
+    h = hidden.transpose((1, 0, 2)).copy()  # L (LSTM 2L), B, H: the loop updates it in place
+    c = h[L:] if cell == 1 else h  # GRU and Elman cells never touch c
+    ones = np.ones(B, dtype=np.int64)
+    inp = np.empty((B, 1, F), dtype=np.float32)
+    inp[:, 0] = x
+    for layer in range(L):
+        w_ih, b_ih, w_hh, b_hh = layers[layer]
+        out = np.empty((B, 1, h.shape[2]), dtype=np.float32)
+        _recur(inp, w_ih, b_ih, w_hh, b_hh, ones, h[layer], c[layer], out, cell)
+        inp = out
+    mean, scale = np.empty((B, K), dtype=np.float32), np.empty((B, K), dtype=np.float32)
+    new_window = np.empty((B, window.shape[1]), dtype=np.float32)
+    _head_rows(inp[:, 0], x[:, 0], window, w_mean, b_mean, w_raw, b_raw, kernel, unit, mean, scale, new_window)
+    return mean, scale, np.ascontiguousarray(h.transpose((1, 0, 2))), new_window
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

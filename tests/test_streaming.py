@@ -86,6 +86,49 @@ def test_one_chunked_batch_equals_ticking_each_series_alone(cell, lookback):
             np.testing.assert_allclose(mine[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.parametrize("cell,layers", [("gru", 1), ("lstm", 2), ("rnn", 2)])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_a_tick_of_a_few_or_many_series_gives_torchs_rows_and_state(monkeypatch, cell, layers, rows):
+    """A one-step block as the tick serves it (a few series in one compiled call, `_tick_few`; more on numpy
+    arrays, `tick_arrays`), against the same block through torch's kernels: series at different
+    watermarks (each row's own calendar terms), a missing value, a series warming up."""
+    mc = ModelConfig(cell=cell, hidden_size=8, num_layers=layers, horizon=3, lookback=4)
+    torch.manual_seed(1)
+    model = Forecaster(n_features(len(mc.level_alphas)), mc).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    ac = AnomalyConfig()
+    segs = [Segment(f"s{i}", True, 3 * i, 50 + np.cumsum(np.random.default_rng(i).normal(size=12 + i)))
+            for i in range(rows)]
+    empty = StreamState.fresh([], np.zeros(0), len(mc.level_alphas), (layers * (1 + (cell == "lstm")), 8),
+                              ac.forecasts, model.lookback)
+    scales = {g.series_id: 1.0 + i / 4 for i, g in enumerate(segs)}
+    _, state = run_segments(model, empty, segs, scales, GRID, mc, ac, 1, Emit(0))
+    values = 50 + np.random.default_rng(9).normal(size=(rows, 1))
+    if rows > 1:
+        values[rows // 2, 0] = np.nan
+    lengths = np.ones(rows, dtype=np.int64)
+
+    from forecastd import models, streaming
+
+    got, got_state = streaming.advance(model, state, values, lengths, GRID, mc, ac, 1, Emit(3))
+    monkeypatch.setattr(streaming, "_TICK_LOOP_ROWS", 0)
+    monkeypatch.setattr(models, "_TICK_MAX_ROWS", 0)
+    want, want_state = streaming.advance(model, state, values, lengths, GRID, mc, ac, 1, Emit(3))
+    got, want = _sorted(got), _sorted(want)
+    for table in KEYS:
+        assert len(got[table]) == len(want[table]) > 0
+        for col in want[table].columns:
+            a, b = want[table][col], got[table][col]
+            if pd.api.types.is_float_dtype(a):
+                np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-6, err_msg=col)
+            elif col != "is_anomaly":
+                assert (a.to_numpy() == b.to_numpy()).all(), col
+    for key, value in want_state.to_arrays().items():
+        np.testing.assert_allclose(got_state.to_arrays()[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
 def test_each_point_is_judged_by_the_forecast_issued_one_step_before():
     """expected/lower/upper of an anomaly row are the step-1 forecast of the previous origin, also
     across chunk boundaries (carried as the pending forecasts)."""
