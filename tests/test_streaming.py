@@ -50,6 +50,19 @@ def _sorted(out: Outputs) -> dict[str, pd.DataFrame]:
     return {t: getattr(out, t).sort_values(k, ignore_index=True) for t, k in KEYS.items()}
 
 
+def _assert_same_rows(got: Outputs, want: Outputs) -> None:
+    """The same rows, their numbers to float32 round-off."""
+    got, want = _sorted(got), _sorted(want)
+    for table in KEYS:
+        assert len(got[table]) == len(want[table]) > 0
+        for col in want[table].columns:
+            a, b = want[table][col], got[table][col]
+            if pd.api.types.is_float_dtype(a):
+                np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-6, err_msg=col)
+            elif col != "is_anomaly":  # a score at the threshold may round either way
+                assert (a.to_numpy() == b.to_numpy()).all(), col
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 @pytest.mark.parametrize("lookback", [0, 4])
 def test_one_chunked_batch_equals_ticking_each_series_alone(cell, lookback):
@@ -70,15 +83,7 @@ def test_one_chunked_batch_equals_ticking_each_series_alone(cell, lookback):
             alone.append(out)
         states.append(state)
 
-    got, want = _sorted(batch), _sorted(Outputs.concat(alone))
-    for table in KEYS:
-        assert len(got[table]) == len(want[table]) > 0
-        for col in want[table].columns:
-            a, b = want[table][col], got[table][col]
-            if pd.api.types.is_float_dtype(a):
-                np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-6, err_msg=col)
-            elif col != "is_anomaly":  # a score at the threshold may round either way
-                assert (a.to_numpy() == b.to_numpy()).all(), col
+    _assert_same_rows(batch, Outputs.concat(alone))
     by_id = {s: i for i, s in enumerate(batch_state.series_ids)}
     for g, state in zip(segs, states):
         mine = batch_state.take(np.array([by_id[g.series_id]])).to_arrays()
@@ -116,15 +121,7 @@ def test_a_tick_of_a_few_or_many_series_gives_torchs_rows_and_state(monkeypatch,
     monkeypatch.setattr(streaming, "_TICK_LOOP_ROWS", 0)
     monkeypatch.setattr(models, "_TICK_MAX_ROWS", 0)
     want, want_state = streaming.advance(model, state, values, lengths, GRID, mc, ac, 1, Emit(3))
-    got, want = _sorted(got), _sorted(want)
-    for table in KEYS:
-        assert len(got[table]) == len(want[table]) > 0
-        for col in want[table].columns:
-            a, b = want[table][col], got[table][col]
-            if pd.api.types.is_float_dtype(a):
-                np.testing.assert_allclose(b.to_numpy(), a.to_numpy(), rtol=1e-5, atol=1e-6, err_msg=col)
-            elif col != "is_anomaly":
-                assert (a.to_numpy() == b.to_numpy()).all(), col
+    _assert_same_rows(got, want)
     for key, value in want_state.to_arrays().items():
         np.testing.assert_allclose(got_state.to_arrays()[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
