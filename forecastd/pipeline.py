@@ -17,7 +17,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -432,6 +432,7 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     report.series = planned.series
     report.points = planned.points
     _log_waiting(planned.waiting)
+    warned = _warn_stuck(planned.observed, set(info.get("waiting_warned", ())))
     clock.lap("plan")
 
     outputs, state = run_segments(mv.model, state, planned.segments, planned.fresh_scale, grid, mv.model_config,
@@ -447,10 +448,10 @@ def run_once(config: Config, now: dt.datetime, *, keep_outputs: bool = False,
     running = set(state.series_ids)
     recovered = {s: v for s, v in recovered.items() if s not in running}
     if planned.segments or (len(state) and listed_at != info.get("listed_at")) or planned.first_steps != waited \
-            or recovered != info.get("recovered", {}):
+            or recovered != info.get("recovered", {}) or warned != info.get("waiting_warned", []):
         store.save_stream(mv.version, state, {"ticked_at": pd.Timestamp(now).isoformat(), "listed_at": listed_at,
                                               "waiting": planned.first_steps, "waiting_versions": versions,
-                                              "recovered": recovered},
+                                              "waiting_warned": warned, "recovered": recovered},
                           keep=config.state.keep_checkpoints)
     clock.lap("checkpoint")
     report.forecasts_written = len(outputs.forecasts)
@@ -514,6 +515,10 @@ def backfill(config: Config, start: dt.datetime, end: dt.datetime, *, keep_outpu
     return report
 
 
+# Rows after which a new series still short of START_POINTS observed values is said at WARNING (`_warn_stuck`).
+STUCK_ROWS = 10 * START_POINTS
+
+
 def _log_waiting(waiting: list[str], level: int = logging.INFO) -> None:
     """Series not started for want of START_POINTS observed points: INFO for a tick (they start at a later
     one), WARNING for a backfill, which writes nothing for them at all."""
@@ -521,6 +526,21 @@ def _log_waiting(waiting: list[str], level: int = logging.INFO) -> None:
         log.log(level, "%d new series wait for %d observed points before they start, so that their unit of "
                 "change is measured (%s)", len(waiting), START_POINTS,
                 ", ".join(repr(s) for s in waiting[:5]) + (" ..." if len(waiting) > 5 else ""))
+
+
+def _warn_stuck(observed: Mapping[str, tuple[int, int]], warned: set[str]) -> list[str]:
+    """A WARNING, once per series, for waiting series with STUCK_ROWS rows or more: such a series is more
+    likely broken (values NULL, of another column) than slow, and waits, read again at every tick, for as
+    long as it stays so. Returns the waiting series warned about, for the checkpoint."""
+    stuck = {s: v for s, v in observed.items() if v[1] >= STUCK_ROWS and s not in warned}
+    if stuck:
+        names = list(stuck)
+        log.warning("%d new series with %d rows or more but fewer than %d observed values cannot start "
+                    "(observed of rows: %s): a new series starts at its %dth observed value. If they should have "
+                    "values, check their rows and [source] value_column (said once per series)", len(names),
+                    STUCK_ROWS, START_POINTS, ", ".join(f"{s!r} {stuck[s][0]} of {stuck[s][1]}" for s in names[:5])
+                    + (" ..." if len(names) > 5 else ""), START_POINTS)
+    return sorted((warned | stuck.keys()) & observed.keys())
 
 
 def _utc(t: dt.datetime | pd.Timestamp) -> pd.Timestamp:

@@ -42,6 +42,8 @@ class Plan:
     points: int  # observed values across the segments
     waiting: list[str] = field(default_factory=list)  # new series with fewer than START_POINTS points
     first_steps: dict[str, int] = field(default_factory=dict)  # tick plans: the step of each waiting one's first row
+    # tick plans: each waiting one's observed points and rows
+    observed: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def plan_tick(
     anchor_row = np.where(resumed, rows.first + at_or_before, rows.last)
     planned = known | (anchor_row <= rows.last)  # a resumed series with nothing after its watermark waits
     anchor = rows.steps[np.minimum(anchor_row, rows.last)]  # G, used for new series only
-    start, enough = _start_step(rows, model_scales)
+    start, enough, counts = _start_step(rows, model_scales)
     fresh = ~known & ~resumed
     carried_step = np.asarray(carried_step, dtype=np.int64)
     if carried_step.size and carried_step.max() >= 0:
@@ -139,19 +141,21 @@ def plan_tick(
                  max_gap)
     plan.waiting = waiting
     plan.first_steps = dict(zip(waiting, first_step[short].tolist()))
+    plan.observed = dict(zip(waiting, zip(counts[short].tolist(), (rows.last - rows.first + 1)[short].tolist())))
     return plan
 
 
-def _start_step(rows: _Rows, model_scales: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+def _start_step(rows: _Rows, model_scales: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where each series can start from a fresh state, and whether it can yet: a series the model learnt
-    at its first row; any other at its START_POINTS-th observed point, the first whose unit is measured."""
+    at its first row; any other at its START_POINTS-th observed point, the first whose unit is measured.
+    Also each series' observed points."""
     learnt = np.array([s in model_scales for s in rows.ids.tolist()], dtype=bool)  # G
     counts = np.cumsum(np.isfinite(rows.values))
     before = np.r_[0, counts][rows.first]  # G: observed points of the groups before each one
     nth = np.searchsorted(counts, before + START_POINTS)  # G: row of each group's START_POINTS-th point
     enough = learnt | (nth <= rows.last)
     start = np.where(learnt, rows.steps[rows.first], rows.steps[np.minimum(nth, rows.last)])
-    return start, enough
+    return start, enough, counts[rows.last] - before
 
 
 def plan_backfill(frame: pd.DataFrame, grid: Grid, lo: int, model_scales: Mapping[str, float], warmup: int,
@@ -163,7 +167,7 @@ def plan_backfill(frame: pd.DataFrame, grid: Grid, lo: int, model_scales: Mappin
         return Plan([], {}, 0, 0)
     # As ticks from `lo` on would start each series: at lo, or later at its start point (`_start_step`),
     # where a series that began inside the range gets its first outputs; one that cannot start yet waits.
-    start, enough = _start_step(rows, model_scales)
+    start, enough, _ = _start_step(rows, model_scales)
     anchor = np.maximum(lo, start)  # G
     keep = enough[rows.group] & (rows.steps >= anchor[rows.group] - warmup)
     plan = _plan(rows, keep, np.full(G, -1, dtype=np.int64), np.ones(G, dtype=bool), anchor, anchor, np.zeros(0),

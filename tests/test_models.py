@@ -3,7 +3,16 @@ import pytest
 import torch
 
 from forecastd.config import ModelConfig, TrainingConfig
-from forecastd.models import _TICK_LOOP_ROWS, _TICK_MAX_ROWS, Forecaster, State, _fast_tanh, _softplus, pack_hidden, unpack_hidden
+from forecastd.models import (
+    _TICK_LOOP_ROWS,
+    _TICK_MAX_ROWS,
+    Forecaster,
+    State,
+    _fast_tanh,
+    _softplus,
+    pack_hidden,
+    unpack_hidden,
+)
 from forecastd.training import train_rows
 
 

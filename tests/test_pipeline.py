@@ -674,6 +674,34 @@ def test_a_waiting_series_counts_its_repairs_once(trained, tmp_path):
     assert sum(nan_counts) == 1 and nan_counts[START_POINTS] == 1
 
 
+def test_a_series_that_cannot_start_for_want_of_values_is_warned_about_once(trained, tmp_path, caplog):
+    """A new series whose values are all missing (a sensor writing NULL) waited for ever, said at INFO
+    among every tick's lines. Past STUCK_ROWS rows it is said at WARNING, naming it, once: the warning is
+    checkpointed. The other series run on, and one that starts no longer counts as warned."""
+    from forecastd.pipeline import STUCK_ROWS
+
+    config, data = _ticked_to_500(trained, tmp_path, "1e7")
+    n = STUCK_ROWS + 3
+    times = _ts(499) - pd.to_timedelta(np.arange(n)[::-1], unit="h")
+    dead = pd.DataFrame({"series_id": "dead", "ts": times, "value": np.nan})
+    sparse = pd.DataFrame({"series_id": "sparse", "ts": times, "value": np.nan})
+    sparse.loc[sparse.index[-3:], "value"] = 1.0  # 3 observed of n: short of START_POINTS too
+    warnings, waiting = [], []
+    for k in range(1, 4):
+        extra = pd.DataFrame({"series_id": ["dead", "sparse"], "ts": [_ts(500 + k - 1)] * 2, "value": np.nan})
+        pd.concat([data[data["ts"] < _ts(500 + k)], dead, sparse, extra]).to_parquet(tmp_path / "data.parquet")
+        caplog.clear()
+        with caplog.at_level("INFO", logger="forecastd.pipeline"):
+            r = run_once(config, _ts(500 + k), keep_outputs=True)
+        warnings.append([rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"
+                         and "cannot start" in rec.getMessage()])
+        assert {"sine", "walk"} <= set(r.outputs.anomalies["series_id"]), k  # the others run on
+        waiting.append(state_store(config).load_stream(r.model_version)[1].get("waiting_warned"))
+    assert len(warnings[0]) == 1 and "'dead' 0 of" in warnings[0][0] and "'sparse' 3 of" in warnings[0][0]
+    assert warnings[1:] == [[], []]  # once
+    assert waiting == [["dead", "sparse"]] * 3
+
+
 def test_listing_every_tick_finds_the_newcomer_at_once(trained, tmp_path):
     config, data = _ticked_to_500(trained, tmp_path, "0")
     old = data[(data["series_id"] == "walk") & (data["ts"] < _ts(450))].assign(series_id="old")
