@@ -132,6 +132,11 @@ def _problems(store: StateStore, daemon: dict[str, Any], live: int | None) -> li
     if daemon.get("last_tick") and not any(store.has_stream(v) for v in versions):
         out.append("no stream checkpoint, though a daemon has ticked: the next tick continues each series after "
                    "its latest outputs in the sink, or at its latest point where the sink has none")
+    stuck = store.load_stream(live)[1].get("waiting_warned", [])  # `pipeline._warn_stuck`
+    if stuck:
+        out.append(f"{len(stuck)} new series cannot start for want of observed values "
+                   f"({', '.join(repr(s) for s in stuck[:5])}{' ...' if len(stuck) > 5 else ''}): check their rows "
+                   "and [source] value_column")
     return out
 
 

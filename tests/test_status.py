@@ -89,6 +89,20 @@ def test_status_names_broken_state_instead_of_empty_or_healthy_tables(tmp_path):
     assert "does not exist" in status(gone, NOW)["problems"][0]
 
 
+def test_status_names_new_series_that_cannot_start(tmp_path):
+    """A tick that warned about new series without enough observed values (`pipeline._warn_stuck`) keeps
+    them in its checkpoint; `status` names them as a problem until they start."""
+    config = load_config(clone(tmp_path))
+    append_rows(tmp_path / "src.db", T0, T0 + pd.Timedelta(hours=1))
+    run_once(config, NOW)
+    store = state_store(config)
+    assert status(config, NOW)["problems"] == []
+    state, info = store.load_stream(1)
+    store.save_stream(1, state, {**info, "waiting_warned": ["dead-sensor"]}, keep=3)
+    [problem] = status(config, NOW)["problems"]
+    assert "1 new series cannot start" in problem and "'dead-sensor'" in problem and "value_column" in problem
+
+
 def test_running_pid_comes_from_the_lock(tmp_path):
     assert running_pid(state_store(load_config(clone(tmp_path)))) is None
     store = state_store(load_config(tmp_path / "forecastd.toml"))
