@@ -252,10 +252,10 @@ class Forecaster(nn.Module):
         return (x.shape[0] <= rows and x.device.type == "cpu" and x.dtype == torch.float32
                 and not self.training and not torch.is_grad_enabled())
 
-    def _compiled_weights(self) -> tuple[list[tuple[np.ndarray, ...]], tuple[np.ndarray, ...]]:
+    def _compiled_weights(self) -> tuple[tuple[tuple[np.ndarray, ...], ...], tuple[np.ndarray, ...], np.ndarray]:
         """For the compiled loops, as numpy: per layer W_ih and W_hh transposed with their biases; the
-        head's mean and raw-scale halves transposed, the path kernel [W, K], the unit, and the whole head
-        transposed [H, 2K] (for `_tick_many`)."""
+        head's mean and raw-scale halves transposed, the path kernel [W, K] and the unit (`_head_rows`'
+        order); and the whole head transposed [H, 2K], for `_tick_many`'s one matrix product."""
         K = self.horizon
         layers = tuple((w_ih.t().contiguous().numpy(), b_ih.numpy(), w_hh.t().contiguous().numpy(), b_hh.numpy())
                        for w_ih, w_hh, b_ih, b_hh in self.rnn.all_weights)
@@ -263,7 +263,7 @@ class Forecaster(nn.Module):
         kernel = (np.zeros((0, K), dtype=np.float32) if self.path is None
                   else self._kernel().t().contiguous().numpy())
         return layers, (w[:K].t().contiguous().numpy(), b[:K].numpy(), w[K:].t().contiguous().numpy(),
-                        b[K:].numpy(), kernel, self.unit.numpy(), w.t().contiguous().numpy())
+                        b[K:].numpy(), kernel, self.unit.numpy()), w.t().contiguous().numpy()
 
     def _loop(self, x: np.ndarray, hidden: Hidden, lengths: np.ndarray, layers) -> tuple[np.ndarray, Hidden]:
         """nn.RNN/GRU/LSTM's outputs [B, T, H] (zeros past each row's length) and last state, layer by
@@ -293,23 +293,23 @@ class Forecaster(nn.Module):
         and scale [B, K], the hidden state and window after the step, all new arrays. A few rows take one
         compiled call (`_tick_rows`): for one series the torch calls of `_tick`, and even the conversions
         around a compiled call, a few microseconds each, would be most of a tick."""
-        layers, head = self._derived("compiled", self._compiled_weights, detached=True)
+        layers, head, w_head = self._derived("compiled", self._compiled_weights, detached=True)
         if x.shape[0] <= _TICK_LOOP_ROWS:
-            return _tick_rows(x, hidden, window, layers, _CELL_CODE[self.cell], *head[:6])
+            return _tick_rows(x, hidden, window, layers, _CELL_CODE[self.cell], *head)
         h = hidden.transpose(1, 0, 2).copy()  # L (LSTM 2L), B, H: a copy the step updates in place
         c = h[len(layers):] if self.cell == "lstm" else h  # GRU and Elman cells never touch c
-        mean, scale, window = self._tick_many(x, h, c, window, layers, head)
+        mean, scale, window = self._tick_many(x, h, c, window, layers, head, w_head)
         return mean, scale, np.ascontiguousarray(h.transpose(1, 0, 2)), window
 
     def compiled_tick_parts(self) -> tuple[tuple, int, tuple]:
         """For a compiled caller that runs `_tick_rows` itself (a tick of a few series in one compiled call
         with the rest of the streaming step): the weights per layer, the cell's code and the head's weights,
         as `_tick_rows` takes them; kept between calls until a weight changes."""
-        layers, head = self._derived("compiled", self._compiled_weights, detached=True)
-        return layers, _CELL_CODE[self.cell], head[:6]
+        layers, head, _ = self._derived("compiled", self._compiled_weights, detached=True)
+        return layers, _CELL_CODE[self.cell], head
 
-    def _tick_many(self, x: np.ndarray, h: np.ndarray, c: np.ndarray, window: np.ndarray, layers, head
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _tick_many(self, x: np.ndarray, h: np.ndarray, c: np.ndarray, window: np.ndarray, layers, head,
+                   w_head: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`tick_arrays` past the rows the row-by-row loops serve: numpy's BLAS for the matrix products,
         compiled loops for the gates and the head's last stage; h and c [L, B, H] updated in place.
         Torch's `_tick` does the same work in some twenty ops, several microseconds apiece, which at 100
@@ -319,7 +319,7 @@ class Forecaster(nn.Module):
         for layer, (w_ih, b_ih, w_hh, b_hh) in enumerate(layers):
             _gates(np.dot(inp, w_ih), np.dot(h[layer], w_hh), b_ih, b_hh, h[layer], c[layer], _CELL_CODE[self.cell])
             inp = h[layer]
-        _, b_mean, _, b_raw, kernel, unit, w_head = head
+        _, b_mean, _, b_raw, kernel, unit = head
         new_window = np.empty((B, W), dtype=np.float32)
         if W:
             new_window[:, :-1] = window[:, 1:]
@@ -332,7 +332,7 @@ class Forecaster(nn.Module):
         return mean, scale, new_window
 
     def _tick_compiled(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, torch.Tensor, State]:
-        """forward for one step of a few rows: `tick_arrays` on the tensors' numpy views."""
+        """forward for one step of up to _TICK_MAX_ROWS rows: `tick_arrays` on the tensors' numpy views."""
         hidden = pack_hidden(state.rnn).numpy().transpose(1, 0, 2)
         mean, scale, hidden, window = self.tick_arrays(x[:, 0].numpy(), hidden, state.window.numpy())
         rnn = unpack_hidden(torch.from_numpy(hidden.transpose(1, 0, 2).copy()), self.cell)
