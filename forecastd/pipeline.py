@@ -17,7 +17,7 @@ import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -524,8 +524,7 @@ def _log_waiting(waiting: list[str], level: int = logging.INFO) -> None:
     one), WARNING for a backfill, which writes nothing for them at all."""
     if waiting:
         log.log(level, "%d new series wait for %d observed points before they start, so that their unit of "
-                "change is measured (%s)", len(waiting), START_POINTS,
-                ", ".join(repr(s) for s in waiting[:5]) + (" ..." if len(waiting) > 5 else ""))
+                "change is measured (%s)", len(waiting), START_POINTS, some_of(waiting))
 
 
 def _warn_stuck(observed: Mapping[str, tuple[int, int]], warned: set[str]) -> list[str]:
@@ -534,13 +533,17 @@ def _warn_stuck(observed: Mapping[str, tuple[int, int]], warned: set[str]) -> li
     long as it stays so. Returns the waiting series warned about, for the checkpoint."""
     stuck = {s: v for s, v in observed.items() if v[1] >= STUCK_ROWS and s not in warned}
     if stuck:
-        names = list(stuck)
         log.warning("%d new series with %d rows or more but fewer than %d observed values cannot start "
                     "(observed of rows: %s): a new series starts at its %dth observed value. If they should have "
-                    "values, check their rows and [source] value_column (said once per series)", len(names),
-                    STUCK_ROWS, START_POINTS, ", ".join(f"{s!r} {stuck[s][0]} of {stuck[s][1]}" for s in names[:5])
-                    + (" ..." if len(names) > 5 else ""), START_POINTS)
+                    "values, check their rows and [source] value_column (said once per series)", len(stuck),
+                    STUCK_ROWS, START_POINTS, some_of(list(stuck), lambda s: f"{s!r} {stuck[s][0]} of {stuck[s][1]}"),
+                    START_POINTS)
     return sorted((warned | stuck.keys()) & observed.keys())
+
+
+def some_of(names: Sequence[str], show: Callable[[str], str] = repr, shown: int = 5) -> str:
+    """The first `shown` of `names` for a message, each as `show` gives it, and " ..." if there are more."""
+    return ", ".join(show(s) for s in names[:shown]) + (" ..." if len(names) > shown else "")
 
 
 def _utc(t: dt.datetime | pd.Timestamp) -> pd.Timestamp:

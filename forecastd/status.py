@@ -20,7 +20,7 @@ import pandas as pd
 from forecastd.config import Config
 from forecastd.errors import ForecastdError
 from forecastd.files import atomic_write_bytes
-from forecastd.pipeline import state_store
+from forecastd.pipeline import some_of, state_store
 from forecastd.state import StateStore, manifest_grid
 
 __all__ = ["DAEMON_FILE", "status", "model_versions", "read_daemon_info", "write_daemon_info", "running_pid"]
@@ -134,9 +134,8 @@ def _problems(store: StateStore, daemon: dict[str, Any], live: int | None) -> li
                    "its latest outputs in the sink, or at its latest point where the sink has none")
     stuck = store.load_stream(live)[1].get("waiting_warned", [])  # `pipeline._warn_stuck`
     if stuck:
-        out.append(f"{len(stuck)} new series cannot start for want of observed values "
-                   f"({', '.join(repr(s) for s in stuck[:5])}{' ...' if len(stuck) > 5 else ''}): check their rows "
-                   "and [source] value_column")
+        out.append(f"{len(stuck)} new series cannot start for want of observed values ({some_of(stuck)}): "
+                   "check their rows and [source] value_column")
     return out
 
 
