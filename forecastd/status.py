@@ -21,7 +21,7 @@ from forecastd.config import Config
 from forecastd.errors import ForecastdError
 from forecastd.files import atomic_write_bytes
 from forecastd.pipeline import some_of, state_store
-from forecastd.state import StateStore, manifest_grid
+from forecastd.state import StateStore, StreamState, manifest_grid
 
 __all__ = ["DAEMON_FILE", "status", "model_versions", "read_daemon_info", "write_daemon_info", "running_pid"]
 
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 DAEMON_FILE = "daemon.json"
 LOCK_FILE = "lock"
 SINK_SECONDS = 10.0  # how long `status` waits for the sink's last day of anomalies
+# Each version's stream checkpoint as `StateStore.load_stream` gives it.
+Streams = dict[int, tuple[StreamState | None, dict[str, Any]]]
 _METRICS = ("val_loss", "val_mse", "val_persistence_mse", "best_epoch", "epochs_run")
 
 
@@ -99,19 +101,21 @@ def status(config: Config, now: dt.datetime) -> dict[str, Any]:
     daemon = read_daemon_info(store)
     # Once: without live.json each call recovers it (reading the history and every stream) and warns.
     live = store.live_version()
+    # Each version's newest usable checkpoint, read once for the problems and the watermarks.
+    streams = {v: store.load_stream(v) for v in store.versions()}
     return {
         "now": now_ts.isoformat(),
         "state_dir": str(store.root),
-        "problems": _problems(store, daemon, live),
+        "problems": _problems(store, daemon, live, streams),
         "daemon": {"running": pid is not None, "pid": pid, **{k: v for k, v in daemon.items() if k != "pid"}},
         "live_version": live,
         "models": model_versions(store, live),
-        "series": _watermarks(store, now_ts, live),
+        "series": _watermarks(store, now_ts, live, streams),
         "anomalies": _anomalies(config, now_ts),
     }
 
 
-def _problems(store: StateStore, daemon: dict[str, Any], live: int | None) -> list[str]:
+def _problems(store: StateStore, daemon: dict[str, Any], live: int | None, streams: Streams) -> list[str]:
     """What keeps the state from serving as it should, each with the fix: without these lines a missing
     state directory, no live model, live weights that fail their checksum or lost stream checkpoints
     all showed as empty or healthy tables."""
@@ -132,14 +136,14 @@ def _problems(store: StateStore, daemon: dict[str, Any], live: int | None) -> li
     if daemon.get("last_tick") and not any(store.has_stream(v) for v in versions):
         out.append("no stream checkpoint, though a daemon has ticked: the next tick continues each series after "
                    "its latest outputs in the sink, or at its latest point where the sink has none")
-    stuck = store.load_stream(live)[1].get("waiting_warned", [])  # `pipeline._warn_stuck`
+    stuck = streams.get(live, (None, {}))[1].get("waiting_warned", [])  # `pipeline._warn_stuck`
     if stuck:
         out.append(f"{len(stuck)} new series cannot start for want of observed values ({some_of(stuck)}): "
                    "check their rows and [source] value_column")
     return out
 
 
-def _watermarks(store: StateStore, now: pd.Timestamp, live: int | None) -> list[dict[str, Any]]:
+def _watermarks(store: StateStore, now: pd.Timestamp, live: int | None, streams: Streams) -> list[dict[str, Any]]:
     if live is None:
         return []
     try:
@@ -150,10 +154,10 @@ def _watermarks(store: StateStore, now: pd.Timestamp, live: int | None) -> list[
     # the handover record of pruned streams: where the next tick continues it (`pipeline._prior`). Right
     # after a switch the live model has no stream yet; after more switches than [state] keep_versions with
     # no data between, only the handover record holds the watermarks (model_version None).
-    versions = [live] + sorted((v for v in store.versions() if v != live), reverse=True)
+    versions = [live] + sorted((v for v in streams if v != live), reverse=True)
     found: dict[str, tuple[int, int | None, bool]] = {}
     for v in versions:
-        state, info = store.load_stream(v)
+        state, info = streams.get(v, (None, {}))
         for sid, st, age in zip(state.series_ids, state.step, state.age, strict=True) if state is not None else ():
             found.setdefault(sid, (int(st), v, bool(age > 0)))
         # Watermarks a tick recovered from the sink's outputs, for series that have not run since.
