@@ -60,7 +60,7 @@ from benchmarks.ett_protocol import EttSplits, evaluate, load_ett, persistence  
 from benchmarks.speed import GRID, _state  # noqa: E402
 from forecastd.config import AnomalyConfig, ModelConfig, TrainingConfig  # noqa: E402
 from forecastd.models import Forecaster  # noqa: E402
-from forecastd.runtime import tune_malloc  # noqa: E402
+from forecastd.runtime import single_thread_blas, tune_malloc  # noqa: E402
 from forecastd.streaming import Emit, advance  # noqa: E402
 from forecastd.windowing import n_features  # noqa: E402
 
@@ -330,9 +330,10 @@ def forecastd_update(mc: ModelConfig, n_series: int) -> Callable[[int], None]:
     state = [_state(model, mc, n_series)]
     values = 100 + np.random.default_rng(1).normal(size=(n_series, 1))
     lengths = np.ones(n_series, dtype=np.int64)
+    ac, emit = AnomalyConfig(), Emit(0)  # settings, made once as the daemon makes them
 
     def one(k: int) -> None:
-        _, state[0] = advance(model, state[0], values, lengths, GRID, mc, AnomalyConfig(), 1, Emit(0))
+        _, state[0] = advance(model, state[0], values, lengths, GRID, mc, ac, 1, emit)
 
     return one
 
@@ -407,8 +408,9 @@ def report(horizon: int, windows: int, results: dict[str, Result], base_mse: flo
 
 
 def run(args: argparse.Namespace) -> None:
-    # As the CLI sets it for `forecastd serve`; process-wide, so the peers run under it too.
+    # As the CLI sets them for `forecastd serve`; process-wide, so the peers run under them too.
     malloc = "glibc defaults" if args.system_malloc else "tuned" if tune_malloc() else "not tunable here"
+    blas = "numpy BLAS 1 thread" if single_thread_blas() else "numpy BLAS as configured"
     wanted = list(dict.fromkeys(args.peers))
     runnable, messages = check_peers(wanted)
     for m in messages:
@@ -427,7 +429,7 @@ def run(args: argparse.Namespace) -> None:
             versions.append(f"{module} {__import__(module).__version__}")
     print(f"{args.data.name} OT, L={args.lookback}, hidden {HIDDEN}, seeds {args.seeds}, peers <= {args.epochs} epochs "
           f"(patience {args.patience}), forecastd <= {args.forecastd_epochs} epochs; {', '.join(versions)}; "
-          f"{torch.get_num_threads()} torch threads; malloc {malloc} (every model)")
+          f"{torch.get_num_threads()} torch threads; malloc {malloc}, {blas} (every model)")
     print("forecastd GRU: product defaults (its own robust scale, carried state); rolling evaluation = the "
           f"streaming step from a fresh state over {args.warmup} rows before the first test origin, then the test")
     print(f"Rolling evaluation seconds: the fastest of {args.rolling_repeats} runs for every model")

@@ -39,7 +39,7 @@ from typer.core import TyperGroup
 from forecastd import __version__
 from forecastd.config import EXAMPLE_TOML, Config, load_config
 from forecastd.errors import ConfigError, ForecastdError
-from forecastd.runtime import tune_malloc
+from forecastd.runtime import single_thread_blas, tune_malloc
 
 __all__ = ["app", "main", "ConfigOption", "DEFAULT_CONFIG", "NowOption", "load", "parse_time", "now_or", "out",
            "epoch_progress", "configure_logging", "JsonFormatter"]
@@ -188,6 +188,7 @@ def _global(
     ctx.meta[_DEBUG_KEY] = debug
     configure_logging(log_level.value, log_format.value)
     tune_malloc()
+    single_thread_blas()
 
 
 # -- shared options and helpers -------------------------------------------------------------------

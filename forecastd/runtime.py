@@ -1,5 +1,6 @@
 """Process-wide settings for a long-running forecastd process: malloc's thresholds, the garbage
-collector's view of the objects that live as long as the process, and where numba caches its code.
+collector's view of the objects that live as long as the process, numpy's BLAS threads, and where numba
+caches its code.
 
 glibc's malloc serves every block over its mmap threshold with fresh pages from the kernel and gives
 the top of the heap back once more than its trim threshold lies free there. A tick allocates and frees
@@ -14,6 +15,13 @@ torch, pandas and SQLAlchemy that is some 260,000 objects and 170-190 ms, and a 
 allocates enough to set one off every few ticks: a 300 ms stall in one tick of six in speed.py's
 end-to-end run. The daemon freezes what it holds once it has started (`gc.freeze`), so later
 collections walk only what ticks create.
+
+A tick of up to a few hundred series runs its matrix products through numpy's BLAS (`Forecaster.tick_arrays`):
+100 x 64 by 64 x 192, some 2.5 MFLOP, which one core does in 27 us. OpenBLAS splits it over both cores
+(21 us) only while nothing else runs: once torch has run anything multi-threaded in the process (a retrain,
+a tick of thousands of series), its OpenMP workers and OpenBLAS's threads take turns on the two cores and
+the same product takes 49-54 us. The CLI keeps numpy's BLAS on one thread (`single_thread_blas`); torch's
+own BLAS, linked into torch, keeps its threads for training.
 
 The step-by-step loops are compiled by numba with `cache=True`, and numba looks for a writable cache
 directory when each module that defines them is imported: `$NUMBA_CACHE_DIR`, the package's own
@@ -33,10 +41,10 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
-__all__ = ["tune_malloc", "freeze_heap", "ensure_numba_cache"]
+__all__ = ["tune_malloc", "freeze_heap", "single_thread_blas", "ensure_numba_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +94,28 @@ def freeze_heap() -> int:
     count = gc.get_freeze_count()
     log.debug("%d objects frozen out of the garbage collector's full collections", count)
     return count
+
+
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+
+
+def single_thread_blas(environ: Mapping[str, str] = os.environ) -> bool:
+    """Run numpy's BLAS on one thread for the rest of this process; True when one was found and set.
+
+    Left as it is where the user has chosen a thread count for it (any of `BLAS_THREAD_VARIABLES`).
+    """
+    chosen = sorted(k for k in BLAS_THREAD_VARIABLES if k in environ)
+    if chosen:
+        log.debug("numpy's BLAS threads left as configured (%s set)", ", ".join(chosen))
+        return False
+    import numpy  # noqa: F401  (loads the BLAS the limit applies to)
+    from threadpoolctl import ThreadpoolController
+
+    blas = ThreadpoolController().select(user_api="blas")
+    blas.limit(limits=1)
+    names = sorted({lib["internal_api"] for lib in blas.info()})
+    log.debug("numpy's BLAS on one thread (%s)", ", ".join(names) or "none loaded")
+    return bool(names)
 
 
 def ensure_numba_cache(environ: MutableMapping[str, str] = os.environ,

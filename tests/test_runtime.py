@@ -1,5 +1,5 @@
-"""Process settings: glibc malloc keeps a tick's large blocks in the heap instead of fresh pages, and
-full garbage collections skip what the daemon loaded at start.
+"""Process settings: glibc malloc keeps a tick's large blocks in the heap instead of fresh pages, full
+garbage collections skip what the daemon loaded at start, and numpy's BLAS runs on one thread.
 
 Each check runs in a fresh interpreter, so the settings it makes or leaves never reach this process.
 """
@@ -96,6 +96,37 @@ def test_freeze_heap_takes_what_is_loaded_out_of_full_collections():
     before, frozen, after, old_freed, new_freed = done.stdout.split()
     assert int(before) > 100_000 and int(frozen) >= int(before) and int(after) < 1000
     assert old_freed == "True" and new_freed == "True"
+
+
+# Runs a CLI command in a fresh interpreter, then reports the thread count of every BLAS numpy loaded
+# (threadpoolctl reads it from the library itself).
+BLAS_PROBE = textwrap.dedent("""
+    import sys
+    import numpy
+    from typer.testing import CliRunner
+    from threadpoolctl import threadpool_info
+    from forecastd.cli import app
+
+    done = CliRunner().invoke(app, ["init", sys.argv[1]])
+    assert done.exit_code == 0, done.output
+    print(*sorted({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}))
+""")
+
+
+def _blas_threads(tmp_path, **env: str) -> list[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", BLAS_PROBE, str(tmp_path / "forecastd.toml")], capture_output=True,
+                          text=True, timeout=120, env={**environ, **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: every BLAS runs on one thread anyway")
+def test_the_cli_runs_numpys_blas_on_one_thread_unless_the_user_chose(tmp_path):
+    assert _blas_threads(tmp_path) == ["1"]
+    (tmp_path / "forecastd.toml").unlink()
+    # A count the user set for their BLAS stands (OpenBLAS reads it when numpy loads it).
+    assert _blas_threads(tmp_path, OPENBLAS_NUM_THREADS="2") == ["2"]
 
 
 # numba's `cache=True` needs a writable directory when each module that compiles is imported; here
