@@ -24,7 +24,7 @@ from forecastd.config import AnomalyConfig, ModelConfig
 from forecastd.frames import ANOMALY_COLUMNS, FORECAST_COLUMNS, Grid
 from forecastd.models import _TICK_LOOP_ROWS, Forecaster, State, _tick_rows, pack_hidden, unpack_hidden
 from forecastd.state import Segment, StreamState
-from forecastd.windowing import Track, _alpha_array, _calendar_one, _encode_steps, encode
+from forecastd.windowing import Track, _alpha_array, _encode_tick, encode
 
 __all__ = ["Outputs", "Emit", "Carried", "advance", "run_segments", "empty_forecasts", "empty_anomalies"]
 
@@ -245,19 +245,13 @@ def _tick_few(values, wall_ns, last, levels, scale, alpha, clip, hidden, window,
               pending_std, lengths, score_args, b, t, z, steps, step_ns, threshold, version, floats, ints, a_floats,
               a_ints, flags):  # pragma: no cover - compiled
     """`advance` for a one-step block of a few series between `_Rows` and the new state, in one compiled
-    call: `encode` (its copies of the track, `_encode_steps`, each row's calendar terms), the model
+    call: the features (`windowing._encode_tick`, as `encode` runs it for a one-step block), the model
     (`models._tick_rows`) and `_judge_score_write`. Returns the track's last values and levels, the
     hidden state, the window and the pending forecasts after the step. For one series the calls between
     these stages, a few microseconds each, cost more than the stages: the update took 92 us as separate
     calls, 77 us as this one (2 cores, H = 24)."""
     B = values.shape[0]
-    A = alpha.shape[0]
-    last, levels = last.astype(np.float64), levels.astype(np.float64)  # copies, as `encode` makes them
-    x = np.empty((B, 1, layers[0][0].shape[0]), dtype=np.float32)
-    origin = np.empty((B, 1))
-    _encode_steps(values, last, levels, scale, alpha, clip, x, origin)
-    for r in range(B):
-        _calendar_one(wall_ns[r, 0], x[r, 0, 2 + A :])
+    x, origin, last, levels = _encode_tick(values, wall_ns, last, levels, scale, alpha, clip)
     mean, spread, hidden, window = _tick_rows(x[:, 0], hidden, window, layers, cell, *head)
     K = mean.shape[1]
     pending_mean, pending_std = _judge_score_write(values, origin, mean.reshape(B, 1, K), spread.reshape(B, 1, K),

@@ -191,15 +191,38 @@ def encode(
     forecasts are changes from), and the track after the block. Sequential in T (compiled, `_encode_steps`).
     """
     B, T = values.shape
-    A = len(alphas)
+    values, scale = np.ascontiguousarray(values, dtype=np.float64), np.asarray(scale, dtype=np.float64)
+    alpha = _alpha_array(tuple(alphas))
+    if T == 1:  # a tick: one compiled call, where numpy's calls around it cost more than the work
+        x, origin, last, levels = _encode_tick(values, np.asarray(ts_ns, dtype=np.int64), track.last, track.levels,
+                                               scale, alpha, float(clip))
+        return x, origin, Track(last, levels)
     last = track.last.astype(np.float64)  # copies: the caller's track is left as it was
     levels = track.levels.astype(np.float64)
-    x = np.empty((B, T, n_features(A)), dtype=np.float32)
+    x = np.empty((B, T, n_features(len(alphas))), dtype=np.float32)
     origin = np.empty((B, T), dtype=np.float64)
-    _encode_steps(np.ascontiguousarray(values, dtype=np.float64), last, levels,
-                  np.asarray(scale, dtype=np.float64), _alpha_array(tuple(alphas)), float(clip), x, origin)
-    calendar(ts_ns, out=x[:, :, 2 + A :])
+    _encode_steps(values, last, levels, scale, alpha, float(clip), x, origin)
+    calendar(ts_ns, out=x[:, :, 2 + len(alphas) :])
     return x, origin, Track(last, levels)
+
+
+@njit(cache=True, nogil=True)
+def _encode_tick(values, ts_ns, last, levels, scale, alpha, clip):  # pragma: no cover - compiled
+    """`encode` of a one-step block [B, 1], compiled whole for the streaming step: the track's copies,
+    `_encode_steps`, and the calendar terms, computed once for a run of rows at the same time and copied
+    along it. Returns x, origin and the track's last values and levels after the step."""
+    B = values.shape[0]
+    A = alpha.shape[0]
+    last, levels = last.astype(np.float64), levels.astype(np.float64)  # the caller's track is left as it was
+    x = np.empty((B, 1, 8 + A), dtype=np.float32)  # n_features(A)
+    origin = np.empty((B, 1))
+    _encode_steps(values, last, levels, scale, alpha, clip, x, origin)
+    for r in range(B):
+        if r > 0 and ts_ns[r, 0] == ts_ns[r - 1, 0]:
+            x[r, 0, 2 + A :] = x[r - 1, 0, 2 + A :]
+        else:
+            _calendar_one(ts_ns[r, 0], x[r, 0, 2 + A :])
+    return x, origin, last, levels
 
 
 @functools.lru_cache(maxsize=16)

@@ -50,6 +50,33 @@ def test_encoding_in_two_blocks_equals_one_block():
     np.testing.assert_allclose(tb.levels, t.levels)
 
 
+def test_a_one_step_block_of_many_series_encodes_as_a_longer_blocks_first_step():
+    """A tick (T = 1) takes a compiled path of its own: each series' features, origin and track after the
+    step as the general path gives them, whether the series share their time or not, and the caller's
+    track untouched. A missing value, a series not started yet and a spike are among the rows."""
+    hour = 3_600_000_000_000
+    rng = np.random.default_rng(3)
+    values = 50 + np.cumsum(rng.normal(size=(6, 2)), axis=1)
+    values[1, 0], values[3, 0] = np.nan, 1e6
+    track = Track(50 + rng.normal(size=6), 50 + rng.normal(size=(6, len(ALPHAS))))
+    track.last[4], track.levels[4] = np.nan, np.nan  # never observed before this step
+    scale = rng.uniform(0.5, 2.0, size=6)
+    start = 1_700_000_000_000_000_000 + hour * np.array([0, 0, 0, 5, 5, 29])  # shared, then apart
+    ts = start[:, None] + hour * np.arange(2)
+    before = (track.last.copy(), track.levels.copy())
+    x1, o1, t1 = encode(values[:, :1], ts[:, :1], track, scale, ALPHAS, 6.0)
+    x2, o2, _ = encode(values, ts, track, scale, ALPHAS, 6.0)
+    np.testing.assert_array_equal(x1[:, :, : 2 + len(ALPHAS)], x2[:, :1, : 2 + len(ALPHAS)])
+    np.testing.assert_allclose(x1[:, :, 2 + len(ALPHAS) :], x2[:, :1, 2 + len(ALPHAS) :], rtol=0, atol=1.2e-7)
+    np.testing.assert_array_equal(o1, o2[:, :1])
+    assert not np.array_equal(x1[0, 0, -6:], x1[3, 0, -6:])  # each row's own time
+    x3, o3, _ = encode(values[:, 1:], ts[:, 1:], t1, scale, ALPHAS, 6.0)  # the track after the tick carries on
+    np.testing.assert_array_equal(x3[:, :, : 2 + len(ALPHAS)], x2[:, 1:, : 2 + len(ALPHAS)])
+    np.testing.assert_array_equal(o3, o2[:, 1:])
+    np.testing.assert_array_equal(track.last, before[0])
+    np.testing.assert_array_equal(track.levels, before[1])
+
+
 def test_calendar_is_periodic_per_day_and_week():
     day = 86_400_000_000_000
     c = calendar(np.array([0, day, 7 * day]))
