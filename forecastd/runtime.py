@@ -17,11 +17,12 @@ end-to-end run. The daemon freezes what it holds once it has started (`gc.freeze
 collections walk only what ticks create.
 
 A tick of up to a few hundred series runs its matrix products through numpy's BLAS (`Forecaster.tick_arrays`):
-100 x 64 by 64 x 192, some 2.5 MFLOP, which one core does in 27 us. OpenBLAS splits it over both cores
-(21 us) only while nothing else runs: once torch has run anything multi-threaded in the process (a retrain,
-a tick of thousands of series), its OpenMP workers and OpenBLAS's threads take turns on the two cores and
-the same product takes 49-54 us. The CLI keeps numpy's BLAS on one thread (`single_thread_blas`); torch's
-own BLAS, linked into torch, keeps its threads for training.
+100 x 64 by 64 x 192, some 2.5 MFLOP, which one core does in 27 us, every time. Split over both cores of
+a 2-core VM, OpenBLAS took either 21-22 us or 48-51 us, from one process to the next and within one (12
+fresh processes without torch: 7 of 24 timings fast); beside torch's OpenMP workers (a retrain, a tick of
+thousands of series) the slow mode was the rule. A product that small gains little from a second thread
+and loses most when that thread waits for its core, so the CLI keeps numpy's BLAS on one thread
+(`single_thread_blas`); torch's own BLAS, linked into torch, keeps its threads for training.
 
 The step-by-step loops are compiled by numba with `cache=True`, and numba looks for a writable cache
 directory when each module that defines them is imported: `$NUMBA_CACHE_DIR`, the package's own
