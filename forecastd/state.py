@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 # Anomaly-track arrays added after FORMAT 2 checkpoints were first written, in AnomalyTrack's field order.
 _LATER_TRACK_KEYS = ("a_lo", "a_hi", "a_peak", "a_since", "a_exceed", "a_slow_short", "a_slow_mean",
                      "a_slow_var", "a_slow_count", "a_slow_exceed")
+_TRACK_KEYS = ("a_short", "a_mean", "a_var", "a_count", *_LATER_TRACK_KEYS)
 HISTORY = "history.json"
 HISTORY_KEEP = 200  # switches remembered; a daily retrain fills this in half a year
 # A version directory with no manifest this long after it was made is a save that a crash cut short:
@@ -81,7 +82,7 @@ class StreamState:
 
     def handover_fields(self) -> dict[str, np.ndarray]:
         """The arrays a series hands to the next model version's stream (`HANDOVER_FIELDS`), by name."""
-        fields = {**self.anomaly.__dict__, "step": self.step}
+        fields = {**self.anomaly.fields(), "step": self.step}
         return {f: fields[f] for f in HANDOVER_FIELDS}
 
     @classmethod
@@ -132,8 +133,7 @@ class StreamState:
         return cls(
             list(series_ids), a["step"], a["age"], a["scale"], Track(a["last"], a["levels"]), a["hidden"],
             a["window"], a["pending_mean"], a["pending_std"],
-            AnomalyTrack(a["a_short"], a["a_mean"], a["a_var"], a["a_count"],
-                         *(a[k] if k in a else getattr(fresh, k[2:]) for k in _LATER_TRACK_KEYS)),
+            AnomalyTrack.of(**{k[2:]: a[k] if k in a else getattr(fresh, k[2:]) for k in _TRACK_KEYS}),
         )
 
     def take(self, index: np.ndarray) -> StreamState:

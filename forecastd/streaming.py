@@ -210,7 +210,7 @@ def advance(
         pending_mean, pending_std = _judge_score_write(values, origin, mean, spread, state.scale, state.pending_mean,
                                                        state.pending_std, lengths, *judge_args)
     new = StreamState(state.series_ids, state.step + lengths, state.age + lengths, state.scale, track, hidden,
-                      window, pending_mean, pending_std, anomaly.AnomalyTrack(**atrack))
+                      window, pending_mean, pending_std, atrack)
     return rows.outputs(grid, steps), new
 
 
@@ -264,11 +264,11 @@ def _tick_few(values, wall_ns, last, levels, scale, alpha, clip, hidden, window,
 @njit(cache=True, nogil=True)
 def _judge_score_write(values, origin, mean, spread, scale, pending_mean, pending_std, lengths, score_args, b, t, z,
                        steps, step_ns, threshold, version, floats, ints, a_floats, a_ints, flags):  # pragma: no cover
-    """`_judge`, `anomaly._score_steps` (its arguments after raw and values: `score_args`) and `_rows`,
+    """`_judge`, `anomaly._score_blocks` (its arguments after raw and values: `score_args`) and `_rows`,
     in that order, in one call. Returns the next block's pending forecasts."""
     raw, expected, expected_sd, new_mean, new_std = _judge(values, origin, mean, spread, scale, pending_mean,
                                                            pending_std, lengths)
-    scores = anomaly._score_steps(raw, values, *score_args)
+    scores = anomaly._score_blocks(raw, values, *score_args)
     _rows(mean, spread, origin, scale, b, t, z, steps, step_ns, values, expected, expected_sd, scores, threshold,
           version, floats, ints, a_floats, a_ints, flags)
     return new_mean, new_std

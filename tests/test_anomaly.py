@@ -248,7 +248,7 @@ def test_score_in_two_passes_is_the_steps_one_after_another():
         out, track = score(raw, AnomalyTrack.fresh(4), 10, 300, values=v, **kw)
         ref, ref_track = _steps_one_by_one(raw, v, AnomalyTrack.fresh(4), 10, 300, **kw)
         np.testing.assert_array_equal(out, ref, err_msg=str(kw))
-        for name, a in ref_track.__dict__.items():
+        for name, a in ref_track.fields().items():
             np.testing.assert_array_equal(getattr(track, name), a, err_msg=f"{name} {kw}")
 
 
