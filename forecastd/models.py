@@ -480,9 +480,10 @@ def _head_finish(hw, recent, b_mean, b_raw, unit, mean, scale):  # pragma: no co
     """The head's last stage for `Forecaster._tick_many`, from hw = h @ [W_mean | W_raw] [B, 2K] and the
     path's part of the mean, recent [B, K]: mean and scale [B, K] as `_head_rows` fills them."""
     B, K = mean.shape
-    for r in range(B):
+    for r in range(B):  # the mean and the scale in loops of their own, which vectorise better: 21 us against 26
         for k in range(K):
             mean[r, k] = (hw[r, k] + b_mean[k] + recent[r, k]) * unit[k]
+        for k in range(K):
             raw = np.float64(hw[r, K + k] + b_raw[k])
             scale[r, k] = np.float32(np.float32(_softplus(raw)) + np.float32(1e-3)) * unit[k]
 
