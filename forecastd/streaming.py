@@ -173,7 +173,8 @@ def advance(
     # A tick (T = 1) takes the shortest forms: a one-series tick is some forty numpy-sized calls.
     steps = (state.step + 1)[:, None] if T == 1 else state.step[:, None] + 1 + np.arange(T)  # B, T
     values = np.asarray(values, dtype=np.float64)
-    ragged = B > 0 and bool(lengths.min() < T)  # lengths never exceed T
+    # Lengths never exceed T; in a tick they are 0 or 1, and counting is 4x cheaper than a minimum.
+    ragged = np.count_nonzero(lengths) < B if T == 1 else B > 0 and bool(lengths.min() < T)
     if ragged:
         values = np.where(np.arange(T) >= lengths[:, None], np.nan, values)  # padding reads as missing
     wall_ns = grid.wall_ns(steps.ravel()).reshape(B, T)
@@ -326,12 +327,14 @@ class _Rows:
     where a dozen allocations cost a one-series tick more than its recurrent step)."""
 
     def __init__(self, ids: list[str], out: np.ndarray, K: int) -> None:
-        self.b, self.t = np.nonzero(out)
-        n = self.b.size
+        B, T = out.shape
+        n = np.count_nonzero(out)
         if n == out.size:  # every step of every series (a tick, most often): the ids in order, no gather
             sid = np.array(ids, dtype=object)
-            self.ids = sid if out.shape[1] == 1 else np.repeat(sid, out.shape[1])
+            self.ids = sid if T == 1 else np.repeat(sid, T)
+            self.b, self.t = (np.arange(B, dtype=np.intp), np.zeros(B, dtype=np.intp)) if T == 1 else np.nonzero(out)
         else:
+            self.b, self.t = np.nonzero(out)
             self.ids = np.asarray(ids, dtype=object)[self.b]
         self.K = K
         self.blocks = (np.empty((3, n * K)), np.empty((4, n * K), dtype=np.int64), np.empty((5, n)),
