@@ -194,8 +194,10 @@ def encode(
     values, scale = np.ascontiguousarray(values, dtype=np.float64), np.asarray(scale, dtype=np.float64)
     alpha = _alpha_array(tuple(alphas))
     if T == 1:  # a tick: one compiled call, where numpy's calls around it cost more than the work
-        x, origin, last, levels = _encode_tick(values, np.asarray(ts_ns, dtype=np.int64), track.last, track.levels,
-                                               scale, alpha, float(clip))
+        ts_ns = np.asarray(ts_ns, dtype=np.int64)
+        if ts_ns.shape != (B, 1):  # one time for every series, as the general path's calendar takes it
+            ts_ns = np.broadcast_to(ts_ns, (B, 1))
+        x, origin, last, levels = _encode_tick(values, ts_ns, track.last, track.levels, scale, alpha, float(clip))
         return x, origin, Track(last, levels)
     last = track.last.astype(np.float64)  # copies: the caller's track is left as it was
     levels = track.levels.astype(np.float64)

@@ -75,6 +75,9 @@ def test_a_one_step_block_of_many_series_encodes_as_a_longer_blocks_first_step()
     np.testing.assert_array_equal(o3, o2[:, 1:])
     np.testing.assert_array_equal(track.last, before[0])
     np.testing.assert_array_equal(track.levels, before[1])
+    # One time for every series (a [1, 1] block of times), as the general path's calendar takes it.
+    shared = encode(values[:3, :1], ts[:1, :1], Track(track.last[:3], track.levels[:3]), scale[:3], ALPHAS, 6.0)[0]
+    np.testing.assert_array_equal(shared, x1[:3])
 
 
 def test_calendar_is_periodic_per_day_and_week():
