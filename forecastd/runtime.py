@@ -22,7 +22,9 @@ a 2-core VM, OpenBLAS took either 21-22 us or 48-51 us, from one process to the 
 fresh processes without torch: 7 of 24 timings fast); beside torch's OpenMP workers (a retrain, a tick of
 thousands of series) the slow mode was the rule. A product that small gains little from a second thread
 and loses most when that thread waits for its core, so the CLI keeps numpy's BLAS on one thread
-(`single_thread_blas`); torch's own BLAS, linked into torch, keeps its threads for training.
+(`single_thread_blas`); torch's own BLAS, linked into torch, keeps its threads for training. (Where numpy
+and torch load one shared MKL, as some conda builds do, the limit reaches torch's CPU training too; setting
+`MKL_NUM_THREADS` leaves both alone.)
 
 The step-by-step loops are compiled by numba with `cache=True`, and numba looks for a writable cache
 directory when each module that defines them is imported: `$NUMBA_CACHE_DIR`, the package's own
