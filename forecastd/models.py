@@ -472,7 +472,7 @@ def _head_rows(h, change, window, w_mean, b_mean, w_raw, b_raw, kernel, unit, me
                 mu[k] += kernel[q, k] * v
         for k in range(K):
             mean[r, k] = mu[k] * unit[k]
-            scale[r, k] = np.float32(np.float32(_softplus(np.float64(raw[k]))) + np.float32(1e-3)) * unit[k]
+            scale[r, k] = _scale(np.float64(raw[k]), unit[k])
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_FMA)
@@ -484,8 +484,14 @@ def _head_finish(hw, recent, b_mean, b_raw, unit, mean, scale):  # pragma: no co
         for k in range(K):
             mean[r, k] = (hw[r, k] + b_mean[k] + recent[r, k]) * unit[k]
         for k in range(K):
-            raw = np.float64(hw[r, K + k] + b_raw[k])
-            scale[r, k] = np.float32(np.float32(_softplus(raw)) + np.float32(1e-3)) * unit[k]
+            scale[r, k] = _scale(np.float64(hw[r, K + k] + b_raw[k]), unit[k])
+
+
+@njit(cache=True, inline="always", error_model="numpy", fastmath=_FMA)
+def _scale(raw, unit):  # pragma: no cover - compiled
+    """The head's scale of one output from its raw value (float64) and unit, as `forward` computes it in
+    float32: softplus(raw) + 1e-3, times the unit; both compiled heads take it from here."""
+    return np.float32(np.float32(_softplus(raw)) + np.float32(1e-3)) * unit
 
 
 @njit(cache=True, inline="always", error_model="numpy", fastmath=_FMA)
