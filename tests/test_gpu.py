@@ -1,8 +1,9 @@
 """The CUDA path: what a GPU user gets must be what a CPU user gets.
 
 Off by default (marker `gpu`); run with `pytest -m gpu` on a machine with CUDA. The checks: streaming
-on the GPU gives the CPU's rows and states, training on the GPU (bf16 autocast) learns, and its
-checkpoint serves on either device, so a model trained on a GPU box can be served from a CPU one.
+on the GPU gives the CPU's rows and states, the fused one-step kernels (`forecastd.cuda_tick`) give
+torch's numbers, training on the GPU (bf16 autocast) learns, and its checkpoint serves on either
+device, so a model trained on a GPU box can be served from a CPU one.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from forecastd.config import AnomalyConfig, load_config
+from forecastd.config import AnomalyConfig, ModelConfig, load_config
+from forecastd.cuda_tick import tick as _fused_tick
 from forecastd.frames import Grid
-from forecastd.models import Forecaster
+from forecastd.models import Forecaster, State
 from forecastd.pipeline import run_once, state_store, train
 from forecastd.state import Segment, StreamState
 from forecastd.streaming import Emit, run_segments
@@ -102,3 +104,47 @@ def test_a_model_trained_on_cuda_learns_and_serves_on_either_device(tmp_path):
     (fg, ag), (fc, ac) = map(_key_sorted, outs)
     assert len(fg) == len(fc) > 0 and len(ag) == len(ac) > 0
     pd.testing.assert_frame_equal(fg, fc, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("cell,hidden,layers,horizon,lookback,rows", [
+    ("gru", 64, 1, 24, 168, 1000),   # the default model; rows not a multiple of a program's
+    ("lstm", 64, 1, 24, 168, 333),
+    ("rnn", 64, 1, 24, 168, 65),
+    ("gru", 20, 2, 200, 5, 33),      # a hidden size and horizon no power of two; horizon over one block
+    ("lstm", 33, 2, 7, 0, 130),      # no window
+    ("gru", 128, 1, 96, 336, 200),   # wide tiles: fewer rows a program
+    ("lstm", 128, 1, 24, 24, 100),
+    ("rnn", 8, 3, 1, 1, 1),          # one series
+    ("gru", 256, 1, 24, 24, 50),     # wider than the kernel takes: torch's ops serve
+])
+def test_the_fused_cuda_tick_gives_torchs_numbers(monkeypatch, cell, hidden, layers, horizon, lookback, rows):
+    from forecastd import cuda_tick
+
+    mc = ModelConfig(cell=cell, hidden_size=hidden, num_layers=layers, horizon=horizon, lookback=lookback)
+    torch.manual_seed(0)
+    model = Forecaster(12, mc).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # not the zero head of a fresh model: every output must depend on its inputs
+    model.cuda()
+    x = torch.randn(rows, 1, 12, device="cuda")
+    state = model.initial_state(rows)
+    rnn = tuple(torch.randn_like(t) for t in state.rnn) if cell == "lstm" else torch.randn_like(state.rnn)
+    state = State(rnn, torch.randn(rows, model.lookback, device="cuda"))
+    calls = []
+    monkeypatch.setattr(cuda_tick, "tick", lambda *a: calls.append(1) or _fused_tick(*a))
+
+    want = [t.detach() for t in _flat(model(x, state))]  # autograd recording: torch's ops serve
+    assert not calls
+    with torch.no_grad():
+        got = _flat(model(x, state))
+    assert calls == ([1] if hidden <= cuda_tick.MAX_HIDDEN else [])
+    assert [g.shape for g in got] == [w.shape for w in want]
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()) if w.numel() else 0.0)
+
+
+def _flat(out):
+    mean, scale, state = out
+    return [mean, scale, *(state.rnn if isinstance(state.rnn, tuple) else (state.rnn,)), state.window]
