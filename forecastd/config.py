@@ -59,6 +59,10 @@ class SourceConfig:
     # Zone given to naive timestamps; aware ones are converted to UTC as they are. Steps of whole days
     # fall on midnight in this zone (a model keeps the zone it was trained with).
     timezone: str = "UTC"
+    # SQL: seconds a read waits for a lock another session holds (an ALTER, a TRUNCATE) before it fails
+    # and the next tick tries again. PostgreSQL's own setting waits for ever, and SIGTERM with it; 5 s is
+    # SQLite's driver's. 0 keeps the database's own.
+    lock_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,9 @@ class SinkConfig:
     # Parquet partition grain. "day" keeps files few; "hour" keeps each tick's rewrite small when many
     # series tick often.
     partition: Literal["day", "hour", "month"] = "day"
+    # SQL: seconds a write waits for a lock another session holds (a long transaction on the output
+    # rows, an ALTER) before it is rolled back and the next tick writes again. 0 keeps the database's own.
+    lock_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -520,6 +527,8 @@ def _validate(c: Config) -> None:
     _require(s.order_column is None or s.kind == "sql",
              "[source] order_column applies to sql sources only (Parquet rows keep the order they were "
              "written in); remove the key")
+    _require(s.lock_timeout >= 0,
+             f"[source] lock_timeout = {s.lock_timeout} must be 0 (the database's own) or a number of seconds")
     try:
         from zoneinfo import ZoneInfo
 
@@ -596,6 +605,8 @@ def _validate(c: Config) -> None:
         _check_url("sink", k.url)
     _require(k.forecasts_table != k.anomalies_table,
              "[sink] forecasts_table and anomalies_table must differ")
+    _require(k.lock_timeout >= 0,
+             f"[sink] lock_timeout = {k.lock_timeout} must be 0 (the database's own) or a number of seconds")
 
     st = c.state
     _require(st.keep_versions >= 1, f"[state] keep_versions = {st.keep_versions} must be at least 1")
@@ -647,6 +658,7 @@ value_column = "value"           # long layout: the value column
 # order_column = "id"            # sql: a column growing with each write; of rows sharing a time, the
 #                                #   latest written is "last" (without it the database's order decides)
 timezone = "UTC"                 # zone for naive timestamps
+lock_timeout = 5.0               # sql: seconds a read waits for another session's lock (0 = the database's own)
 
 [data]
 # freq = "1h"                    # grid step; default: the data's most common step (irregular
@@ -709,6 +721,7 @@ path = "out"                     # parquet: output directory (required for parqu
 forecasts_table = "forecasts"
 anomalies_table = "anomalies"
 partition = "day"                # parquet: "day", "hour" or "month" directories
+lock_timeout = 5.0               # sql: seconds a write waits for another session's lock (0 = the database's own)
 
 [state]
 dir = "state"                    # model versions, hidden states, watermarks

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import re
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -784,3 +785,43 @@ def test_unreachable_sink_database(make_forecasts, make_anomalies):
     sink = SqlSink("postgresql+psycopg://postgres@127.0.0.1:1/test")
     with pytest.raises(SinkError, match=r"cannot connect to the database.*check \[sink\] url"):
         sink.write(make_forecasts(), make_anomalies())
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_a_write_another_session_locks_out_fails_after_lock_timeout_and_succeeds_once_released(
+        backend, tmp_path, request, make_forecasts, make_anomalies):
+    sink = sql_sink(backend, tmp_path, request, lock_timeout=0.5)
+    sink.write(make_forecasts(), make_anomalies())  # the tables exist
+    blocker = sa.create_engine(sink.engine.url).connect()
+    blocker.begin()
+    if backend == "sqlite":
+        blocker.exec_driver_sql("DELETE FROM anomalies WHERE 1 = 0")  # takes the database's write lock
+    else:
+        # Should the write wait regardless, the server ends the blocker: the test fails, never hangs.
+        blocker.exec_driver_sql("SET idle_in_transaction_session_timeout = '5s'")
+        blocker.exec_driver_sql("LOCK TABLE forecasts IN ACCESS EXCLUSIVE MODE")
+    later = make_forecasts(version=2)
+    t0 = time.monotonic()
+    with pytest.raises(SinkError, match=r"failed and was rolled back: .*another session held a lock on the table "
+                                        r"past \[sink\] lock_timeout"):
+        sink.write(later, make_anomalies(version=2))
+    waited = time.monotonic() - t0
+    assert 0.4 < waited < 3, waited  # SQLite's own busy timeout would be 5 s
+    blocker.rollback()
+    blocker.close()
+    sink.write(later, make_anomalies(version=2))
+    assert set(sink.read("forecasts")["model_version"]) == {2}
+    sink.engine.dispose()
+
+
+@pytest.mark.postgres
+def test_postgresql_connections_take_the_lock_timeout_and_zero_keeps_the_servers(pg_url):
+    for seconds, shown in ((5.0, "5s"), (90, "90s"), (0.25, "250ms"), (0, "0")):
+        sink = SqlSink(pg_url, lock_timeout=seconds)
+        with sink.engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == shown
+            # the session setting leaves the connection as SQLAlchemy expects it: inside a transaction
+            conn.exec_driver_sql("CREATE TEMPORARY TABLE t (x int)")
+            conn.rollback()
+            assert conn.exec_driver_sql("SELECT count(*) FROM pg_tables WHERE tablename = 't'").scalar() == 0
+        sink.engine.dispose()

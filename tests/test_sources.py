@@ -22,8 +22,9 @@ import sqlalchemy as sa
 from conftest import NASTY_ID, SERIES, START
 from forecastd import frames
 from forecastd.config import config_from_dict
-from forecastd.errors import DataError, SinkError, SourceError
+from forecastd.errors import ConfigError, DataError, SinkError, SourceError
 from forecastd.frames import Grid, validate
+from forecastd.sinks import open_sink
 from forecastd.sources import COLUMNS, MemorySource, ParquetSource, Source, SqlSource, open_source
 from forecastd.sources import parquet as parquet_module
 from forecastd.sources.mapping import text_scan, text_within
@@ -357,6 +358,47 @@ def test_postgresql_missing_table_and_schema(pg_url, pg_schema, long_frame, tmp_
     from conftest import pg_base_url
 
     assert SqlSource(pg_base_url(), "readings", db_schema=pg_schema).series_ids() == sorted(SERIES)
+
+
+@pytest.mark.postgres
+def test_a_postgresql_read_another_session_locks_out_fails_after_lock_timeout(pg_url, long_frame, tmp_path, request):
+    postgresql_aware(long_frame, tmp_path, request)
+    source = SqlSource(pg_url, "readings", lock_timeout=0.5)
+    request.addfinalizer(source.engine.dispose)
+    assert source.series_ids() == sorted(SERIES)
+    blocker = sa.create_engine(pg_url).connect()
+    blocker.begin()
+    # Should the read wait regardless, the server ends the blocker: the test fails, never hangs.
+    blocker.exec_driver_sql("SET idle_in_transaction_session_timeout = '5s'")
+    blocker.exec_driver_sql("LOCK TABLE readings IN ACCESS EXCLUSIVE MODE")  # what an ALTER TABLE takes
+    with pytest.raises(SourceError, match=r"query on .* failed: .*lock timeout.* \(another session held a lock on "
+                                          r"the table past \[source\] lock_timeout: end that session's transaction"):
+        source.read()
+    blocker.rollback()
+    blocker.close()
+    assert len(source.read()) == len(long_frame)
+
+
+def test_lock_timeout_reaches_the_sql_source_and_sink_from_config(tmp_path):
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+
+    def config(source: dict | None = None, sink: dict | None = None):
+        return config_from_dict({"source": {"kind": "sql", "url": db, "table": "t", **(source or {})},
+                                 "sink": {"kind": "sql", "url": db, **(sink or {})}}, tmp_path)
+
+    defaults = config()
+    assert defaults.source.lock_timeout == defaults.sink.lock_timeout == 5  # SQLite's driver's own
+    chosen = config({"lock_timeout": 2.5}, {"lock_timeout": 0.75})
+    source, sink = open_source(chosen), open_sink(chosen)
+    # SQLite's busy timeout, as the driver was handed it
+    for engine, seconds in ((source.engine, 2.5), (sink.engine, 0.75)):
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == seconds * 1000
+        engine.dispose()
+    for section in ("source", "sink"):
+        with pytest.raises(ConfigError, match=rf"\[{section}\] lock_timeout = -1.0 must be 0 \(the database's "
+                                              r"own\) or a number of seconds"):
+            config(**{section: {"lock_timeout": -1}})
 
 
 @pytest.mark.postgres

@@ -55,4 +55,5 @@ def open_sink(config: Config) -> Sink:
         db_schema=k.db_schema,
         forecasts_table=k.forecasts_table,
         anomalies_table=k.anomalies_table,
+        lock_timeout=k.lock_timeout,
     )

@@ -80,6 +80,7 @@ class SqlSink:
         db_schema: str | None = None,
         forecasts_table: str = "forecasts",
         anomalies_table: str = "anomalies",
+        lock_timeout: float = 0.0,
         engine: sa.Engine | None = None,
     ) -> None:
         try:
@@ -96,7 +97,8 @@ class SqlSink:
                 "[sink] kind = \"parquet\""
             )
         self.url = url
-        self.engine = engine if engine is not None else make_engine(url, error=SinkError, section="sink")
+        self.engine = engine if engine is not None else make_engine(url, error=SinkError, section="sink",
+                                                                           lock_timeout=lock_timeout)
         self.db_schema = db_schema
         self.names = {"forecasts": forecasts_table, "anomalies": anomalies_table}
         self._insert = SUPPORTED_DIALECTS[backend]
@@ -201,7 +203,7 @@ class SqlSink:
             else:
                 self._time_led[spec.name] = self._check(inspector, spec, table)
         except sa.exc.SQLAlchemyError as exc:
-            raise SinkError(f"cannot prepare table {self._qualified(spec)!r}: {db_reason(exc)}") from exc
+            raise SinkError(f"cannot prepare table {self._qualified(spec)!r}: {db_reason(exc, 'sink')}") from exc
         return table
 
     def _check(self, inspector: sa.Inspector, spec: TableSpec, table: sa.Table) -> bool:
@@ -258,7 +260,7 @@ class SqlSink:
             except (sa.exc.SQLAlchemyError, driver_error) as exc:
                 raise SinkError(
                     f"writing to {describe_url(self.engine.url)} failed and was rolled back: "
-                    f"{db_reason(exc)}"
+                    f"{db_reason(exc, 'sink')}"
                 ) from exc
 
     def _upsert(self, conn: sa.Connection, spec: TableSpec, table: sa.Table, frame: pd.DataFrame) -> None:
@@ -380,7 +382,7 @@ class SqlSink:
         try:
             return [tuple(row) for row in conn.execute(stmt)]
         except sa.exc.SQLAlchemyError as exc:
-            raise SinkError(f"reading table {self._qualified(spec)!r} failed: {db_reason(exc)}") from exc
+            raise SinkError(f"reading table {self._qualified(spec)!r} failed: {db_reason(exc, 'sink')}") from exc
 
 
 def _exact(have: sa.types.TypeEngine, dtype: str) -> bool:

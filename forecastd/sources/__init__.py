@@ -54,5 +54,5 @@ def open_source(config: Config) -> Source:
         return ParquetSource(config.resolve(s.path), **columns)
     assert s.url is not None and s.table is not None  # config validation requires them
     return SqlSource(resolve_url(s.url, config), s.table, db_schema=s.db_schema, order_column=s.order_column,
-                     **columns)
+                     lock_timeout=s.lock_timeout, **columns)
 

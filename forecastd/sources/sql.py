@@ -85,14 +85,22 @@ def describe_url(url: str | sa.URL) -> str:
         return "<unparseable url>"
 
 
-def make_engine(url: str, *, error: type[ForecastdError] = SourceError, section: str = "source") -> sa.Engine:
-    """One engine per source or sink, reused for every call; pre-ping drops connections a restart killed."""
+def make_engine(url: str, *, error: type[ForecastdError] = SourceError, section: str = "source",
+                lock_timeout: float = 0.0) -> sa.Engine:
+    """One engine per source or sink, reused for every call; pre-ping drops connections a restart killed.
+
+    With `lock_timeout` (seconds, 0 = the database's own) a statement waiting that long for a lock another
+    session holds fails instead: PostgreSQL's `lock_timeout` for each connection (its default waits for
+    ever, and a daemon stuck there ignores SIGTERM), SQLite's busy timeout (the driver's default is 5 s).
+    """
     u = _parse_url(url, error, section)
     if u.drivername == "postgresql":
         # Bare postgresql:// means psycopg2 to SQLAlchemy; forecastd ships with psycopg 3.
         u = u.set(drivername="postgresql+psycopg")
+    sqlite = u.get_backend_name() == "sqlite"
+    args = {"timeout": lock_timeout} if sqlite and lock_timeout and "timeout" not in u.query else {}
     try:
-        return sa.create_engine(u, pool_pre_ping=True)
+        engine = sa.create_engine(u, pool_pre_ping=True, connect_args=args)
     except ImportError as exc:
         raise error(
             f"[{section}] url {describe_url(u)!r} needs a database driver that is not installed ({exc}); "
@@ -100,6 +108,18 @@ def make_engine(url: str, *, error: type[ForecastdError] = SourceError, section:
         ) from exc
     except sa.exc.ArgumentError as exc:
         raise error(f"[{section}] url {describe_url(u)!r} is not usable: {exc}") from exc
+    if lock_timeout and engine.dialect.name == "postgresql":
+        # A SET on each new connection rather than libpq's startup `options`, which PgBouncer refuses.
+        statement = f"SET lock_timeout = {max(1, round(lock_timeout * 1000))}"  # milliseconds
+
+        @sa.event.listens_for(engine, "connect")
+        def _set_lock_timeout(dbapi_connection, _record) -> None:
+            autocommit = dbapi_connection.autocommit
+            dbapi_connection.autocommit = True  # a session setting, outside any transaction
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute(statement)
+            dbapi_connection.autocommit = autocommit
+    return engine
 
 
 def _parse_url(url: str, error: type[ForecastdError], section: str) -> sa.URL:
@@ -113,9 +133,16 @@ def _parse_url(url: str, error: type[ForecastdError], section: str) -> sa.URL:
 
 
 
-def db_reason(exc: BaseException) -> str:
-    """The driver's own message, on one line (libpq spreads its messages over several)."""
-    return " ".join(str(getattr(exc, "orig", None) or exc).split())
+def db_reason(exc: BaseException, section: str | None = None) -> str:
+    """The driver's own message, on one line (libpq spreads its messages over several); for a lock that
+    outlasted [section] lock_timeout, also what that means and what to do."""
+    driver = getattr(exc, "orig", None) or exc
+    reason = " ".join(str(driver).split())
+    locked = getattr(driver, "sqlstate", None) == "55P03" or "database is locked" in reason  # PostgreSQL, SQLite
+    if section and locked:
+        reason += (f" (another session held a lock on the table past [{section}] lock_timeout: end that "
+                   "session's transaction or raise the setting; the daemon tries again at its next tick)")
+    return reason
 
 
 @contextmanager
@@ -155,6 +182,7 @@ class SqlSource:
         value_columns: Sequence[str] = (),
         timezone: str = "UTC",
         order_column: str | None = None,
+        lock_timeout: float = 0.0,
         engine: sa.Engine | None = None,
     ) -> None:
         self.url = url
@@ -162,7 +190,7 @@ class SqlSource:
         self.db_schema = db_schema
         self.order_column = order_column
         self.columns = ColumnMap(layout, series_column, time_column, value_column, tuple(value_columns), timezone)
-        self.engine = engine if engine is not None else make_engine(url)
+        self.engine = engine if engine is not None else make_engine(url, lock_timeout=lock_timeout)
         # Reflected on first use, not here: a daemon may start before its database does.
         self._table: sa.Table | None = None
         self._sample: Any = None  # a stored time value, for text timestamps
@@ -298,7 +326,7 @@ class SqlSource:
                 self._missing_table(inspector)
             table = sa.Table(self.table_name, sa.MetaData(), autoload_with=conn, schema=self.db_schema)
         except sa.exc.SQLAlchemyError as exc:
-            raise SourceError(f"cannot inspect {self._where()}: {db_reason(exc)}") from exc
+            raise SourceError(f"cannot inspect {self._where()}: {db_reason(exc, 'source')}") from exc
         self.columns.check(list(table.c.keys()), self._where(),
                            {self.order_column: "order_column"} if self.order_column else None)
         self._table = table
@@ -326,7 +354,7 @@ class SqlSource:
         try:
             return [tuple(row) for row in conn.execute(stmt)]
         except sa.exc.SQLAlchemyError as exc:
-            raise SourceError(f"query on {self._where()} failed: {db_reason(exc)}") from exc
+            raise SourceError(f"query on {self._where()} failed: {db_reason(exc, 'source')}") from exc
 
     # -- time --------------------------------------------------------------------------------------
 
