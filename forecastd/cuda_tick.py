@@ -40,17 +40,18 @@ def _rows(tile: int) -> int:
     return max(16, min(64, 4096 // tile))
 
 
-# Widest hidden state the cell kernel takes: its products stage the [H, H] hidden weights in shared
-# memory, and at 256 (256 KB) they exceed an H100's 227 KB. Wider models keep torch's ops.
-MAX_HIDDEN = 128
+# Widest input or hidden state the cell kernel takes: its products stage the [F, H] and [H, H] weights
+# in shared memory, and at 256 (256 KB) they exceed an H100's 227 KB. Wider models keep torch's ops.
+MAX_WIDTH = 128
 
 
 def usable(x: torch.Tensor, window: torch.Tensor, hidden: int, horizon: int) -> bool:
-    """Whether the fused tick serves this step: CUDA, float32, Triton present, nothing for autograd, a
-    hidden size the kernel takes, and every [B, width] tensor addressable in 32 bits."""
+    """Whether the fused tick serves this step: CUDA, float32, Triton present, nothing for autograd,
+    features and hidden size the kernel takes, and every [B, width] tensor `tick` hands the kernels
+    (x, made contiguous there, included) addressable in 32 bits."""
     B, F = x.shape
     return (triton is not None and x.is_cuda and not torch.is_grad_enabled() and x.dtype == window.dtype
-            == torch.float32 and 0 < B and hidden <= MAX_HIDDEN
+            == torch.float32 and 0 < B and max(F, hidden) <= MAX_WIDTH
             and B * max(F, window.shape[1], hidden, horizon) < 2**31)
 
 
@@ -64,8 +65,10 @@ def tick(cell: str, cells, head, unit: torch.Tensor, x: torch.Tensor, rnn, windo
     `_tick_weights` gives them. Returns mean [B, K], scale [B, K], the new rnn state and window."""
     B, F = x.shape
     lstm = cell == "lstm"
-    x = x if x.stride(1) == 1 else x.contiguous()  # the kernels step through a row's features one by one
-    h_old, c_old = (t.contiguous() for t in (rnn if lstm else (rnn, rnn)))
+    if x.stride() != (F, 1):  # rows F apart, as `usable` bounded the offsets: a strided view's may not be
+        x = x.contiguous()
+    h_old = (rnn[0] if lstm else rnn).contiguous()
+    c_old = rnn[1].contiguous() if lstm else h_old  # GRU and Elman cells never read c
     window = window.contiguous()
     L, _, H = h_old.shape
     h_new = torch.empty_like(h_old)
@@ -74,12 +77,17 @@ def tick(cell: str, cells, head, unit: torch.Tensor, x: torch.Tensor, rnn, windo
     grid = (triton.cdiv(B, rows),)
     inp, in_stride, width = x, x.stride(0), F
     for layer, w in enumerate(cells):
+        # The kernel takes two gate groups and the GRU's hidden bias of "new"; a cell without one of them
+        # passes any tensor in its place, which the kernel never reads.
+        unread = w[0]
         if cell == "gru":
             w_a, u_a, w_b, u_b, b_n = w
         elif lstm:
-            (w_a, u_a, w_b, u_b), b_n = w, w[0]  # the LSTM has no separate bias: b_n is unread
+            w_a, u_a, w_b, u_b = w
+            b_n = unread
         else:
-            (w_a, u_a), w_b, u_b, b_n = w, w[0], w[1], w[0]  # Elman: one group; the second is unread
+            w_a, u_a = w
+            w_b = u_b = b_n = unread
         _cell[grid](
             inp, in_stride, h_old[layer], c_old[layer], h_new[layer], c_new[layer], w_a, u_a, w_b, u_b, b_n, B,
             FIN=width, H=H, FP=_pow2(width), HP=_pow2(H), CELL=_CELL_CODE[cell], ROWS=rows,
@@ -190,8 +198,23 @@ if triton is not None:
                                mask=(cols[:, None] < W) & ahead[None, :], other=0.0)
                 mean = tl.dot(shifted, kern, mean, input_precision=DOT)
         unit = tl.load(unit_ptr + steps, mask=ahead, other=1.0)[None, :]
-        # softplus as torch has it (threshold 20), in the form that neither overflows nor cancels
-        soft = tl.where(raw > 20.0, raw, tl.maximum(raw, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(raw))))
+        # softplus as torch has it (threshold 20): max(raw, 0) + log1p(e), e = exp(-|raw|) in (0, 1].
+        # log(1 + e) would lose most of a small e to the rounding of 1 + e (5.6e-5 of the scale at raw
+        # near -10); log1p(e) = 2 atanh(u), u = e / (2 + e) <= 1/3, whose series to u^19 is exact in float32.
+        e = tl.exp(-tl.abs(raw))
+        u = e / (2.0 + e)
+        u2 = u * u
+        series = 1.0 / 19.0
+        series = series * u2 + 1.0 / 17.0
+        series = series * u2 + 1.0 / 15.0
+        series = series * u2 + 1.0 / 13.0
+        series = series * u2 + 1.0 / 11.0
+        series = series * u2 + 1.0 / 9.0
+        series = series * u2 + 1.0 / 7.0
+        series = series * u2 + 1.0 / 5.0
+        series = series * u2 + 1.0 / 3.0
+        series = series * u2 + 1.0
+        soft = tl.where(raw > 20.0, raw, tl.maximum(raw, 0.0) + 2.0 * u * series)
         out = rows[:, None] * K + steps[None, :]
         keep = live & ahead[None, :]
         tl.store(mean_ptr + out, mean * unit, mask=keep)

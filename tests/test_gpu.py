@@ -126,6 +126,7 @@ def test_the_fused_cuda_tick_gives_torchs_numbers(monkeypatch, cell, hidden, lay
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)  # not the zero head of a fresh model: every output must depend on its inputs
+        model.head.bias[horizon:] = torch.linspace(-25, 25, horizon)  # the softplus from 1e-11 to past its threshold
     model.cuda()
     x = torch.randn(rows, 1, 12, device="cuda")
     state = model.initial_state(rows)
@@ -138,11 +139,31 @@ def test_the_fused_cuda_tick_gives_torchs_numbers(monkeypatch, cell, hidden, lay
     assert not calls
     with torch.no_grad():
         got = _flat(model(x, state))
-    assert calls == ([1] if hidden <= cuda_tick.MAX_HIDDEN else [])
+    assert calls == ([1] if hidden <= cuda_tick.MAX_WIDTH else [])
     assert [g.shape for g in got] == [w.shape for w in want]
     for g, w in zip(got, want):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()) if w.numel() else 0.0)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=0)  # each scale to its own size, however small
+
+
+def test_the_fused_cuda_tick_reads_a_strided_input_and_leaves_wide_inputs_to_torch(monkeypatch):
+    from forecastd import cuda_tick
+
+    mc = ModelConfig(hidden_size=16, horizon=4, lookback=8)
+    model = Forecaster(12, mc).eval().cuda()
+    history = torch.randn(50, 7, 12, device="cuda")
+    state = State(torch.randn(1, 50, 16, device="cuda"), torch.randn(50, 8, device="cuda"))
+    with torch.no_grad():
+        got = _flat(model(history[:, 3:4], state))  # rows 84 floats apart
+        want = _flat(model(history[:, 3:4].contiguous(), state))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    with torch.no_grad():
+        assert cuda_tick.usable(torch.zeros(5, cuda_tick.MAX_WIDTH, device="cuda"), state.window, 16, 4)
+        assert not cuda_tick.usable(torch.zeros(5, cuda_tick.MAX_WIDTH + 1, device="cuda"), state.window, 16, 4)
+        assert not cuda_tick.usable(history[:, 3], state.window, cuda_tick.MAX_WIDTH + 1, 4)
+    assert not cuda_tick.usable(history[:, 3], state.window, 16, 4)  # autograd records
 
 
 def _flat(out):
