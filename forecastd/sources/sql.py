@@ -97,8 +97,8 @@ def make_engine(url: str, *, error: type[ForecastdError] = SourceError, section:
     if u.drivername == "postgresql":
         # Bare postgresql:// means psycopg2 to SQLAlchemy; forecastd ships with psycopg 3.
         u = u.set(drivername="postgresql+psycopg")
-    sqlite = u.get_backend_name() == "sqlite"
-    args = {"timeout": lock_timeout} if sqlite and lock_timeout and "timeout" not in u.query else {}
+    backend = u.get_backend_name()
+    args = {"timeout": lock_timeout} if backend == "sqlite" and lock_timeout and "timeout" not in u.query else {}
     try:
         engine = sa.create_engine(u, pool_pre_ping=True, connect_args=args)
     except ImportError as exc:
@@ -108,7 +108,7 @@ def make_engine(url: str, *, error: type[ForecastdError] = SourceError, section:
         ) from exc
     except sa.exc.ArgumentError as exc:
         raise error(f"[{section}] url {describe_url(u)!r} is not usable: {exc}") from exc
-    if lock_timeout and engine.dialect.name == "postgresql":
+    if lock_timeout and backend == "postgresql":
         # A SET on each new connection rather than libpq's startup `options`, which PgBouncer refuses.
         statement = f"SET lock_timeout = {max(1, round(lock_timeout * 1000))}"  # milliseconds
 
